@@ -1,0 +1,105 @@
+"""How kernels are compiled and how many threads they use: one place.
+
+Every compiled function in fastgates is built through :func:`jit` so that the
+Numba options (caching, fastmath flags, error model) are decided here and not
+per function.
+
+Threads
+-------
+Two thread pools can run fastgates' work: Numba's (the ``prange`` loops over
+batch chunks) and the BLAS behind NumPy and SciPy (the large matrix products
+and the per-step recurrent products called from compiled code).  Left alone
+they oversubscribe the cores: a compiled kernel running on ``n`` Numba threads
+that each call a multi-threaded BLAS would ask for ``n * n`` threads, and
+OpenBLAS threads that busy-wait beside Numba's slow a kernel down by an order
+of magnitude.  fastgates therefore runs
+
+* the large products (input projection, weight gradients) in NumPy with the
+  BLAS pools set to ``get_num_threads()`` threads, and
+* the compiled kernels with ``get_num_threads()`` Numba threads and every BLAS
+  pool set to one thread,
+
+restoring the user's BLAS settings afterwards (:func:`blas_threads`).
+"""
+
+import contextlib
+import operator
+import threading
+
+import numba
+
+__all__ = ["jit", "set_num_threads", "get_num_threads", "blas_threads"]
+
+# ``cache=True``: a second process loads the machine code instead of compiling.
+# ``error_model="numpy"``: division follows IEEE rules (no ZeroDivisionError
+# checks in the inner loops).  No ``fastmath``: every flag it offers either
+# changes NaN/inf semantics (nnan, ninf) or reassociates sums (reassoc), and
+# the kernels must give the same answers as the reference to the last digits.
+_JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
+
+
+def jit(parallel=False):
+    """Decorator compiling a kernel with fastgates' one set of Numba options."""
+    return numba.njit(parallel=parallel, **_JIT_OPTIONS)
+
+
+_lock = threading.Lock()
+_num_threads = numba.config.NUMBA_NUM_THREADS
+_controller = None
+
+
+def set_num_threads(n):
+    """Set the number of threads the compiled kernels and BLAS calls use.
+
+    Parameters
+    ----------
+    n : int
+        Between 1 and the number of threads Numba was started with
+        (``numba.config.NUMBA_NUM_THREADS``, by default the number of cores).
+    """
+    global _num_threads
+    if isinstance(n, bool):
+        raise TypeError("n must be an integer, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
+    top = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= top:
+        raise ValueError(f"n must be between 1 and {top} (NUMBA_NUM_THREADS), got {n}")
+    _num_threads = n
+
+
+def get_num_threads():
+    """Return the number of threads the compiled kernels and BLAS calls use."""
+    return _num_threads
+
+
+def _blas_controller():
+    global _controller
+    if _controller is None:
+        # Imported here: threadpoolctl inspects the loaded libraries, and the
+        # BLAS that Numba calls (SciPy's) is loaded on first use.
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Run the body with every BLAS pool limited to ``n`` threads."""
+    ctl = _blas_controller()
+    with _lock:
+        limiter = ctl.limit(limits=n, user_api="blas")
+    try:
+        yield
+    finally:
+        with _lock:
+            limiter.restore_original_limits()
+
+
+def kernel_threads():
+    """Point Numba at fastgates' thread count for the calling thread."""
+    numba.set_num_threads(_num_threads)

@@ -1,0 +1,154 @@
+"""Argument checking and normalisation, in pure Python.
+
+Every public entry point passes its arguments through here before any compiled
+code runs.  A check either returns a C-contiguous array of the model's dtype
+(a copy when the input needs converting; the caller's array is never written
+to) or raises ``TypeError`` (wrong kind of value) or ``ValueError`` (wrong
+shape, size or range) with a message naming the argument, what was given and
+what was expected.
+"""
+
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def positive_int(value, name, minimum=1):
+    """Return ``value`` as an ``int``, checking that it is an integer >= minimum."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def boolean(value, name):
+    """Return ``value`` as a ``bool``, accepting only Python or NumPy booleans."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def model_dtype(dtype):
+    """Return the model dtype, which must be float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be np.float32 or np.float64, got {dt}")
+    return dt
+
+
+def as_float_array(value, name, dtype):
+    """Convert ``value`` to a C-contiguous array of ``dtype``.
+
+    Only real floating-point input is accepted: integers, booleans, complex
+    numbers, objects and strings raise ``TypeError``.  The caller's array is
+    returned unchanged when it already has the right dtype and layout, and is
+    never written to.
+    """
+    if value is None:
+        raise TypeError(f"{name} must be an array of floats, got None")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+    if arr.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must hold real floating-point numbers, got dtype {arr.dtype}"
+            " (convert it with .astype(np.float32) or np.float64 explicitly)"
+        )
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def sequence(x, input_size, dtype, batch_first):
+    """Check ``x`` and return it time-major as ``(T, B, I)``, with ``batched``.
+
+    Returns
+    -------
+    x3 : (T, B, I) C-contiguous array of ``dtype``
+    batched : bool
+        False when ``x`` was a 2-D ``(T, I)`` unbatched sequence.
+    """
+    arr = as_float_array(x, "x", dtype)
+    layout = "(B, T, I)" if batch_first else "(T, B, I)"
+    if arr.ndim not in (2, 3):
+        raise ValueError(
+            f"x must be 3-D {layout} or 2-D (T, I) for one unbatched sequence, "
+            f"got {arr.ndim}-D with shape {arr.shape}"
+        )
+    if arr.shape[-1] != input_size:
+        raise ValueError(f"x must have input_size={input_size} features in its last axis, got shape {arr.shape}")
+    batched = arr.ndim == 3
+    if not batched:
+        arr = arr[:, None, :]
+    elif batch_first:
+        arr = np.ascontiguousarray(arr.transpose(1, 0, 2))
+    T, B, _ = arr.shape
+    if T == 0:
+        raise ValueError(f"x must have at least one time step, got shape {np.shape(x)}")
+    if B == 0:
+        raise ValueError(f"x must have at least one sequence in its batch, got shape {np.shape(x)}")
+    return arr, batched
+
+
+def state_array(value, name, num, batch, hidden, batched, dtype):
+    """Check one state array, returning it as ``(num, B, H)``; ``None`` means zeros."""
+    if value is None:
+        return np.zeros((num, batch, hidden), dtype=dtype)
+    arr = as_float_array(value, name, dtype)
+    expected = (num, batch, hidden) if batched else (num, hidden)
+    if arr.shape != expected:
+        what = "(num_layers * num_directions, B, H)" if batched else "(num_layers * num_directions, H)"
+        raise ValueError(f"{name} must have shape {what} = {expected}, got {arr.shape}")
+    if not batched:
+        arr = arr[:, None, :]
+    return arr
+
+
+def lstm_state(state, num, batch, hidden, batched, dtype, name="state"):
+    """Check an LSTM state ``(h, c)``; ``None`` means zeros."""
+    if state is None:
+        h = c = None
+    else:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"{name} of an LSTM must be a tuple (h, c) or None, got {type(state).__name__}")
+        h, c = state
+    return (
+        state_array(h, f"{name}[0] (h)", num, batch, hidden, batched, dtype),
+        state_array(c, f"{name}[1] (c)", num, batch, hidden, batched, dtype),
+    )
+
+
+def lengths_array(lengths, batch, steps, batched):
+    """Check ``lengths`` and return it as an int64 array ``(B,)``."""
+    if lengths is None:
+        return np.full(batch, steps, dtype=np.int64)
+    if not batched:
+        raise ValueError("lengths must be None for unbatched 2-D x (slice x to the length you want)")
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be an array of integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"lengths must have shape (B,) = ({batch},), one per sequence, got {arr.shape}")
+    low, high = arr.min(), arr.max()
+    if low < 1 or high > steps:
+        raise ValueError(f"lengths must lie in [1, T] = [1, {steps}], got values from {low} to {high}")
+    return arr.astype(np.int64)
+
+
+def gradient(value, name, shape, dtype):
+    """Check a cotangent (``dy``, ``dstate``) of the given shape; ``None`` means zeros."""
+    if value is None:
+        return np.zeros(shape, dtype=dtype)
+    arr = as_float_array(value, name, dtype)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, like the value it is the gradient of, got {arr.shape}")
+    return arr

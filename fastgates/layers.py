@@ -1,0 +1,557 @@
+"""The public layers: ``LSTM``, ``GRU``, ``LSTMCell`` and ``GRUCell``.
+
+Parameters are NumPy arrays with PyTorch's names, shapes and gate order, so a
+``state_dict`` moves between fastgates and ``torch.nn`` unchanged.  Each
+public method validates its arguments in Python (:mod:`fastgates._validate`),
+then runs the compiled recurrence (:mod:`fastgates._recurrent`).
+"""
+
+import numpy as np
+
+from . import _recurrent
+from . import _validate as check
+
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell"]
+
+_GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+
+
+def _init_params(shapes, hidden_size, dtype, seed):
+    """PyTorch's default initialisation: every entry uniform in (-1/sqrt(H), 1/sqrt(H)).
+
+    Drawn in float64 from ``np.random.default_rng(seed)`` in the order of
+    ``shapes``, then rounded to ``dtype``, so a seed gives the same model in
+    both dtypes (up to that rounding).
+    """
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(hidden_size)
+    return {name: rng.uniform(-bound, bound, size=shape).astype(dtype) for name, shape in shapes.items()}
+
+
+class _Parameters:
+    """Named parameter arrays with PyTorch's names: shared by layers and cells."""
+
+    def _setup_params(self, shapes, seed):
+        self._shapes = shapes
+        self._params = _init_params(shapes, self.hidden_size, self.dtype, seed)
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def state_dict(self):
+        """Return the parameters as a ``dict`` of array copies, keyed as in PyTorch.
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def load_state_dict(self, state_dict):
+        """Replace the parameters by those in ``state_dict``.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+            Exactly the keys of :meth:`state_dict`, each convertible by
+            ``np.asarray`` to an array of the same shape holding real floats.
+            Values are copied and converted to the model's dtype.
+
+        Raises
+        ------
+        ValueError
+            Listing every missing key, unexpected key and wrong shape; nothing
+            is loaded then.
+        TypeError
+            If ``state_dict`` is not a mapping or a value does not hold real
+            floats.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        problems = []
+        missing = [k for k in self._shapes if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in self._shapes]
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        loaded = {}
+        for name, shape in self._shapes.items():
+            if name not in state_dict:
+                continue
+            arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype)
+            if arr.shape != shape:
+                problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
+            loaded[name] = arr
+        if problems:
+            raise ValueError(f"load_state_dict: {'; '.join(problems)}")
+        self._params = {name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes}
+
+
+class _Recurrent(_Parameters):
+    _cell = None
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dtype=np.float32, seed=None, reset_after=True):
+        self.input_size = check.positive_int(input_size, "input_size")
+        self.hidden_size = check.positive_int(hidden_size, "hidden_size")
+        self.num_layers = check.positive_int(num_layers, "num_layers")
+        self.bias = check.boolean(bias, "bias")
+        self.batch_first = check.boolean(batch_first, "batch_first")
+        self.bidirectional = check.boolean(bidirectional, "bidirectional")
+        self.reset_after = check.boolean(reset_after, "reset_after")
+        self.dtype = check.model_dtype(dtype)
+        self._setup_params(self._param_shapes(), seed)
+
+    @property
+    def num_directions(self):
+        """2 for a bidirectional model, else 1."""
+        return 2 if self.bidirectional else 1
+
+    def _param_shapes(self):
+        G = len(_GATE_NAMES[self._cell]) * self.hidden_size
+        D = self.num_directions
+        shapes = {}
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else D * self.hidden_size
+            for d in range(D):
+                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                shapes["weight_ih" + suffix] = (G, in_size)
+                shapes["weight_hh" + suffix] = (G, self.hidden_size)
+                if self.bias:
+                    shapes["bias_ih" + suffix] = (G,)
+                    shapes["bias_hh" + suffix] = (G,)
+        return shapes
+
+    def _suffixes(self):
+        return [f"_l{layer}" + ("_reverse" if d == 1 else "")
+                for layer in range(self.num_layers) for d in range(self.num_directions)]
+
+    def _weights(self):
+        p = self._params
+        return [(p["weight_ih" + s], p["weight_hh" + s], p.get("bias_ih" + s), p.get("bias_hh" + s))
+                for s in self._suffixes()]
+
+    # -- argument handling -------------------------------------------------
+
+    def _prepare(self, x, state, lengths):
+        x3, batched = check.sequence(x, self.input_size, self.dtype, self.batch_first)
+        T, B, _ = x3.shape
+        num = self.num_layers * self.num_directions
+        if self._cell == "lstm":
+            h0, c0 = check.lstm_state(state, num, B, self.hidden_size, batched, self.dtype)
+        else:
+            h0 = check.state_array(state, "state", num, B, self.hidden_size, batched, self.dtype)
+            c0 = None
+        lengths = check.lengths_array(lengths, B, T, batched)
+        return x3, batched, h0, c0, lengths
+
+    def _seq_out(self, y, batched):
+        """Time-major (T, B, F) to the caller's layout."""
+        if not batched:
+            return y[:, 0, :]
+        if self.batch_first:
+            return np.ascontiguousarray(y.transpose(1, 0, 2))
+        return y
+
+    def _seq_in(self, dy, batched, T, B, F, name):
+        """A cotangent in the caller's layout to time-major (T, B, F)."""
+        if not batched:
+            return check.gradient(dy, name, (T, F), self.dtype)[:, None, :]
+        if self.batch_first:
+            arr = check.gradient(dy, name, (B, T, F), self.dtype)
+            return np.ascontiguousarray(arr.transpose(1, 0, 2))
+        return check.gradient(dy, name, (T, B, F), self.dtype)
+
+    def _state_out(self, h, c, batched):
+        if not batched:
+            h = h[:, 0, :]
+            c = None if c is None else c[:, 0, :]
+        return h if c is None else (h, c)
+
+    def _run(self, x, state, lengths, keep):
+        x3, batched, h0, c0, lengths = self._prepare(x, state, lengths)
+        y, hn, cn, tape = _recurrent.forward(
+            self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
+            self.bidirectional, self.reset_after, keep)
+        return x3, batched, y, hn, cn, tape
+
+    # -- public API ----------------------------------------------------------
+
+    def __call__(self, x, state=None, lengths=None):
+        """Run the model over a sequence (inference).
+
+        Parameters
+        ----------
+        x : array_like
+            ``(T, B, I)`` (``(B, T, I)`` when ``batch_first``) or ``(T, I)``
+            for one unbatched sequence; real floats, converted to the model's
+            dtype.
+        state : optional
+            Initial state, ``(L*D, B, H)`` (``(L*D, H)`` unbatched); a tuple
+            ``(h, c)`` for an LSTM.  ``None`` means zeros.
+        lengths : array_like of int, optional
+            ``(B,)`` valid steps of each right-padded sequence, each in
+            ``[1, T]``.  ``None`` means all ``T``.
+
+        Returns
+        -------
+        y : ndarray
+            ``(T, B, D*H)`` in ``x``'s layout: the last layer's hidden states,
+            forward direction first; exactly 0 at padded steps.
+        state : ndarray or tuple of ndarray
+            Final state, shaped like ``state``.
+        """
+        _, batched, y, hn, cn, _ = self._run(x, state, lengths, keep=False)
+        return self._seq_out(y, batched), self._state_out(hn, cn, batched)
+
+    def vjp(self, x, state=None, lengths=None):
+        """Run the model and return a function for its vector-Jacobian product.
+
+        Parameters are as for :meth:`__call__`.
+
+        Returns
+        -------
+        (y, state) : tuple
+            As returned by :meth:`__call__`.
+        pullback : callable
+            ``pullback(dy, dstate=None) -> (dx, dstate0, dparams)``: the
+            gradients of ``sum(y * dy) + <state, dstate>`` with respect to
+            ``x`` (shaped like ``x``), the initial state (shaped like the
+            state; zeros allowed) and every parameter (a dict keyed like
+            :meth:`state_dict`).  For an LSTM ``dstate`` is a tuple
+            ``(dh, dc)``; ``None`` anywhere means zeros.  It may be called
+            any number of times.
+        """
+        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True)
+        weights = self._weights()
+        suffixes = self._suffixes()
+        T, B, _ = x3.shape
+        num = self.num_layers * self.num_directions
+        F = self.num_directions * self.hidden_size
+        shape = (num, B, self.hidden_size) if batched else (num, self.hidden_size)
+
+        def pullback(dy, dstate=None):
+            dy3 = self._seq_in(dy, batched, T, B, F, "dy")
+            if self._cell == "lstm":
+                dh, dc = (None, None) if dstate is None else _pair(dstate, "dstate")
+                dhn = check.gradient(dh, "dstate[0] (dh)", shape, self.dtype).reshape(num, B, -1)
+                dcn = check.gradient(dc, "dstate[1] (dc)", shape, self.dtype).reshape(num, B, -1)
+            else:
+                dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
+                dcn = None
+            dx, dh0, dc0, dweights = _recurrent.backward(
+                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias)
+            dparams = {}
+            for s, (dw_ih, dw_hh, db_ih, db_hh) in zip(suffixes, dweights):
+                dparams["weight_ih" + s] = dw_ih
+                dparams["weight_hh" + s] = dw_hh
+                if self.bias:
+                    dparams["bias_ih" + s] = db_ih
+                    dparams["bias_hh" + s] = db_hh
+            dparams = {name: dparams[name] for name in self._shapes}
+            return self._seq_out(dx, batched), self._state_out(dh0, dc0, batched), dparams
+
+        return (self._seq_out(y, batched), self._state_out(hn, cn, batched)), pullback
+
+    def gates(self, x, state=None, lengths=None):
+        """Post-activation gate values at every step, layer and direction.
+
+        Parameters are as for :meth:`__call__`.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Each ``(L*D, T, B, H)`` (``(L*D, T, H)`` for unbatched ``x``),
+            time-major whatever ``batch_first`` is, 0 at padded steps.
+            LSTM: ``"i" "f" "g" "o"`` and the cell state ``"c"``; GRU:
+            ``"r" "z" "n"``.
+        """
+        _, batched, _, _, _, tape = self._run(x, state, lengths, keep=True)
+        H = self.hidden_size
+        out = {}
+        for j, name in enumerate(_GATE_NAMES[self._cell]):
+            out[name] = np.stack([g[:, :, j * H:(j + 1) * H] for g in tape.gates])
+        if self._cell == "lstm":
+            out["c"] = np.stack(tape.aux)
+        if not batched:
+            out = {name: v[:, :, 0, :] for name, v in out.items()}
+        return {name: np.ascontiguousarray(v) for name, v in out.items()}
+
+    def __repr__(self):
+        args = [str(self.input_size), str(self.hidden_size)]
+        if self.num_layers != 1:
+            args.append(f"num_layers={self.num_layers}")
+        if not self.bias:
+            args.append("bias=False")
+        if self.batch_first:
+            args.append("batch_first=True")
+        if self.bidirectional:
+            args.append("bidirectional=True")
+        if self._cell == "gru" and not self.reset_after:
+            args.append("reset_after=False")
+        args.append(f"dtype={self.dtype.name}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+def _pair(value, name):
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} of an LSTM must be a tuple (dh, dc) or None, got {type(value).__name__}")
+    return value
+
+
+class LSTM(_Recurrent):
+    """Multi-layer long short-term memory network, with PyTorch's semantics.
+
+    For each layer and step, with gate order i, f, g, o in the rows of the
+    weights::
+
+        i = σ(W_ii x + b_ii + W_hi h + b_hi)
+        f = σ(W_if x + b_if + W_hf h + b_hf)
+        g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+        o = σ(W_io x + b_io + W_ho h + b_ho)
+        c' = f ⊙ c + i ⊙ g
+        h' = o ⊙ tanh(c')
+
+    Parameters
+    ----------
+    input_size : int
+        Features of ``x``.
+    hidden_size : int
+        Features of ``h`` and ``c``.
+    num_layers : int, default 1
+        Stacked layers; layer ``k > 0`` reads the outputs of layer ``k - 1``.
+    bias : bool, default True
+        Whether the model has the biases ``bias_ih_l*`` and ``bias_hh_l*``.
+    batch_first : bool, default False
+        ``x`` and ``y`` are ``(B, T, F)`` instead of ``(T, B, F)``.
+    bidirectional : bool, default False
+        Each layer also reads the sequence backwards (parameters with the
+        suffix ``_reverse``); outputs are concatenated, forward first.
+    dtype : {np.float32, np.float64}, default np.float32
+        The dtype of parameters, outputs and gradients.
+    seed : int or None
+        Seed of the default initialisation (uniform in ``±1/sqrt(H)``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.LSTM(3, 5, seed=0)
+    >>> y, (h, c) = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, h.shape
+    ((7, 2, 5), (1, 2, 5))
+    """
+
+    _cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dtype=np.float32, seed=None):
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed)
+
+
+class GRU(_Recurrent):
+    """Multi-layer gated recurrent unit network, with PyTorch's semantics.
+
+    For each layer and step, with gate order r, z, n in the rows of the
+    weights::
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)
+        z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))    reset_after=True
+        n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)    reset_after=False
+        h' = (1 - z) ⊙ n + z ⊙ h
+
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype, seed
+        As for :class:`LSTM`.
+    reset_after : bool, default True
+        Apply the reset gate after the recurrent product (PyTorch, cuDNN and
+        Keras) or before it (Cho et al. 2014, ONNX's default).  The paper's
+        form ``h' = (1 - z') h + z' n`` is this model with ``z' = 1 - z``.
+    """
+
+    _cell = "gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, reset_after=True, dtype=np.float32, seed=None):
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reset_after=reset_after)
+
+
+class _Cell(_Parameters):
+    """One step of a recurrent cell: a one-layer, one-step sequence model."""
+
+    _cell = None
+
+    def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None,
+                 reset_after=True):
+        self.input_size = check.positive_int(input_size, "input_size")
+        self.hidden_size = check.positive_int(hidden_size, "hidden_size")
+        self.bias = check.boolean(bias, "bias")
+        self.reset_after = check.boolean(reset_after, "reset_after")
+        self.dtype = check.model_dtype(dtype)
+        G = len(_GATE_NAMES[self._cell]) * self.hidden_size
+        shapes = {"weight_ih": (G, self.input_size), "weight_hh": (G, self.hidden_size)}
+        if self.bias:
+            shapes["bias_ih"] = (G,)
+            shapes["bias_hh"] = (G,)
+        self._setup_params(shapes, seed)
+
+    def _weights(self):
+        p = self._params
+        return [(p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"))]
+
+    def _prepare(self, x, state):
+        arr = check.as_float_array(x, "x", self.dtype)
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"x must be 2-D (B, I) or 1-D (I,) for one sample, got {arr.ndim}-D with shape {arr.shape}")
+        if arr.shape[-1] != self.input_size:
+            raise ValueError(f"x must have input_size={self.input_size} features in its last axis, got shape {arr.shape}")
+        batched = arr.ndim == 2
+        x3 = arr[None] if batched else arr[None, None]
+        B = x3.shape[1]
+        if B == 0:
+            raise ValueError(f"x must have at least one sample, got shape {arr.shape}")
+        H = self.hidden_size
+        if self._cell == "lstm":
+            if state is None:
+                h = c = None
+            else:
+                h, c = _pair(state, "state")
+            h0 = self._state_in(h, "state[0] (h)", B, batched)
+            c0 = self._state_in(c, "state[1] (c)", B, batched)
+        else:
+            h0 = self._state_in(state, "state", B, batched)
+            c0 = None
+        return x3, batched, h0, c0
+
+    def _state_in(self, value, name, B, batched):
+        shape = (B, self.hidden_size) if batched else (self.hidden_size,)
+        return check.gradient(value, name, shape, self.dtype).reshape(1, B, self.hidden_size)
+
+    def _state_out(self, h, c, batched):
+        h = h[0] if batched else h[0, 0]
+        if c is None:
+            return h
+        return h, (c[0] if batched else c[0, 0])
+
+    def _forward(self, x, state, keep):
+        x3, batched, h0, c0 = self._prepare(x, state)
+        lengths = np.ones(x3.shape[1], dtype=np.int64)
+        _, hn, cn, tape = _recurrent.forward(self._cell, self._weights(), x3, h0, c0, lengths,
+                                             1, False, self.reset_after, keep)
+        return x3, batched, hn, cn, tape
+
+    def __call__(self, x, state=None):
+        """Advance the cell one step.
+
+        Parameters
+        ----------
+        x : array_like
+            ``(B, I)``, or ``(I,)`` for one sample.
+        state : optional
+            ``(B, H)`` (``(H,)`` for one sample); a tuple ``(h, c)`` for an
+            LSTM cell.  ``None`` means zeros.
+
+        Returns
+        -------
+        ndarray or tuple of ndarray
+            The new state, shaped like ``state``.
+        """
+        _, batched, hn, cn, _ = self._forward(x, state, keep=False)
+        return self._state_out(hn, cn, batched)
+
+    def vjp(self, x, state=None):
+        """Advance one step and return a function for the vector-Jacobian product.
+
+        Returns
+        -------
+        out : ndarray or tuple of ndarray
+            As returned by :meth:`__call__`.
+        pullback : callable
+            ``pullback(dout) -> (dx, dstate, dparams)``: gradients of
+            ``<out, dout>`` with respect to ``x``, the state (shaped like it)
+            and the parameters (keyed like :meth:`state_dict`).
+        """
+        x3, batched, hn, cn, tape = self._forward(x, state, keep=True)
+        weights = self._weights()
+        B = x3.shape[1]
+        H = self.hidden_size
+
+        def pullback(dout):
+            if self._cell == "lstm":
+                dh, dc = _pair(dout, "dout")
+                dhn = self._state_in(dh, "dout[0] (dh)", B, batched)
+                dcn = self._state_in(dc, "dout[1] (dc)", B, batched)
+            else:
+                dhn = self._state_in(dout, "dout", B, batched)
+                dcn = None
+            dy = np.zeros((1, B, H), dtype=self.dtype)
+            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias)
+            dw_ih, dw_hh, db_ih, db_hh = dweights[0]
+            dparams = {"weight_ih": dw_ih, "weight_hh": dw_hh}
+            if self.bias:
+                dparams["bias_ih"] = db_ih
+                dparams["bias_hh"] = db_hh
+            dx = dx[0] if batched else dx[0, 0]
+            return dx, self._state_out(dh0, dc0, batched), dparams
+
+        return self._state_out(hn, cn, batched), pullback
+
+    def __repr__(self):
+        args = [str(self.input_size), str(self.hidden_size)]
+        if not self.bias:
+            args.append("bias=False")
+        if self._cell == "gru" and not self.reset_after:
+            args.append("reset_after=False")
+        args.append(f"dtype={self.dtype.name}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+class LSTMCell(_Cell):
+    """One step of an LSTM, with PyTorch's ``nn.LSTMCell`` semantics.
+
+    Parameters ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``,
+    ``bias_hh`` (4H,), gate order i, f, g, o; the equations of :class:`LSTM`.
+
+    Parameters
+    ----------
+    input_size, hidden_size : int
+    bias : bool, default True
+    dtype : {np.float32, np.float64}, default np.float32
+    seed : int or None
+    """
+
+    _cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None):
+        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
+
+
+class GRUCell(_Cell):
+    """One step of a GRU, with PyTorch's ``nn.GRUCell`` semantics.
+
+    Parameters ``weight_ih`` (3H, I), ``weight_hh`` (3H, H), ``bias_ih``,
+    ``bias_hh`` (3H,), gate order r, z, n; the equations of :class:`GRU`.
+
+    Parameters
+    ----------
+    input_size, hidden_size : int
+    bias : bool, default True
+    reset_after : bool, default True
+        As for :class:`GRU`.
+    dtype : {np.float32, np.float64}, default np.float32
+    seed : int or None
+    """
+
+    _cell = "gru"
+
+    def __init__(self, input_size, hidden_size, *, bias=True, reset_after=True, dtype=np.float32,
+                 seed=None):
+        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed,
+                         reset_after=reset_after)

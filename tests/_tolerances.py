@@ -1,0 +1,42 @@
+"""Comparison tolerances, one place, per dtype.
+
+Why these numbers
+-----------------
+float64 (unit roundoff 1.1e-16): a forward pass of T steps accumulates a few
+roundings per gate per step plus the dot-product sums of length I + H; for the
+sizes in the tests (T <= 30, I, H <= 32) the observed differences between two
+correct implementations that sum in different orders are about 1e-14.
+``rtol=1e-10`` leaves four orders of magnitude of headroom and still catches
+any real error (a wrong gate, a missing term, an off-by-one step).
+
+float32 (unit roundoff 6e-8): the same reasoning gives differences of about
+1e-6 relative; the foundation issue asks for agreement to 1e-5 relative.  The
+absolute floor ``atol`` covers values that pass through zero, where a relative
+bound means nothing.
+
+Finite differences: central differences in float64 with step 1e-6 have a
+truncation error of order h^2 = 1e-12 and a rounding error of order
+eps/h = 1e-10, so a relative error below 1e-6 separates a correct gradient
+from a wrong one by many orders of magnitude.
+"""
+
+import numpy as np
+
+TOL = {
+    np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-6},
+    np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12},
+}
+
+# Central finite differences, float64 only.
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+
+def tol(dtype):
+    """Return ``{"rtol": ..., "atol": ...}`` for comparisons in ``dtype``."""
+    return TOL[np.dtype(dtype)]
+
+
+def assert_close(actual, desired, dtype, err_msg=""):
+    """``np.testing.assert_allclose`` with the tolerance of ``dtype``."""
+    np.testing.assert_allclose(actual, desired, err_msg=err_msg, **tol(dtype))

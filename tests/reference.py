@@ -1,0 +1,414 @@
+"""Slow, obviously correct NumPy implementations of the LSTM and GRU equations.
+
+This module is the test oracle. It is written to be read side by side with
+the equations, not to be fast: Python loops run over layers, directions,
+batch entries and time steps, and every gate is computed on its own line.
+
+Two parameterisations are implemented.
+
+PyTorch layout (what fastgates stores). With ``x`` the input and ``h`` the
+previous hidden state, ``W_ih`` is ``(G*H, I)``, ``W_hh`` is ``(G*H, H)``,
+``b_ih`` and ``b_hh`` are ``(G*H,)``, and the G row blocks are the gates in
+the order i, f, g, o (LSTM, G = 4) or r, z, n (GRU, G = 3)::
+
+    LSTM   i  = sigmoid(W_ii x + b_ii + W_hi h + b_hi)
+           f  = sigmoid(W_if x + b_if + W_hf h + b_hf)
+           g  = tanh   (W_ig x + b_ig + W_hg h + b_hg)
+           o  = sigmoid(W_io x + b_io + W_ho h + b_ho)
+           c' = f * c + i * g
+           h' = o * tanh(c')
+
+    GRU    r  = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+           z  = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+           n  = tanh(W_in x + b_in + r * (W_hn h + b_hn))     reset_after=True
+           n  = tanh(W_in x + b_in + W_hn (r * h) + b_hn)     reset_after=False
+           h' = (1 - z) * n + z * h
+
+Concatenated ("paper") layout. One matrix per gate acts on ``[h, x]``, the
+previous hidden state stacked on top of the input::
+
+    LSTM   f  = sigmoid(W_f . [h, x] + b_f)
+           i  = sigmoid(W_i . [h, x] + b_i)
+           c~ = tanh   (W_c . [h, x] + b_c)
+           o  = sigmoid(W_o . [h, x] + b_o)
+           c' = f * c + i * c~
+           h' = o * tanh(c')
+
+    GRU    z' = sigmoid(W_z . [h, x] + b_z)
+           r  = sigmoid(W_r . [h, x] + b_r)
+           n  = tanh   (W_h . [r * h, x] + b_h)
+           h' = (1 - z') * h + z' * n
+
+The paper GRU is the PyTorch-layout ``reset_after=False`` GRU with
+``z' = 1 - z``: since ``1 - sigmoid(a) = sigmoid(-a)``, the z rows of both
+weight matrices and both z biases are negated. The converters below map
+parameters between the two layouts.
+
+Sequence functions take time-major input ``x`` of shape ``(T, B, I)`` and a
+parameter dict keyed like ``torch.nn.LSTM`` / ``torch.nn.GRU``
+(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, the
+``_reverse`` suffix for the backward direction; bias keys absent when the
+model has no bias).
+"""
+
+import numpy as np
+from scipy.special import expit
+
+LSTM_GATES = ("i", "f", "g", "o")
+GRU_GATES = ("r", "z", "n")
+
+
+# ---------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------
+
+
+def sigmoid(a):
+    """Logistic function ``1 / (1 + exp(-a))``.
+
+    ``scipy.special.expit`` evaluates it without overflow for every finite
+    input (the naive formula overflows ``exp(-a)`` for large negative ``a``).
+    """
+    return expit(a)
+
+
+def tanh(a):
+    """Hyperbolic tangent (``np.tanh`` saturates without overflow)."""
+    return np.tanh(a)
+
+
+# ---------------------------------------------------------------------------
+# Parameter helpers
+# ---------------------------------------------------------------------------
+
+
+def gate_rows(matrix_or_vector, k, hidden_size):
+    """Row block ``k`` (0-based, in gate order) of a stacked weight or bias."""
+    return matrix_or_vector[k * hidden_size:(k + 1) * hidden_size]
+
+
+def layer_key(name, layer, direction):
+    """``weight_ih`` -> ``weight_ih_l{layer}`` plus ``_reverse`` for direction 1."""
+    return f"{name}_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
+def _bias_or_zeros(bias, rows, dtype):
+    if bias is None:
+        return np.zeros(rows, dtype=dtype)
+    return bias
+
+
+# ---------------------------------------------------------------------------
+# Single steps, PyTorch layout
+# ---------------------------------------------------------------------------
+
+
+def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step for one sequence: ``x`` ``(I,)``, ``h`` and ``c`` ``(H,)``.
+
+    Returns ``h_new, c_new, gates`` where ``gates`` maps ``"i" "f" "g" "o"``
+    to the post-activation gate values and ``"c"`` to ``c_new``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 4 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 4 * H, w_hh.dtype)
+
+    W_ii, W_if, W_ig, W_io = (gate_rows(w_ih, k, H) for k in range(4))
+    W_hi, W_hf, W_hg, W_ho = (gate_rows(w_hh, k, H) for k in range(4))
+    b_ii, b_if, b_ig, b_io = (gate_rows(b_ih, k, H) for k in range(4))
+    b_hi, b_hf, b_hg, b_ho = (gate_rows(b_hh, k, H) for k in range(4))
+
+    i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
+    f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
+    g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
+    o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
+    c_new = f * c + i * g
+    h_new = o * tanh(c_new)
+    return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "c": c_new}
+
+
+def gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, reset_after=True):
+    """One GRU step for one sequence: ``x`` ``(I,)``, ``h`` ``(H,)``.
+
+    Returns ``h_new, gates`` with ``gates`` mapping ``"r" "z" "n"`` to the
+    post-activation gate values.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 3 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 3 * H, w_hh.dtype)
+
+    W_ir, W_iz, W_in = (gate_rows(w_ih, k, H) for k in range(3))
+    W_hr, W_hz, W_hn = (gate_rows(w_hh, k, H) for k in range(3))
+    b_ir, b_iz, b_in = (gate_rows(b_ih, k, H) for k in range(3))
+    b_hr, b_hz, b_hn = (gate_rows(b_hh, k, H) for k in range(3))
+
+    r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
+    z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+    if reset_after:
+        n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+    else:
+        n = tanh(W_in @ x + b_in + W_hn @ (r * h) + b_hn)
+    h_new = (1 - z) * n + z * h
+    return h_new, {"r": r, "z": z, "n": n}
+
+
+# ---------------------------------------------------------------------------
+# Single steps, concatenated ("paper") layout
+# ---------------------------------------------------------------------------
+
+
+def lstm_step_concat(x, h, c, p):
+    """One LSTM step with one matrix per gate acting on ``[h, x]``.
+
+    ``p`` holds ``W_f W_i W_c W_o`` ``(H, H + I)`` and ``b_f b_i b_c b_o``
+    ``(H,)``. Returns ``h_new, c_new``.
+    """
+    hx = np.concatenate([h, x])
+    f = sigmoid(p["W_f"] @ hx + p["b_f"])
+    i = sigmoid(p["W_i"] @ hx + p["b_i"])
+    c_tilde = tanh(p["W_c"] @ hx + p["b_c"])
+    o = sigmoid(p["W_o"] @ hx + p["b_o"])
+    c_new = f * c + i * c_tilde
+    h_new = o * tanh(c_new)
+    return h_new, c_new
+
+
+def gru_step_paper(x, h, p):
+    """One GRU step in the form of Cho et al. (2014), acting on ``[h, x]``.
+
+    ``p`` holds ``W_z W_r W_h`` ``(H, H + I)`` and ``b_z b_r b_h`` ``(H,)``.
+    Returns ``h_new``.
+    """
+    hx = np.concatenate([h, x])
+    z_prime = sigmoid(p["W_z"] @ hx + p["b_z"])
+    r = sigmoid(p["W_r"] @ hx + p["b_r"])
+    n = tanh(p["W_h"] @ np.concatenate([r * h, x]) + p["b_h"])
+    h_new = (1 - z_prime) * h + z_prime * n
+    return h_new
+
+
+# ---------------------------------------------------------------------------
+# Converters between the layouts
+# ---------------------------------------------------------------------------
+
+
+def lstm_torch_to_concat(w_ih, w_hh, b_ih=None, b_hh=None):
+    """PyTorch-layout LSTM parameters -> ``W_f W_i W_c W_o``, ``b_*`` on ``[h, x]``.
+
+    Each gate's matrix is ``[W_h*, W_i*]`` (hidden columns first, as ``[h, x]``
+    stacks h first) and its bias is ``b_i* + b_h*``.
+    """
+    H = w_hh.shape[1]
+    b_ih = _bias_or_zeros(b_ih, 4 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 4 * H, w_hh.dtype)
+    p = {}
+    for k, name in enumerate(("i", "f", "c", "o")):  # PyTorch order i, f, g, o
+        p["W_" + name] = np.concatenate(
+            [gate_rows(w_hh, k, H), gate_rows(w_ih, k, H)], axis=1)
+        p["b_" + name] = gate_rows(b_ih, k, H) + gate_rows(b_hh, k, H)
+    return p
+
+
+def lstm_concat_to_torch(p):
+    """Inverse of :func:`lstm_torch_to_concat`.
+
+    The summed bias cannot be split back; all of it goes to ``bias_ih`` and
+    ``bias_hh`` is zero. Returns a dict with ``weight_ih weight_hh bias_ih
+    bias_hh``.
+    """
+    H = p["W_i"].shape[0]
+    names = ("i", "f", "c", "o")
+    w_hh = np.concatenate([p["W_" + n][:, :H] for n in names], axis=0)
+    w_ih = np.concatenate([p["W_" + n][:, H:] for n in names], axis=0)
+    b_ih = np.concatenate([p["b_" + n] for n in names])
+    return {"weight_ih": w_ih, "weight_hh": w_hh,
+            "bias_ih": b_ih, "bias_hh": np.zeros_like(b_ih)}
+
+
+def gru_torch_to_paper(w_ih, w_hh, b_ih=None, b_hh=None):
+    """PyTorch-layout ``reset_after=False`` GRU parameters -> paper form.
+
+    ``z' = 1 - z = sigmoid(-(...))``, so the z rows of both matrices and both
+    z biases are negated; biases of the same gate are summed.
+    """
+    H = w_hh.shape[1]
+    b_ih = _bias_or_zeros(b_ih, 3 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 3 * H, w_hh.dtype)
+
+    def stacked(k):
+        return np.concatenate([gate_rows(w_hh, k, H), gate_rows(w_ih, k, H)], axis=1)
+
+    def summed(k):
+        return gate_rows(b_ih, k, H) + gate_rows(b_hh, k, H)
+
+    return {
+        "W_r": stacked(0), "b_r": summed(0),
+        "W_z": -stacked(1), "b_z": -summed(1),
+        "W_h": stacked(2), "b_h": summed(2),
+    }
+
+
+def gru_paper_to_torch(p):
+    """Inverse of :func:`gru_torch_to_paper` (``reset_after=False`` layout).
+
+    The summed bias goes entirely to ``bias_ih``; ``bias_hh`` is zero.
+    """
+    H = p["W_r"].shape[0]
+    gates = (p["W_r"], -p["W_z"], p["W_h"])
+    w_hh = np.concatenate([W[:, :H] for W in gates], axis=0)
+    w_ih = np.concatenate([W[:, H:] for W in gates], axis=0)
+    b_ih = np.concatenate([p["b_r"], -p["b_z"], p["b_h"]])
+    return {"weight_ih": w_ih, "weight_hh": w_hh,
+            "bias_ih": b_ih, "bias_hh": np.zeros_like(b_ih)}
+
+
+# ---------------------------------------------------------------------------
+# Full sequences
+# ---------------------------------------------------------------------------
+
+
+def _valid_steps(length, direction):
+    """Time indices a direction reads: 0..length-1 forward, reversed backward."""
+    if direction == 0:
+        return list(range(length))
+    return list(reversed(range(length)))
+
+
+def _sequence_setup(x, params, num_layers, bidirectional, lengths):
+    x = np.asarray(x)
+    T, B, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = params["weight_hh_l0"].shape[1]
+    if lengths is None:
+        lengths = np.full(B, T, dtype=np.int64)
+    lengths = np.asarray(lengths)
+    dtype = np.result_type(x, *params.values())
+    return x, T, B, D, H, lengths, dtype
+
+
+def _layer_params(params, layer, direction):
+    return (params[layer_key("weight_ih", layer, direction)],
+            params[layer_key("weight_hh", layer, direction)],
+            params.get(layer_key("bias_ih", layer, direction)),
+            params.get(layer_key("bias_hh", layer, direction)))
+
+
+def reference_lstm(x, params, num_layers=1, bidirectional=False,
+                   h0=None, c0=None, lengths=None):
+    """Multi-layer, optionally bidirectional LSTM over a time-major sequence.
+
+    Parameters
+    ----------
+    x : ndarray, shape (T, B, I)
+    params : dict of ndarray, keyed like ``torch.nn.LSTM.state_dict()``
+    num_layers : int
+    bidirectional : bool
+    h0, c0 : ndarray, shape (L*D, B, H), optional (zeros)
+    lengths : int array, shape (B,), optional (all T); right-padded sequences
+
+    Returns
+    -------
+    y : ndarray, shape (T, B, D*H), zero at padded steps
+    (h_n, c_n) : ndarrays, shape (L*D, B, H), states after the last valid step
+    gates : dict ``"i" "f" "g" "o" "c"`` -> ndarray (L*D, T, B, H), zero at
+        padded steps
+    """
+    x, T, B, D, H, lengths, dtype = _sequence_setup(
+        x, params, num_layers, bidirectional, lengths)
+    if h0 is None:
+        h0 = np.zeros((num_layers * D, B, H), dtype=dtype)
+    if c0 is None:
+        c0 = np.zeros((num_layers * D, B, H), dtype=dtype)
+
+    h_n = np.zeros((num_layers * D, B, H), dtype=dtype)
+    c_n = np.zeros((num_layers * D, B, H), dtype=dtype)
+    gates = {k: np.zeros((num_layers * D, T, B, H), dtype=dtype)
+             for k in LSTM_GATES + ("c",)}
+
+    layer_input = x
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(D):
+            w_ih, w_hh, b_ih, b_hh = _layer_params(params, layer, direction)
+            s = layer * D + direction
+            out = np.zeros((T, B, H), dtype=dtype)
+            for b in range(B):
+                h = h0[s, b]
+                c = c0[s, b]
+                for t in _valid_steps(lengths[b], direction):
+                    h, c, g = lstm_step(layer_input[t, b], h, c, w_ih, w_hh, b_ih, b_hh)
+                    out[t, b] = h
+                    for k in g:
+                        gates[k][s, t, b] = g[k]
+                h_n[s, b] = h
+                c_n[s, b] = c
+            direction_outputs.append(out)
+        layer_input = np.concatenate(direction_outputs, axis=2)
+    return layer_input, (h_n, c_n), gates
+
+
+def reference_gru(x, params, num_layers=1, bidirectional=False, h0=None,
+                  lengths=None, reset_after=True):
+    """Multi-layer, optionally bidirectional GRU over a time-major sequence.
+
+    Same conventions as :func:`reference_lstm`; returns ``y, h_n, gates``
+    with gates ``"r" "z" "n"``.
+    """
+    x, T, B, D, H, lengths, dtype = _sequence_setup(
+        x, params, num_layers, bidirectional, lengths)
+    if h0 is None:
+        h0 = np.zeros((num_layers * D, B, H), dtype=dtype)
+
+    h_n = np.zeros((num_layers * D, B, H), dtype=dtype)
+    gates = {k: np.zeros((num_layers * D, T, B, H), dtype=dtype) for k in GRU_GATES}
+
+    layer_input = x
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(D):
+            w_ih, w_hh, b_ih, b_hh = _layer_params(params, layer, direction)
+            s = layer * D + direction
+            out = np.zeros((T, B, H), dtype=dtype)
+            for b in range(B):
+                h = h0[s, b]
+                for t in _valid_steps(lengths[b], direction):
+                    h, g = gru_step(layer_input[t, b], h, w_ih, w_hh, b_ih, b_hh,
+                                    reset_after=reset_after)
+                    out[t, b] = h
+                    for k in g:
+                        gates[k][s, t, b] = g[k]
+                h_n[s, b] = h
+            direction_outputs.append(out)
+        layer_input = np.concatenate(direction_outputs, axis=2)
+    return layer_input, h_n, gates
+
+
+# ---------------------------------------------------------------------------
+# Test data
+# ---------------------------------------------------------------------------
+
+
+def random_params(rng, kind, input_size, hidden_size, num_layers=1,
+                  bidirectional=False, bias=True, dtype=np.float64, scale=None):
+    """Random parameters keyed like ``torch.nn.LSTM`` / ``torch.nn.GRU``.
+
+    ``kind`` is ``"lstm"`` or ``"gru"``. Entries are uniform in
+    ``(-scale, scale)``; the default scale is PyTorch's ``1/sqrt(H)``.
+    """
+    G = {"lstm": 4, "gru": 3}[kind]
+    D = 2 if bidirectional else 1
+    H = hidden_size
+    if scale is None:
+        scale = 1.0 / np.sqrt(H)
+    params = {}
+    for layer in range(num_layers):
+        layer_input_size = input_size if layer == 0 else D * H
+        for direction in range(D):
+            shapes = {"weight_ih": (G * H, layer_input_size), "weight_hh": (G * H, H)}
+            if bias:
+                shapes["bias_ih"] = (G * H,)
+                shapes["bias_hh"] = (G * H,)
+            for name, shape in shapes.items():
+                params[layer_key(name, layer, direction)] = rng.uniform(
+                    -scale, scale, size=shape).astype(dtype)
+    return params
