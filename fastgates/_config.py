@@ -12,14 +12,11 @@ and the per-step recurrent products called from compiled code).  Left alone
 they oversubscribe the cores: a compiled kernel running on ``n`` Numba threads
 that each call a multi-threaded BLAS would ask for ``n * n`` threads, and
 OpenBLAS threads that busy-wait beside Numba's slow a kernel down by an order
-of magnitude.  fastgates therefore runs
-
-* the large products (input projection, weight gradients) in NumPy with the
-  BLAS pools set to ``get_num_threads()`` threads, and
-* the compiled kernels with ``get_num_threads()`` Numba threads and every BLAS
-  pool set to one thread,
-
-restoring the user's BLAS settings afterwards (:func:`blas_threads`).
+of magnitude.  OpenBLAS threads keep spinning for a while after a
+product, so even taking turns is not enough.  fastgates therefore makes every
+matrix product itself, from compiled code, with every BLAS pool limited to one
+thread (:func:`single_threaded_blas`), and splits the work across Numba's
+threads only; the user's BLAS settings are restored afterwards.
 """
 
 import contextlib
@@ -28,7 +25,7 @@ import threading
 
 import numba
 
-__all__ = ["jit", "set_num_threads", "get_num_threads", "blas_threads"]
+__all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads"]
 
 # ``cache=True``: a second process loads the machine code instead of compiling.
 # ``error_model="numpy"``: division follows IEEE rules (no ZeroDivisionError
@@ -75,31 +72,52 @@ def get_num_threads():
     return _num_threads
 
 
-def _blas_controller():
+def _blas_libraries():
     global _controller
     if _controller is None:
-        # Imported here: threadpoolctl inspects the loaded libraries, and the
-        # BLAS that Numba calls (SciPy's) is loaded on first use.
+        # Imported here: the BLAS that Numba calls (SciPy's) is loaded on first
+        # use, and threadpoolctl only sees the libraries already loaded.
         import scipy.linalg.cython_blas  # noqa: F401
         from threadpoolctl import ThreadpoolController
 
-        _controller = ThreadpoolController()
+        _controller = ThreadpoolController().select(user_api="blas").lib_controllers
     return _controller
 
 
+_blas_users = 0
+_blas_saved = []
+
+
 @contextlib.contextmanager
-def blas_threads(n):
-    """Run the body with every BLAS pool limited to ``n`` threads."""
-    ctl = _blas_controller()
+def single_threaded_blas():
+    """Run the body with every BLAS pool limited to one thread.
+
+    The user's settings are restored when the last concurrent caller leaves,
+    so several Python threads may run fastgates at once.
+    """
+    global _blas_users, _blas_saved
+    libs = _blas_libraries()
     with _lock:
-        limiter = ctl.limit(limits=n, user_api="blas")
+        if _blas_users == 0:
+            _blas_saved = [lib.num_threads for lib in libs]
+            for lib in libs:
+                lib.set_num_threads(1)
+        _blas_users += 1
     try:
         yield
     finally:
         with _lock:
-            limiter.restore_original_limits()
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, n in zip(libs, _blas_saved):
+                    lib.set_num_threads(n)
 
 
-def kernel_threads():
-    """Point Numba at fastgates' thread count for the calling thread."""
-    numba.set_num_threads(_num_threads)
+def kernel_threads(tasks=None):
+    """Point Numba at fastgates' thread count for the calling thread.
+
+    With ``tasks`` given, use no more threads than there are tasks: a thread
+    without work would still have to be woken and joined.
+    """
+    n = _num_threads if tasks is None else max(1, min(_num_threads, tasks))
+    numba.set_num_threads(n)

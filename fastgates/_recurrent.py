@@ -7,29 +7,39 @@ layer-direction, in PyTorch's order (layer-major, then direction); the biases
 are ``None`` in a model without bias.
 
 The large, non-sequential matrix products (the input projection of all steps,
-the weight gradients, the gradient with respect to the layer input) run in
-NumPy with ``get_num_threads()`` BLAS threads; the kernels run with as many
-Numba threads and a single-threaded BLAS (see :mod:`fastgates._config`).
+the weight gradients, the gradient with respect to the layer input) are one
+product each over all steps (:mod:`fastgates._linalg`); the recurrence runs in
+the per-direction kernels.  Everything runs on Numba's threads with a
+single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
 import numba
 import numpy as np
 
 from . import _config
+from ._linalg import matmul, matmul_tn
 from ._gru import gru_backward, gru_forward
 from ._lstm import lstm_backward, lstm_forward
 
 _NGATES = {"lstm": 4, "gru": 3}
 
 
+def _pool_size():
+    # Work is split by the size of Numba's pool, never by the thread count in
+    # force, so that results do not change with set_num_threads.
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _chunk_size(batch):
-    # Depends on the batch and the size of Numba's pool, never on the thread
-    # count in force, so that results do not change with set_num_threads.
-    return max(1, -(-batch // numba.config.NUMBA_NUM_THREADS))
+    return max(1, -(-batch // _pool_size()))
 
 
 def _empty3(dtype):
     return np.empty((0, 0, 0), dtype=dtype)
+
+
+def _empty1(dtype):
+    return np.empty(0, dtype=dtype)
 
 
 class Tape:
@@ -47,16 +57,45 @@ class Tape:
         self.lengths = lengths
 
 
+def _zero_padding(x, lengths):
+    """``x`` with its padded steps set to 0 (a copy, only when there are any).
+
+    The kernels never read padded steps, but the weight gradient is a product
+    over all steps, where a NaN or inf in padding would give 0 * inf = NaN.
+    Layers above the first read outputs, which are already 0 there.
+    """
+    T = x.shape[0]
+    if lengths.min() == T:
+        return x
+    x = x.copy()
+    for b, n in enumerate(lengths):
+        x[n:, b] = 0
+    return x
+
+
 def _input_projection(x, w_ih, bias):
     T, B, I = x.shape
-    xw = np.dot(x.reshape(T * B, I), w_ih.T)
-    if bias is not None:
-        xw += bias
+    xw = np.empty((T * B, w_ih.shape[0]), dtype=x.dtype)
+    if bias is None:
+        bias = _empty1(x.dtype)
+    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _pool_size())
     return xw.reshape(T, B, w_ih.shape[0])
 
 
-def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-            reset_after=True, keep=False):
+def forward(*args, **kwargs):
+    """Run the stacked recurrence; see :func:`_forward` for the arguments."""
+    with _config.single_threaded_blas():
+        return _forward(*args, **kwargs)
+
+
+def backward(*args, **kwargs):
+    """Back-propagate; see :func:`_backward` for the arguments."""
+    with _config.single_threaded_blas():
+        return _backward(*args, **kwargs)
+
+
+def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
+             reset_after=True, keep=False):
     """Run the stacked recurrence.
 
     Returns
@@ -71,48 +110,43 @@ def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     D = 2 if bidirectional else 1
     H = h0.shape[2]
     dtype = x.dtype
-    n_threads = _config.get_num_threads()
     chunk = _chunk_size(B)
     hn = np.empty_like(h0)
     cn = np.empty_like(c0) if cell == "lstm" else None
     inputs, outputs, gates_kept, aux_kept = [], [], [], []
-    layer_in = x
+    layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
         y = np.empty((T, B, D * H), dtype=dtype)
-        projections = []
-        with _config.blas_threads(n_threads):
-            for d in range(D):
-                w_ih, w_hh, b_ih, b_hh = weights[layer * D + d]
-                if cell == "lstm":
-                    bias = None if b_ih is None else b_ih + b_hh
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            G = w_hh.shape[0]
+            if cell == "lstm":
+                bias = None if b_ih is None else b_ih + b_hh
+            else:
+                bias = None
+                if b_ih is not None:
+                    bias = b_ih.copy()
+                    bias[: 2 * H] += b_hh[: 2 * H]
+            _config.kernel_threads()
+            xw = _input_projection(layer_in, w_ih, bias)
+            gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
+            aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
+            _config.kernel_threads(-(-B // chunk))
+            if cell == "lstm":
+                lstm_forward(xw, np.ascontiguousarray(w_hh.T), h0[k], c0[k],
+                             lengths, d == 1, chunk, y, d * H, hn[k], cn[k], gates, aux)
+            else:
+                if reset_after:
+                    wa_t = np.ascontiguousarray(w_hh.T)
                 else:
-                    bias = None
-                    if b_ih is not None:
-                        bias = b_ih.copy()
-                        bias[: 2 * H] += b_hh[: 2 * H]
-                projections.append(_input_projection(layer_in, w_ih, bias))
-        _config.kernel_threads()
-        with _config.blas_threads(1):
-            for d in range(D):
-                k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh = weights[k]
-                G = w_hh.shape[0]
-                gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
-                aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
-                if cell == "lstm":
-                    lstm_forward(projections[d], np.ascontiguousarray(w_hh.T), h0[k], c0[k],
-                                 lengths, d == 1, chunk, y, d * H, hn[k], cn[k], gates, aux)
-                else:
-                    if reset_after:
-                        wa_t = np.ascontiguousarray(w_hh.T)
-                    else:
-                        wa_t = np.ascontiguousarray(w_hh[: 2 * H].T)
-                    wn_t = np.ascontiguousarray(w_hh[2 * H:].T)
-                    bhn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
-                    gru_forward(projections[d], wa_t, wn_t, bhn, h0[k], lengths, d == 1,
-                                reset_after, chunk, y, d * H, hn[k], gates, aux)
-                gates_kept.append(gates)
-                aux_kept.append(aux)
+                    wa_t = np.ascontiguousarray(w_hh[: 2 * H].T)
+                wn_t = np.ascontiguousarray(w_hh[2 * H:].T)
+                bhn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+                gru_forward(xw, wa_t, wn_t, bhn, h0[k], lengths, d == 1,
+                            reset_after, chunk, y, d * H, hn[k], gates, aux)
+            gates_kept.append(gates)
+            aux_kept.append(aux)
         inputs.append(layer_in)
         outputs.append(y)
         layer_in = y
@@ -122,7 +156,7 @@ def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     return layer_in, hn, cn, tape
 
 
-def backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
+def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
     """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
 
     Returns
@@ -139,8 +173,8 @@ def backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
     T, B, _ = dy.shape
     H = tape.h0.shape[2]
     dtype = dy.dtype
-    n_threads = _config.get_num_threads()
     chunk = _chunk_size(B)
+    nblocks = _pool_size()
     lengths = tape.lengths
     dh0 = np.empty_like(tape.h0)
     dc0 = np.empty_like(tape.c0) if cell == "lstm" else None
@@ -148,64 +182,61 @@ def backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
     dy_layer = dy
     for layer in reversed(range(num_layers)):
         layer_in = tape.inputs[layer]
+        I = layer_in.shape[2]
+        in2d = layer_in.reshape(T * B, I)
         y = tape.outputs[layer]
-        results = []
-        _config.kernel_threads()
-        with _config.blas_threads(1):
-            for d in range(D):
-                k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh = weights[k]
-                G = w_hh.shape[0]
-                hprev = np.empty((T, B, H), dtype=dtype)
-                if cell == "lstm":
-                    dg = np.empty((T, B, G), dtype=dtype)
-                    lstm_backward(dy_layer, d * H, dhn[k], dcn[k], np.ascontiguousarray(w_hh),
-                                  tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
-                                  lengths, d == 1, chunk, dg, hprev, dh0[k], dc0[k])
-                    results.append((dg, dg, hprev, hprev))
+        dx = None
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            G = w_hh.shape[0]
+            _config.kernel_threads(-(-B // chunk))
+            hprev = np.empty((T, B, H), dtype=dtype)
+            dgx = np.empty((T, B, G), dtype=dtype)
+            if cell == "lstm":
+                dgh = dgx
+                hop = hprev
+                lstm_backward(dy_layer, d * H, dhn[k], dcn[k], np.ascontiguousarray(w_hh),
+                              tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
+                              lengths, d == 1, chunk, dgx, hprev, dh0[k], dc0[k])
+            else:
+                dgh = np.empty((T, B, G), dtype=dtype)
+                if reset_after:
+                    wa = np.ascontiguousarray(w_hh)
+                    hop = hprev
+                    rhprev = _empty3(dtype)
                 else:
-                    dgx = np.empty((T, B, G), dtype=dtype)
-                    dgh = np.empty((T, B, G), dtype=dtype)
-                    if reset_after:
-                        wa = np.ascontiguousarray(w_hh)
-                        rhprev = _empty3(dtype)
-                    else:
-                        wa = np.ascontiguousarray(w_hh[: 2 * H])
-                        rhprev = np.empty((T, B, H), dtype=dtype)
-                    wn = np.ascontiguousarray(w_hh[2 * H:])
-                    gru_backward(dy_layer, d * H, dhn[k], wa, wn, tape.gates[k], tape.aux[k],
-                                 y, d * H, tape.h0[k], lengths, d == 1, reset_after, chunk,
-                                 dgx, dgh, hprev, rhprev, dh0[k])
-                    results.append((dgx, dgh, hprev, hprev if reset_after else rhprev))
-        with _config.blas_threads(n_threads):
-            I = layer_in.shape[2]
-            in2d = layer_in.reshape(T * B, I)
-            dx = None
-            for d in range(D):
-                k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh = weights[k]
-                G = w_hh.shape[0]
-                dgx, dgh, hprev, hop = results[d]
-                dgx2 = dgx.reshape(T * B, G)
-                dgh2 = dgh.reshape(T * B, G)
-                hp2 = hprev.reshape(T * B, H)
-                dw_ih = np.dot(dgx2.T, in2d)
-                if hop is hprev:
-                    dw_hh = np.dot(dgh2.T, hp2)
-                else:
-                    # GRU reset_after=False: W_hn acts on r * h, not on h.
-                    dw_hh = np.empty((G, H), dtype=dtype)
-                    np.dot(dgh2[:, : 2 * H].T, hp2, out=dw_hh[: 2 * H])
-                    np.dot(dgh2[:, 2 * H:].T, hop.reshape(T * B, H), out=dw_hh[2 * H:])
-                db_ih = db_hh = None
-                if with_bias:
-                    db_ih = dgx2.sum(axis=0)
-                    db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
-                dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
-                part = np.dot(dgx2, w_ih)
-                if dx is None:
-                    dx = part
-                else:
-                    dx += part
+                    wa = np.ascontiguousarray(w_hh[: 2 * H])
+                    hop = rhprev = np.empty((T, B, H), dtype=dtype)
+                wn = np.ascontiguousarray(w_hh[2 * H:])
+                gru_backward(dy_layer, d * H, dhn[k], wa, wn, tape.gates[k], tape.aux[k],
+                             y, d * H, tape.h0[k], lengths, d == 1, reset_after, chunk,
+                             dgx, dgh, hprev, rhprev, dh0[k])
+            _config.kernel_threads()
+            dgx2 = dgx.reshape(T * B, G)
+            dgh2 = dgh.reshape(T * B, G)
+            dw_ih = np.empty((G, I), dtype=dtype)
+            matmul_tn(dgx2, in2d, dw_ih, nblocks)
+            dw_hh = np.empty((G, H), dtype=dtype)
+            if hop is hprev:
+                matmul_tn(dgh2, hprev.reshape(T * B, H), dw_hh, nblocks)
+            else:
+                # GRU reset_after=False: W_hn acts on r * h, not on h.
+                part = np.empty((G, H), dtype=dtype)
+                matmul_tn(dgh2, hprev.reshape(T * B, H), part, nblocks)
+                dw_hh[: 2 * H] = part[: 2 * H]
+                matmul_tn(dgh2, hop.reshape(T * B, H), part, nblocks)
+                dw_hh[2 * H:] = part[2 * H:]
+            db_ih = db_hh = None
+            if with_bias:
+                db_ih = dgx2.sum(axis=0)
+                db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
+            dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
+            part_dx = np.empty((T * B, I), dtype=dtype)
+            matmul(dgx2, w_ih, _empty1(dtype), part_dx, nblocks)
+            if dx is None:
+                dx = part_dx
+            else:
+                dx += part_dx
         dy_layer = dx.reshape(T, B, I)
     return dy_layer, dh0, dc0, dweights
