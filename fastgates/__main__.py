@@ -41,7 +41,7 @@ def _table(headers, rows):
 
     def line(row):
         parts = [row[0].ljust(widths[0])]
-        parts += [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        parts += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

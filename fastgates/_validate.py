@@ -46,11 +46,12 @@ def model_dtype(dtype):
     return dt
 
 
-def as_float_array(value, name, dtype):
+def as_float_array(value, name, dtype, allow_int=False):
     """Convert ``value`` to a C-contiguous array of ``dtype``.
 
-    Only real floating-point input is accepted: integers, booleans, complex
-    numbers, objects and strings raise ``TypeError``.  The caller's array is
+    Only real floating-point input is accepted (and integers, when
+    ``allow_int``): booleans, complex numbers, objects and strings raise
+    ``TypeError``.  The caller's array is
     returned unchanged when it already has the right dtype and layout, and is
     never written to.
     """
@@ -60,7 +61,7 @@ def as_float_array(value, name, dtype):
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name} could not be converted to an array: {exc}") from None
-    if arr.dtype.kind != "f":
+    if arr.dtype.kind != "f" and not (allow_int and arr.dtype.kind in "iu"):
         raise TypeError(
             f"{name} must hold real floating-point numbers, got dtype {arr.dtype}"
             " (convert it with .astype(np.float32) or np.float64 explicitly)"

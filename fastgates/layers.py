@@ -57,8 +57,8 @@ class _Parameters:
         ----------
         state_dict : mapping of str to array_like
             Exactly the keys of :meth:`state_dict`, each convertible by
-            ``np.asarray`` to an array of the same shape holding real floats.
-            Values are copied and converted to the model's dtype.
+            ``np.asarray`` to an array of the same shape holding real floats
+            or integers.  Values are copied and converted to the model's dtype.
 
         Raises
         ------
@@ -66,8 +66,8 @@ class _Parameters:
             Listing every missing key, unexpected key and wrong shape; nothing
             is loaded then.
         TypeError
-            If ``state_dict`` is not a mapping or a value does not hold real
-            floats.
+            If ``state_dict`` is not a mapping or a value holds booleans,
+            complex numbers, objects or strings.
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
@@ -82,7 +82,7 @@ class _Parameters:
         for name, shape in self._shapes.items():
             if name not in state_dict:
                 continue
-            arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype)
+            arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype, allow_int=True)
             if arr.shape != shape:
                 problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
             loaded[name] = arr

@@ -9,8 +9,20 @@ because CI workspaces are thrown away.  Pick a profile by hand with
 """
 
 import os
+import warnings
 
 from hypothesis import settings
+
+# On a failure Hypothesis imports this module (and through it libcst) to
+# print a patch; an older libcst warns at import time, which the test run's
+# ``filterwarnings = error`` would turn into an INTERNALERROR hiding the
+# failure.  Importing it once here, quietly, keeps failure reports readable.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:  # libcst missing: Hypothesis skips the patch itself
+        pass
 
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.register_profile(

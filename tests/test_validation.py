@@ -1,0 +1,550 @@
+"""Bad input is rejected in Python, naming the argument; odd but valid input works.
+
+"Before compiled code runs" is checked by looking at the traceback: no frame
+of the raised error may belong to Numba.
+"""
+
+import os
+
+import numba
+import numpy as np
+import pytest
+
+import fastgates as fg
+
+T, B, I, H = 4, 3, 3, 2
+NUMBA_DIR = os.path.dirname(numba.__file__)
+
+
+def raises(exc, name):
+    """``pytest.raises`` that wants ``name`` as a word in the message."""
+    return pytest.raises(exc, match=rf"(?<![\w.]){name}(?!\w)")
+
+
+def check_rejected(excinfo):
+    for entry in excinfo.traceback:
+        assert not str(entry.path).startswith(NUMBA_DIR), "raised from inside Numba"
+
+
+def make(kind, num_layers=1, bidirectional=False, dtype=np.float64, **kw):
+    kw.update(num_layers=num_layers, bidirectional=bidirectional, dtype=dtype, seed=0)
+    if kind == "lstm":
+        return fg.LSTM(I, H, **kw)
+    return fg.GRU(I, H, reset_after=kind == "gru", **kw)
+
+
+def make_cell(kind, dtype=np.float64, **kw):
+    if kind == "lstm":
+        return fg.LSTMCell(I, H, dtype=dtype, seed=0, **kw)
+    return fg.GRUCell(I, H, reset_after=kind == "gru", dtype=dtype, seed=0, **kw)
+
+
+def zeros_state(kind, shape, dtype=np.float64):
+    if kind == "lstm":
+        return (np.zeros(shape, dtype), np.zeros(shape, dtype))
+    return np.zeros(shape, dtype)
+
+
+def good_x(dtype=np.float64):
+    return np.random.default_rng(0).standard_normal((T, B, I)).astype(dtype)
+
+
+kinds = pytest.mark.parametrize("kind", ["lstm", "gru", "gru_classic"])
+calls = pytest.mark.parametrize("call", ["__call__", "vjp", "gates"])
+
+
+def run(m, call, *args, **kw):
+    return getattr(m, call)(*args, **kw)
+
+
+# --------------------------------------------------------------------------
+# x
+# --------------------------------------------------------------------------
+
+
+@kinds
+@calls
+@pytest.mark.parametrize(
+    "shape", [(I,), (T, B, I, 1), (T, B, I + 1), (T, I + 1), (T, B, 0)], ids=str
+)
+def test_x_wrong_rank_or_size(kind, call, shape):
+    with raises(ValueError, "x") as excinfo:
+        run(make(kind), call, np.zeros(shape))
+    check_rejected(excinfo)
+
+
+@kinds
+@calls
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.zeros((T, B, I), dtype=np.int64),
+        np.zeros((T, B, I), dtype=np.int32),
+        np.zeros((T, B, I), dtype=np.complex128),
+        np.zeros((T, B, I), dtype=bool),
+        np.full((T, B, I), 0.5, dtype=object),
+        np.full((T, B, I), "a"),
+        [[["a"] * I] * B] * T,
+    ],
+    ids=["int64", "int32", "complex", "bool", "object", "str", "str-list"],
+)
+def test_x_wrong_dtype_is_type_error(kind, call, x):
+    with raises(TypeError, "x") as excinfo:
+        run(make(kind), call, x)
+    check_rejected(excinfo)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", [(0, B, I), (T, 0, I), (0, I)], ids=str)
+def test_empty_sequence_or_batch_rejected(kind, shape):
+    with raises(ValueError, "x") as excinfo:
+        make(kind)(np.zeros(shape))
+    check_rejected(excinfo)
+
+
+# --------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------
+
+BAD_STATE_SHAPES = {
+    "layers": (2, B, H),
+    "batch": (1, B + 1, H),
+    "hidden": (1, B, H + 1),
+    "rank2": (B, H),
+    "rank4": (1, 1, B, H),
+}
+
+
+@kinds
+@calls
+@pytest.mark.parametrize("bad", list(BAD_STATE_SHAPES))
+def test_state_wrong_shape(kind, call, bad):
+    m = make(kind)
+    with raises(ValueError, "state") as excinfo:
+        run(m, call, good_x(), zeros_state(kind, BAD_STATE_SHAPES[bad]))
+    check_rejected(excinfo)
+
+
+@kinds
+def test_state_wrong_shape_bidirectional_two_layers(kind):
+    m = make(kind, num_layers=2, bidirectional=True)
+    with raises(ValueError, "state"):
+        m(good_x(), zeros_state(kind, (2, B, H)))  # needs 4 = L * D
+    m(good_x(), zeros_state(kind, (4, B, H)))
+
+
+def test_lstm_state_must_be_pair():
+    m = make("lstm")
+    h = np.zeros((1, B, H))
+    for state in [h, (h,), (h, h, h)]:
+        with pytest.raises((ValueError, TypeError), match="state") as excinfo:
+            m(good_x(), state)
+        check_rejected(excinfo)
+
+
+def test_lstm_state_only_one_bad():
+    m = make("lstm")
+    good, bad = np.zeros((1, B, H)), np.zeros((1, B, H + 1))
+    for state in [(good, bad), (bad, good)]:
+        with raises(ValueError, "state"):
+            m(good_x(), state)
+
+
+@pytest.mark.parametrize("kind", ["gru", "gru_classic"])
+def test_gru_state_given_as_pair(kind):
+    h = np.zeros((1, B, H))
+    with pytest.raises((ValueError, TypeError), match="state"):
+        make(kind)(good_x(), (h, h))
+
+
+@kinds
+@pytest.mark.parametrize("dtype", [np.int64, np.complex128, object], ids=str)
+def test_state_wrong_dtype_is_type_error(kind, dtype):
+    with raises(TypeError, "state") as excinfo:
+        make(kind)(good_x(), zeros_state(kind, (1, B, H), dtype))
+    check_rejected(excinfo)
+
+
+@kinds
+def test_unbatched_state_shape(kind):
+    m = make(kind)
+    x = np.zeros((T, I))
+    m(x, zeros_state(kind, (1, H)))
+    with raises(ValueError, "state"):
+        m(x, zeros_state(kind, (1, 1, H)))
+
+
+# --------------------------------------------------------------------------
+# lengths
+# --------------------------------------------------------------------------
+
+
+@kinds
+@calls
+@pytest.mark.parametrize(
+    "lengths, exc",
+    [
+        (np.array([1.0, 2.0, 3.0]), (TypeError, ValueError)),
+        (np.array([True, True, True]), (TypeError, ValueError)),
+        (np.array(["1", "2", "3"]), (TypeError, ValueError)),
+        (np.array([1, 0, 2]), ValueError),
+        (np.array([1, -1, 2]), ValueError),
+        (np.array([1, T + 1, 2]), ValueError),
+        (np.array([1, 2]), ValueError),
+        (np.array([1, 2, 3, 4]), ValueError),
+        (np.array([[1, 2, 3]]), ValueError),
+        (np.array(2), ValueError),
+    ],
+    ids=["float", "bool", "str", "zero", "negative", "gt-T", "short", "long", "2d", "scalar"],
+)
+def test_bad_lengths(kind, call, lengths, exc):
+    with pytest.raises(exc, match=r"(?<![\w.])lengths(?!\w)") as excinfo:
+        run(make(kind), call, good_x(), None, lengths)
+    check_rejected(excinfo)
+
+
+@kinds
+def test_lengths_with_unbatched_x(kind):
+    with raises(ValueError, "lengths"):
+        make(kind)(np.zeros((T, I)), None, np.array([T]))
+
+
+@kinds
+def test_lengths_batch_first(kind):
+    m = make(kind, batch_first=True)
+    x = np.zeros((B, T, I))
+    m(x, None, np.array([1, T, 2]))
+    with raises(ValueError, "lengths"):
+        m(x, None, np.array([1, T + 1, 2]))
+
+
+# --------------------------------------------------------------------------
+# pullback arguments
+# --------------------------------------------------------------------------
+
+
+@kinds
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize(
+    "shape_of",
+    [
+        lambda DH: (T, B, DH + 1),
+        lambda DH: (T + 1, B, DH),
+        lambda DH: (T, B + 1, DH),
+        lambda DH: (T, DH),
+        lambda DH: (T, B, DH, 1),
+    ],
+    ids=["hidden", "time", "batch", "rank2", "rank4"],
+)
+def test_pullback_dy_wrong_shape(kind, bidirectional, shape_of):
+    m = make(kind, bidirectional=bidirectional)
+    DH = (2 if bidirectional else 1) * H
+    _, pullback = m.vjp(good_x())
+    with raises(ValueError, "dy") as excinfo:
+        pullback(np.zeros(shape_of(DH)))
+    check_rejected(excinfo)
+
+
+@kinds
+def test_pullback_dy_wrong_dtype(kind):
+    _, pullback = make(kind).vjp(good_x())
+    with raises(TypeError, "dy"):
+        pullback(np.zeros((T, B, H), dtype=np.complex128))
+
+
+@kinds
+@pytest.mark.parametrize("shape", [(2, B, H), (1, B + 1, H), (1, B, H + 1), (B, H)], ids=str)
+def test_pullback_dstate_wrong_shape(kind, shape):
+    _, pullback = make(kind).vjp(good_x())
+    with raises(ValueError, "dstate") as excinfo:
+        pullback(np.zeros((T, B, H)), zeros_state(kind, shape))
+    check_rejected(excinfo)
+
+
+def test_pullback_lstm_dstate_must_be_pair():
+    _, pullback = make("lstm").vjp(good_x())
+    dh = np.zeros((1, B, H))
+    for dstate in [dh, (dh,), (dh, dh, dh)]:
+        with pytest.raises((ValueError, TypeError), match="dstate"):
+            pullback(np.zeros((T, B, H)), dstate)
+
+
+# --------------------------------------------------------------------------
+# load_state_dict
+# --------------------------------------------------------------------------
+
+
+@kinds
+def test_load_state_dict_missing_key(kind):
+    m = make(kind, num_layers=2)
+    d = m.state_dict()
+    del d["weight_hh_l1"]
+    with raises(ValueError, "weight_hh_l1"):
+        m.load_state_dict(d)
+
+
+@kinds
+def test_load_state_dict_unexpected_key(kind):
+    m = make(kind)
+    d = m.state_dict()
+    d["weight_ih_l1"] = d["weight_ih_l0"]
+    with raises(ValueError, "weight_ih_l1"):
+        m.load_state_dict(d)
+
+
+@kinds
+def test_load_state_dict_wrong_shape(kind):
+    m = make(kind, bidirectional=True)
+    d = m.state_dict()
+    d["bias_hh_l0_reverse"] = np.zeros(d["bias_hh_l0_reverse"].shape[0] + 1)
+    with raises(ValueError, "bias_hh_l0_reverse"):
+        m.load_state_dict(d)
+
+
+@kinds
+def test_load_state_dict_names_every_offending_key(kind):
+    m = make(kind, num_layers=2)
+    d = m.state_dict()
+    del d["bias_ih_l0"]
+    d["extra"] = np.zeros(1)
+    d["weight_ih_l1"] = d["weight_ih_l1"].T
+    with pytest.raises(ValueError) as excinfo:
+        m.load_state_dict(d)
+    for key in ["bias_ih_l0", "extra", "weight_ih_l1"]:
+        assert key in str(excinfo.value)
+
+
+@kinds
+def test_failed_load_state_dict_leaves_model_unchanged(kind):
+    m = make(kind, num_layers=2)
+    before = m.state_dict()
+    d = {k: v + 1 for k, v in before.items()}
+    d["weight_hh_l1"] = np.zeros((1, 1))
+    with pytest.raises(ValueError):
+        m.load_state_dict(d)
+    after = m.state_dict()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+@kinds
+def test_load_state_dict_takes_anything_asarray_takes(kind):
+    # Nested lists and integer arrays are numbers too: cast to the model dtype.
+    m = make(kind)
+    d = {k: np.arange(v.size).reshape(v.shape) % 3 - 1 for k, v in m.state_dict().items()}
+    d["weight_ih_l0"] = d["weight_ih_l0"].tolist()
+    m.load_state_dict(d)
+    for k, v in m.state_dict().items():
+        assert v.dtype == m.dtype
+        np.testing.assert_array_equal(v, np.asarray(d[k]), err_msg=k)
+
+
+@kinds
+@pytest.mark.parametrize("bad", [np.complex128, np.bool_, object])
+def test_load_state_dict_rejects_non_real_values(kind, bad):
+    m = make(kind)
+    d = m.state_dict()
+    d["weight_hh_l0"] = np.zeros(d["weight_hh_l0"].shape, dtype=bad)
+    with raises(TypeError, "weight_hh_l0"):
+        m.load_state_dict(d)
+
+
+def test_load_state_dict_bias_free_model_rejects_bias():
+    m = fg.LSTM(I, H, bias=False, dtype=np.float64)
+    d = m.state_dict()
+    assert not any(k.startswith("bias") for k in d)
+    d["bias_ih_l0"] = np.zeros(4 * H)
+    with raises(ValueError, "bias_ih_l0"):
+        m.load_state_dict(d)
+
+
+@pytest.mark.parametrize("cell_kind", ["lstm", "gru"])
+def test_cell_load_state_dict_errors(cell_kind):
+    cell = make_cell(cell_kind)
+    d = cell.state_dict()
+    assert set(d) == {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+    bad = dict(d, weight_hh=np.zeros((1, 1)))
+    with raises(ValueError, "weight_hh"):
+        cell.load_state_dict(bad)
+    bad = {k: v for k, v in d.items() if k != "bias_ih"}
+    with raises(ValueError, "bias_ih"):
+        cell.load_state_dict(bad)
+
+
+# --------------------------------------------------------------------------
+# constructors
+# --------------------------------------------------------------------------
+
+CONSTRUCTORS = {
+    "LSTM": lambda **kw: fg.LSTM(**{"input_size": I, "hidden_size": H, **kw}),
+    "GRU": lambda **kw: fg.GRU(**{"input_size": I, "hidden_size": H, **kw}),
+    "LSTMCell": lambda **kw: fg.LSTMCell(**{"input_size": I, "hidden_size": H, **kw}),
+    "GRUCell": lambda **kw: fg.GRUCell(**{"input_size": I, "hidden_size": H, **kw}),
+}
+constructors = pytest.mark.parametrize("ctor", list(CONSTRUCTORS))
+
+
+@constructors
+@pytest.mark.parametrize("arg", ["input_size", "hidden_size"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3", None], ids=repr)
+def test_constructor_bad_sizes(ctor, arg, value):
+    with pytest.raises((TypeError, ValueError), match=arg):
+        CONSTRUCTORS[ctor](**{arg: value})
+
+
+@pytest.mark.parametrize("ctor", ["LSTM", "GRU"])
+@pytest.mark.parametrize("value", [0, -2, 1.5], ids=repr)
+def test_constructor_bad_num_layers(ctor, value):
+    with pytest.raises((TypeError, ValueError), match="num_layers"):
+        CONSTRUCTORS[ctor](num_layers=value)
+
+
+@constructors
+@pytest.mark.parametrize(
+    "dtype", [np.int32, np.int64, np.float16, np.complex128, object, "int8"], ids=str
+)
+def test_constructor_bad_dtype(ctor, dtype):
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        CONSTRUCTORS[ctor](dtype=dtype)
+
+
+@constructors
+def test_constructor_accepts_numpy_integers_and_dtype_spellings(ctor):
+    a = CONSTRUCTORS[ctor](input_size=np.int64(I), hidden_size=np.int32(H), dtype="float64", seed=3)
+    b = CONSTRUCTORS[ctor](dtype=np.dtype(np.float64), seed=3)
+    for k, v in a.state_dict().items():
+        assert v.dtype == np.float64
+        np.testing.assert_array_equal(v, b.state_dict()[k])
+
+
+# --------------------------------------------------------------------------
+# cells
+# --------------------------------------------------------------------------
+
+cell_kinds = pytest.mark.parametrize("kind", ["lstm", "gru", "gru_classic"])
+
+
+@cell_kinds
+@pytest.mark.parametrize("shape", [(B, I + 1), (I + 1,), (1, B, I), ()], ids=str)
+def test_cell_x_wrong_shape(kind, shape):
+    with raises(ValueError, "x") as excinfo:
+        make_cell(kind)(np.zeros(shape), None)
+    check_rejected(excinfo)
+
+
+@cell_kinds
+def test_cell_x_wrong_dtype(kind):
+    with raises(TypeError, "x"):
+        make_cell(kind)(np.zeros((B, I), dtype=np.int64), None)
+
+
+@cell_kinds
+@pytest.mark.parametrize("shape", [(B + 1, H), (B, H + 1), (1, B, H), (H,)], ids=str)
+def test_cell_state_wrong_shape(kind, shape):
+    with raises(ValueError, "state") as excinfo:
+        make_cell(kind)(np.zeros((B, I)), zeros_state(kind, shape))
+    check_rejected(excinfo)
+
+
+@cell_kinds
+@pytest.mark.parametrize("shape", [(B + 1, H), (B, H + 1), (H,)], ids=str)
+def test_cell_pullback_dout_wrong_shape(kind, shape):
+    cell = make_cell(kind)
+    _, pullback = cell.vjp(np.zeros((B, I)), None)
+    with raises(ValueError, "dout") as excinfo:
+        pullback(zeros_state(kind, shape))
+    check_rejected(excinfo)
+
+
+def test_cell_lstm_dout_must_be_pair():
+    _, pullback = make_cell("lstm").vjp(np.zeros((B, I)), None)
+    for dout in [np.zeros((B, H)), (np.zeros((B, H)),)]:
+        with pytest.raises((TypeError, ValueError), match="dout"):
+            pullback(dout)
+
+
+# --------------------------------------------------------------------------
+# valid edge cases
+# --------------------------------------------------------------------------
+
+
+def _assert_same(a, b):
+    if isinstance(b, tuple):
+        assert isinstance(a, tuple) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same(u, v)
+    elif isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in b:
+            _assert_same(a[k], b[k])
+    else:
+        np.testing.assert_array_equal(a, b, strict=True)
+
+
+@kinds
+@pytest.mark.parametrize(
+    "model_dtype, x_dtype", [(np.float32, np.float64), (np.float64, np.float32)], ids=str
+)
+def test_other_float_dtype_is_cast_to_model_dtype(kind, model_dtype, x_dtype):
+    m = make(kind, dtype=model_dtype)
+    x = good_x(x_dtype)
+    y, state = m(x)
+    assert y.dtype == model_dtype
+    for s in state if isinstance(state, tuple) else (state,):
+        assert s.dtype == model_dtype
+    _assert_same((y, state), m(x.astype(model_dtype)))
+    (_, _), pullback = m.vjp(x)
+    dx, dstate, dparams = pullback(np.ones(y.shape, dtype=x_dtype))
+    assert dx.dtype == model_dtype
+    for v in dparams.values():
+        assert v.dtype == model_dtype
+
+
+@kinds
+def test_nested_list_input(kind):
+    m = make(kind)
+    x = good_x()
+    _assert_same(m(x.tolist()), m(x))
+    _assert_same(m(x.tolist(), None, [1, T, 2]), m(x, None, np.array([1, T, 2])))
+
+
+@kinds
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("layout", ["fortran", "strided", "transposed", "negative"])
+def test_non_contiguous_input(kind, bidirectional, layout):
+    m = make(kind, num_layers=2, bidirectional=bidirectional)
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((2 * T, B, 2 * I))
+    x = {
+        "fortran": np.asfortranarray(base[:T, :, :I]),
+        "strided": base[::2, :, ::2],
+        "transposed": np.ascontiguousarray(base[:T, :, :I].transpose(2, 1, 0)).transpose(2, 1, 0),
+        "negative": base[T - 1 :: -1, ::-1, :I],
+    }[layout]
+    assert not x.flags.c_contiguous
+    xc = np.ascontiguousarray(x)
+    D = 2 if bidirectional else 1
+    state_base = rng.standard_normal((B, 2 * D, 2 * H)).transpose(1, 0, 2)[:, :, ::2]
+    state = (state_base, state_base[::-1]) if kind == "lstm" else state_base
+    state_c = tuple(map(np.ascontiguousarray, state)) if kind == "lstm" else np.ascontiguousarray(state)
+    lengths = np.array([T, 0, 1, 0, 2])[::2]  # non-contiguous view of [T, 1, 2]
+    lengths_c = np.ascontiguousarray(lengths)
+
+    _assert_same(m(x, state, lengths), m(xc, state_c, lengths_c))
+    _assert_same(m.gates(x, state, lengths), m.gates(xc, state_c, lengths_c))
+    dy = rng.standard_normal((2 * T, B, 2 * D * H))[::2, :, ::2]
+    (_, _), pb = m.vjp(x, state, lengths)
+    (_, _), pb_c = m.vjp(xc, state_c, lengths_c)
+    _assert_same(pb(dy), pb_c(np.ascontiguousarray(dy)))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_batch_first_matches_time_major(kind):
+    m = make(kind, bidirectional=True)
+    mb = make(kind, bidirectional=True, batch_first=True)
+    x = good_x()
+    lengths = np.array([T, 1, 2])
+    y, state = m(x, None, lengths)
+    yb, state_b = mb(x.transpose(1, 0, 2), None, lengths)
+    np.testing.assert_array_equal(yb, y.transpose(1, 0, 2))
+    _assert_same(state_b, state)
