@@ -25,9 +25,14 @@ Run it on an idle machine, one benchmark at a time.
 
 import os
 
-# No pool may busy-wait between runs (it would steal the cores of the side
-# that runs next).  Must be set before torch or Numba load an OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No pool may busy-wait into the other side's run.  OMP_WAIT_POLICY=PASSIVE
+# is not the way: it makes every OpenMP region of PyTorch's pay a futex wake,
+# and measured here it made PyTorch's tiny LSTM 20x slower (0.29 -> 6.2 ms),
+# which would flatter fastgates.  Instead both OpenMP runtimes (PyTorch's and
+# Numba's) keep their default short spin, and every timed run starts after a
+# pause (PAUSE) long enough for the pool of the side before it to fall asleep;
+# onnxruntime's pool, which spins for long, is told not to spin.  --spin-check
+# verifies it: each side timed alone must match its time when alternating.
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -147,7 +152,13 @@ def _calls_per_run(fn, min_run_time):
     return max(1, math.ceil(min_run_time / max(t, 1e-9)))
 
 
+# Seconds of idle before each timed run: libgomp's default spin (300,000
+# iterations) is well under a millisecond.
+PAUSE = 0.01
+
+
 def _timed_run(fn, n):
+    time.sleep(PAUSE)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
