@@ -1,0 +1,93 @@
+"""Threads, BLAS coordination, compilation cache and import hygiene."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import fastgates as fg
+
+
+@pytest.fixture
+def restore_threads():
+    n = fg.get_num_threads()
+    yield
+    fg.set_num_threads(n)
+
+
+def test_thread_count_round_trips(restore_threads):
+    assert fg.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    fg.set_num_threads(1)
+    assert fg.get_num_threads() == 1
+    fg.set_num_threads(np.int64(numba.config.NUMBA_NUM_THREADS))
+    assert fg.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+@pytest.mark.parametrize("bad", [0, -1, numba.config.NUMBA_NUM_THREADS + 1])
+def test_thread_count_out_of_range(bad, restore_threads):
+    with pytest.raises(ValueError, match="n must be between 1 and"):
+        fg.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("bad", [1.0, "2", True, None])
+def test_thread_count_not_an_integer(bad, restore_threads):
+    with pytest.raises(TypeError, match="n must be an integer"):
+        fg.set_num_threads(bad)
+
+
+def test_user_blas_settings_are_restored():
+    # fastgates runs every BLAS pool single-threaded while it computes, then
+    # gives back whatever the user had set.
+    m = fg.GRU(3, 4, seed=0)
+    x = np.ones((5, 2, 3), np.float32)
+    m(x)  # loads SciPy's BLAS
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        (y, s), pullback = m.vjp(x)
+        pullback(y)
+        after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert before == after
+
+
+def test_importing_fastgates_imports_no_optional_dependency():
+    code = textwrap.dedent(
+        """
+        import sys, fastgates
+        heavy = [m for m in ("torch", "onnx", "onnxruntime", "matplotlib", "keras") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
+    # cache=True: the first process compiles and writes the cache, a second
+    # one only loads it (no cache misses).
+    code = textwrap.dedent(
+        """
+        import numpy as np, fastgates as fg
+        from fastgates import _gru, _linalg
+        m = fg.GRU(2, 3, dtype=np.float64, seed=0)
+        (y, s), pullback = m.vjp(np.ones((4, 2, 2)))
+        pullback(y)
+        kernels = [_gru.gru_forward, _gru.gru_backward, _linalg.matmul, _linalg.matmul_tn]
+        print(sum(sum(k.stats.cache_misses.values()) for k in kernels),
+              sum(sum(k.stats.cache_hits.values()) for k in kernels))
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    misses, _ = run()
+    assert misses > 0
+    misses, hits = run()
+    assert misses == 0 and hits > 0
