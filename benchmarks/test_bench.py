@@ -10,7 +10,7 @@ Not part of the test run (``testpaths = ["tests"]``); run it explicitly::
 The quick subset is one shape per group, both cells, both dtypes, both modes,
 at 2 threads; the full matrix adds every shape and 1 thread.  For the
 side-by-side comparison with PyTorch and onnxruntime use
-``benchmarks/compare.py``.
+``python -m fastgates bench``.
 """
 
 import os
@@ -24,12 +24,15 @@ pytest.importorskip("pytest_benchmark")
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-# The matrix is defined once, in the comparison runner next to this file
-# (which also falls back to the source tree when fastgates is not installed).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compare import DTYPES, GATES, MATRIX, QUICK  # noqa: E402
-
-import fastgates as fg  # noqa: E402
+# The matrix is defined once, in the comparison runner fastgates.bench; from
+# a source checkout where fastgates is not installed, use the tree this file
+# lives in.
+try:
+    import fastgates as fg
+except ImportError:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import fastgates as fg
+from fastgates.bench import DTYPES, GATES, MATRIX, QUICK  # noqa: E402
 
 FULL = os.environ.get("FASTGATES_BENCH_FULL", "") not in ("", "0")
 SHAPES = MATRIX if FULL else QUICK

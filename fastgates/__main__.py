@@ -6,6 +6,9 @@ gates step by step, shows that c_1 = i_1 * g_1 exactly, shows what the forget
 gate means on real numbers, and checks the gradients against central finite
 differences.  Only the runtime dependencies are needed.
 
+``python -m fastgates bench`` runs the side-by-side benchmark of
+:mod:`fastgates.bench` (PyTorch and onnxruntime are optional peers there).
+
 New subcommands are added in ``_build_parser``: one ``add_parser`` call and a
 function ``(args) -> int`` set as the subparser's ``func`` default.
 """
@@ -261,12 +264,23 @@ def _build_parser():
                         "T=5 steps; gates, the forget gate, a gradient check")
     _add_example_options(example, argparse.SUPPRESS)
     example.set_defaults(func=_run_example)
+    # Imports only NumPy, threadpoolctl and fastgates; the peers (PyTorch,
+    # onnxruntime) are imported when the benchmark runs.
+    from . import bench
+
+    bench.add_arguments(sub.add_parser(
+        "bench", help="fastgates against PyTorch, onnxruntime and NumPy side by "
+                      "side (--quick: one shape per group, a few minutes)",
+        description="fastgates against PyTorch, onnxruntime and NumPy side by "
+                    "side, as in docs/benchmarks.md."))
     return parser
 
 
 def main(argv=None):
     """Run the command line; return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _build_parser().parse_args(argv)
+    args.command_line = " ".join(["python -m fastgates", *argv])
     return args.func(args)
 
 

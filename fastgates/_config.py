@@ -21,11 +21,13 @@ threads only; the user's BLAS settings are restored afterwards.
 
 import contextlib
 import operator
+import os
 import threading
 
 import numba
 
-__all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads"]
+__all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads",
+           "set_activation_mode", "get_activation_mode", "fast_activations"]
 
 # ``cache=True``: a second process loads the machine code instead of compiling.
 # ``error_model="numpy"``: division follows IEEE rules (no ZeroDivisionError
@@ -121,3 +123,48 @@ def kernel_threads(tasks=None):
     """
     n = _num_threads if tasks is None else max(1, min(_num_threads, tasks))
     numba.set_num_threads(n)
+
+
+_MODES = ("fast", "exact")
+
+
+def _initial_mode():
+    mode = os.environ.get("FASTGATES_ACTIVATIONS", "fast")
+    if mode not in _MODES:
+        raise ValueError(f"FASTGATES_ACTIVATIONS must be one of {_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _initial_mode()
+
+
+def set_activation_mode(mode):
+    """Choose how the kernels evaluate sigmoid and tanh.
+
+    Parameters
+    ----------
+    mode : {"fast", "exact"}
+        ``"fast"`` (the default): vectorised polynomial approximations,
+        within 3 ulp of the exact functions (see :mod:`fastgates._math`).
+        ``"exact"``: the C library's ``exp`` and ``tanh``, about ten times
+        slower per element.  The environment variable
+        ``FASTGATES_ACTIVATIONS`` sets the mode at import.
+
+    Notes
+    -----
+    A pullback uses the mode its forward pass ran with.
+    """
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_activation_mode():
+    """Return the activation mode, ``"fast"`` or ``"exact"``."""
+    return _mode
+
+
+def fast_activations():
+    """True when the kernels should use the fast activations."""
+    return _mode == "fast"

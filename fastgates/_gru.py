@@ -24,11 +24,11 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._math import sigmoid, tanh
+from ._math import one, sigmoid_inplace, tanh_inplace
 
 
 @jit(parallel=True)
-def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk,
+def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, fast,
                 y, ycol, hn, gates, hlin):
     """Run the recurrence of one layer-direction.
 
@@ -42,7 +42,7 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk,
         ``W_hn^T``; used only when ``reset_after`` is false.
     bhn : (H,) array
     h0 : (B, H) array
-    lengths, reverse, chunk :
+    lengths, reverse, chunk, fast :
         As in :func:`fastgates._lstm.lstm_forward`.
     reset_after : bool
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
@@ -64,16 +64,25 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk,
         acc = np.empty((nb, wa_t.shape[1]), dtype=xw.dtype)
         rh = np.empty((nb, H), dtype=xw.dtype)
         accn = np.empty((nb, H), dtype=xw.dtype)
+        lin = np.empty(H, dtype=xw.dtype)
+        n = np.empty(H, dtype=xw.dtype)
+        one_ = one(xw[0, 0, 0])
         h[:] = h0[b0:b1]
         for s in range(T):
             t = T - 1 - s if reverse else s
             np.dot(h, wa_t, acc)
+            # r and z of every row (padded rows too: harmless, and the
+            # reset-before product below needs r for the whole chunk).
+            for r in range(nb):
+                a = acc[r]
+                x = xw[t, b0 + r]
+                for j in range(2 * H):
+                    a[j] += x[j]
+                sigmoid_inplace(a[: 2 * H], fast)
             if not reset_after:
                 for r in range(nb):
-                    b = b0 + r
                     for j in range(H):
-                        rg = sigmoid(acc[r, j] + xw[t, b, j])
-                        rh[r, j] = rg * h[r, j]
+                        rh[r, j] = acc[r, j] * h[r, j]
                 np.dot(rh, wn_t, accn)
             for r in range(nb):
                 b = b0 + r
@@ -83,23 +92,26 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk,
                         gates[t, b, :] = 0.0
                         hlin[t, b, :] = 0.0
                     continue
+                a = acc[r]
+                x = xw[t, b]
+                if reset_after:
+                    for j in range(H):
+                        lin[j] = a[2 * H + j] + bhn[j]
+                        n[j] = x[2 * H + j] + a[j] * lin[j]
+                else:
+                    for j in range(H):
+                        lin[j] = accn[r, j] + bhn[j]
+                        n[j] = x[2 * H + j] + lin[j]
+                tanh_inplace(n, fast)
+                hr = h[r]
                 for j in range(H):
-                    rg = sigmoid(acc[r, j] + xw[t, b, j])
-                    z = sigmoid(acc[r, H + j] + xw[t, b, H + j])
-                    if reset_after:
-                        lin = acc[r, 2 * H + j] + bhn[j]
-                        n = tanh(xw[t, b, 2 * H + j] + rg * lin)
-                    else:
-                        lin = accn[r, j] + bhn[j]
-                        n = tanh(xw[t, b, 2 * H + j] + lin)
-                    hh = (1.0 - z) * n + z * h[r, j]
-                    h[r, j] = hh
-                    y[t, b, ycol + j] = hh
-                    if keep:
-                        gates[t, b, j] = rg
-                        gates[t, b, H + j] = z
-                        gates[t, b, 2 * H + j] = n
-                        hlin[t, b, j] = lin
+                    z = a[H + j]
+                    hr[j] = (one_ - z) * n[j] + z * hr[j]
+                y[t, b, ycol:ycol + H] = hr
+                if keep:
+                    gates[t, b, : 2 * H] = a[: 2 * H]
+                    gates[t, b, 2 * H:] = n
+                    hlin[t, b, :] = lin
         hn[b0:b1] = h
 
 
@@ -147,7 +159,7 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
         da = np.empty((nb, wa.shape[0]), dtype=gates.dtype)
         dan = np.empty((nb, H), dtype=gates.dtype)
         drh = np.empty((nb, H), dtype=gates.dtype)
-        hp = np.empty((nb, H), dtype=gates.dtype)
+        one_ = one(gates[0, 0, 0])
         dh[:] = dhn[b0:b1]
         for s in range(T):
             t = s if reverse else T - 1 - s
@@ -166,32 +178,45 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
                     continue
                 first = t == n_ - 1 if reverse else t == 0
                 tp = t + 1 if reverse else t - 1
+                hp = hprev[t, b]
+                if first:
+                    hp[:] = h0[b]
+                else:
+                    hp[:] = y[tp, b, ycol:ycol + H]
+                g = gates[t, b]
+                dyt = dy[t, b, dycol:dycol + H]
+                gx = dgx[t, b]
+                gh = dgh[t, b]
+                lin = hlin[t, b]
+                dar = da[r]
                 for j in range(H):
-                    rg = gates[t, b, j]
-                    z = gates[t, b, H + j]
-                    n = gates[t, b, 2 * H + j]
-                    hpj = h0[b, j] if first else y[tp, b, ycol + j]
-                    hp[r, j] = hpj
-                    hprev[t, b, j] = hpj
-                    dht = dh[r, j] + dy[t, b, dycol + j]
+                    rg = g[j]
+                    z = g[H + j]
+                    nn = g[2 * H + j]
+                    dht = dh[r, j] + dyt[j]
                     dhz[r, j] = dht * z
-                    daz = dht * (hpj - n) * z * (1.0 - z)
-                    dn = dht * (1.0 - z) * (1.0 - n * n)
+                    daz = dht * (hp[j] - nn) * z * (one_ - z)
+                    dn = dht * (one_ - z) * (one_ - nn * nn)
                     dan[r, j] = dn
-                    da[r, H + j] = daz
-                    dgx[t, b, H + j] = daz
-                    dgh[t, b, H + j] = daz
-                    dgx[t, b, 2 * H + j] = dn
-                    if reset_after:
-                        dar = dn * hlin[t, b, j] * rg * (1.0 - rg)
-                        da[r, j] = dar
-                        da[r, 2 * H + j] = dn * rg
-                        dgx[t, b, j] = dar
-                        dgh[t, b, j] = dar
-                        dgh[t, b, 2 * H + j] = dn * rg
-                    else:
-                        dgh[t, b, 2 * H + j] = dn
-                        rhprev[t, b, j] = rg * hpj
+                    dar[H + j] = daz
+                    gx[H + j] = daz
+                    gh[H + j] = daz
+                    gx[2 * H + j] = dn
+                if reset_after:
+                    for j in range(H):
+                        rg = g[j]
+                        dn = dan[r, j]
+                        d_r = dn * lin[j] * rg * (one_ - rg)
+                        dar[j] = d_r
+                        dar[2 * H + j] = dn * rg
+                        gx[j] = d_r
+                        gh[j] = d_r
+                        gh[2 * H + j] = dn * rg
+                else:
+                    rhp = rhprev[t, b]
+                    for j in range(H):
+                        gh[2 * H + j] = dan[r, j]
+                        rhp[j] = g[j] * hp[j]
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
                 np.dot(dan, wn, drh)
@@ -199,12 +224,17 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
                     b = b0 + r
                     if t >= lengths[b]:
                         continue
+                    g = gates[t, b]
+                    hp = hprev[t, b]
+                    gx = dgx[t, b]
+                    gh = dgh[t, b]
+                    dar = da[r]
                     for j in range(H):
-                        rg = gates[t, b, j]
-                        dar = drh[r, j] * hp[r, j] * rg * (1.0 - rg)
-                        da[r, j] = dar
-                        dgx[t, b, j] = dar
-                        dgh[t, b, j] = dar
+                        rg = g[j]
+                        d_r = drh[r, j] * hp[j] * rg * (one_ - rg)
+                        dar[j] = d_r
+                        gx[j] = d_r
+                        gh[j] = d_r
                         dhz[r, j] += drh[r, j] * rg
             np.dot(da, wa, dhrec)
             for r in range(nb):

@@ -29,11 +29,35 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._math import sigmoid, tanh
+from ._math import one, sigmoid_inplace, tanh_inplace
+
+
+@jit()
+def _cell_step(a, xw, c, h, tc, fast):
+    """One LSTM step of one sequence, in place.
+
+    ``a`` (4H,) holds the recurrent product on entry and the gates i, f, g, o
+    on exit; ``c`` and ``h`` (H,) are advanced; ``tc`` (H,) is scratch.
+    Each loop is a straight pass over contiguous vectors so that it
+    vectorises.
+    """
+    H = c.shape[0]
+    for j in range(4 * H):
+        a[j] += xw[j]
+    sigmoid_inplace(a[: 2 * H], fast)
+    tanh_inplace(a[2 * H: 3 * H], fast)
+    sigmoid_inplace(a[3 * H:], fast)
+    for j in range(H):
+        cc = a[H + j] * c[j] + a[j] * a[2 * H + j]
+        c[j] = cc
+        tc[j] = cc
+    tanh_inplace(tc, fast)
+    for j in range(H):
+        h[j] = a[3 * H + j] * tc[j]
 
 
 @jit(parallel=True)
-def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, y, ycol, hn, cn, gates, cs):
+def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -49,6 +73,8 @@ def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, y, ycol, hn, cn, ga
         Read the sequence backwards.
     chunk : int
         Batch rows per parallel task.
+    fast : bool
+        Fast (vectorised) activations, else the C library's.
     y : (T, B, Y) array, output
         Hidden states are written to columns ``ycol:ycol + H``.
     hn, cn : (B, H) arrays, output
@@ -69,6 +95,7 @@ def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, y, ycol, hn, cn, ga
         h = np.empty((nb, H), dtype=xw.dtype)
         c = np.empty((nb, H), dtype=xw.dtype)
         acc = np.empty((nb, G), dtype=xw.dtype)
+        tc = np.empty(H, dtype=xw.dtype)
         h[:] = h0[b0:b1]
         c[:] = c0[b0:b1]
         for s in range(T):
@@ -82,29 +109,48 @@ def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, y, ycol, hn, cn, ga
                         gates[t, b, :] = 0.0
                         cs[t, b, :] = 0.0
                     continue
-                for j in range(H):
-                    i = sigmoid(acc[r, j] + xw[t, b, j])
-                    f = sigmoid(acc[r, H + j] + xw[t, b, H + j])
-                    g = tanh(acc[r, 2 * H + j] + xw[t, b, 2 * H + j])
-                    o = sigmoid(acc[r, 3 * H + j] + xw[t, b, 3 * H + j])
-                    cc = f * c[r, j] + i * g
-                    hh = o * tanh(cc)
-                    c[r, j] = cc
-                    h[r, j] = hh
-                    y[t, b, ycol + j] = hh
-                    if keep:
-                        gates[t, b, j] = i
-                        gates[t, b, H + j] = f
-                        gates[t, b, 2 * H + j] = g
-                        gates[t, b, 3 * H + j] = o
-                        cs[t, b, j] = cc
+                _cell_step(acc[r], xw[t, b], c[r], h[r], tc, fast)
+                y[t, b, ycol:ycol + H] = h[r]
+                if keep:
+                    gates[t, b, :] = acc[r]
+                    cs[t, b, :] = c[r]
         hn[b0:b1] = h
         cn[b0:b1] = c
 
 
+@jit()
+def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
+    """Gradient through one LSTM step of one sequence, in place.
+
+    ``g`` (4H,) the kept gates i, f, g, o; ``ct``/``cp`` (H,) the cell state
+    after/before the step; ``dyt`` (H,) the output gradient.  On entry
+    ``dh``, ``dc`` hold the gradient with respect to the state after the
+    step; on exit ``dc`` holds the gradient with respect to ``c_{t-1}`` and
+    ``da`` (4H,) the one with respect to the pre-activations (``dh`` is left
+    for the caller: it needs the recurrent product).
+    """
+    H = ct.shape[0]
+    one_ = one(ct[0])
+    for j in range(H):
+        tc[j] = ct[j]
+    tanh_inplace(tc, fast)
+    for j in range(H):
+        i = g[j]
+        f = g[H + j]
+        gg = g[2 * H + j]
+        o = g[3 * H + j]
+        dht = dh[j] + dyt[j]
+        dct = dc[j] + dht * o * (one_ - tc[j] * tc[j])
+        da[j] = dct * gg * i * (one_ - i)
+        da[H + j] = dct * cp[j] * f * (one_ - f)
+        da[2 * H + j] = dct * i * (one_ - gg * gg)
+        da[3 * H + j] = dht * tc[j] * o * (one_ - o)
+        dc[j] = dct * f
+
+
 @jit(parallel=True)
 def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
-                  reverse, chunk, dgates, hprev, dh0, dc0):
+                  reverse, chunk, fast, dgates, hprev, dh0, dc0):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -121,7 +167,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
         The forward outputs; this direction's columns start at ``ycol``.
     h0, c0 : (B, H) arrays
         Initial state of the forward pass.
-    lengths, reverse, chunk :
+    lengths, reverse, chunk, fast :
         As in the forward pass.
     dgates : (T, B, 4H) array, output
         Gradient with respect to the pre-activations ``a_t`` (zero at padded
@@ -143,6 +189,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
         dc = np.empty((nb, H), dtype=gates.dtype)
         dhrec = np.empty((nb, H), dtype=gates.dtype)
         da = np.empty((nb, G), dtype=gates.dtype)
+        tc = np.empty(H, dtype=gates.dtype)
         dh[:] = dhn[b0:b1]
         dc[:] = dcn[b0:b1]
         for s in range(T):
@@ -157,34 +204,15 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
                     continue
                 first = t == n - 1 if reverse else t == 0
                 tp = t + 1 if reverse else t - 1
-                for j in range(H):
-                    i = gates[t, b, j]
-                    f = gates[t, b, H + j]
-                    g = gates[t, b, 2 * H + j]
-                    o = gates[t, b, 3 * H + j]
-                    if first:
-                        cp = c0[b, j]
-                        hp = h0[b, j]
-                    else:
-                        cp = cs[tp, b, j]
-                        hp = y[tp, b, ycol + j]
-                    hprev[t, b, j] = hp
-                    tc = tanh(cs[t, b, j])
-                    dht = dh[r, j] + dy[t, b, dycol + j]
-                    dct = dc[r, j] + dht * o * (1.0 - tc * tc)
-                    dai = dct * g * i * (1.0 - i)
-                    daf = dct * cp * f * (1.0 - f)
-                    dag = dct * i * (1.0 - g * g)
-                    dao = dht * tc * o * (1.0 - o)
-                    da[r, j] = dai
-                    da[r, H + j] = daf
-                    da[r, 2 * H + j] = dag
-                    da[r, 3 * H + j] = dao
-                    dgates[t, b, j] = dai
-                    dgates[t, b, H + j] = daf
-                    dgates[t, b, 2 * H + j] = dag
-                    dgates[t, b, 3 * H + j] = dao
-                    dc[r, j] = dct * f
+                if first:
+                    cp = c0[b]
+                    hprev[t, b, :] = h0[b]
+                else:
+                    cp = cs[tp, b]
+                    hprev[t, b, :] = y[tp, b, ycol:ycol + H]
+                _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                           dh[r], dc[r], da[r], tc, fast)
+                dgates[t, b, :] = da[r]
             np.dot(da, whh, dhrec)
             for r in range(nb):
                 # A padded step passes the state's gradient through untouched.

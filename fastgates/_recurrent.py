@@ -45,8 +45,9 @@ def _empty1(dtype):
 class Tape:
     """What a forward pass keeps for its backward pass."""
 
-    def __init__(self, cell, reset_after, inputs, outputs, gates, aux, h0, c0, lengths):
+    def __init__(self, cell, reset_after, fast, inputs, outputs, gates, aux, h0, c0, lengths):
         self.cell = cell
+        self.fast = fast          # the activation mode of the forward pass
         self.reset_after = reset_after
         self.inputs = inputs      # per layer: its input (T, B, I_k)
         self.outputs = outputs    # per layer: its output (T, B, D*H)
@@ -111,6 +112,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     H = h0.shape[2]
     dtype = x.dtype
     chunk = _chunk_size(B)
+    fast = _config.fast_activations()
     hn = np.empty_like(h0)
     cn = np.empty_like(c0) if cell == "lstm" else None
     inputs, outputs, gates_kept, aux_kept = [], [], [], []
@@ -135,7 +137,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
             _config.kernel_threads(-(-B // chunk))
             if cell == "lstm":
                 lstm_forward(xw, np.ascontiguousarray(w_hh.T), h0[k], c0[k],
-                             lengths, d == 1, chunk, y, d * H, hn[k], cn[k], gates, aux)
+                             lengths, d == 1, chunk, fast, y, d * H, hn[k], cn[k], gates, aux)
             else:
                 if reset_after:
                     wa_t = np.ascontiguousarray(w_hh.T)
@@ -144,7 +146,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
                 wn_t = np.ascontiguousarray(w_hh[2 * H:].T)
                 bhn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
                 gru_forward(xw, wa_t, wn_t, bhn, h0[k], lengths, d == 1,
-                            reset_after, chunk, y, d * H, hn[k], gates, aux)
+                            reset_after, chunk, fast, y, d * H, hn[k], gates, aux)
             gates_kept.append(gates)
             aux_kept.append(aux)
         inputs.append(layer_in)
@@ -152,7 +154,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
         layer_in = y
     tape = None
     if keep:
-        tape = Tape(cell, reset_after, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths)
+        tape = Tape(cell, reset_after, fast, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths)
     return layer_in, hn, cn, tape
 
 
@@ -174,6 +176,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
     H = tape.h0.shape[2]
     dtype = dy.dtype
     chunk = _chunk_size(B)
+    fast = tape.fast
     nblocks = _pool_size()
     lengths = tape.lengths
     dh0 = np.empty_like(tape.h0)
@@ -198,7 +201,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
                 hop = hprev
                 lstm_backward(dy_layer, d * H, dhn[k], dcn[k], np.ascontiguousarray(w_hh),
                               tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
-                              lengths, d == 1, chunk, dgx, hprev, dh0[k], dc0[k])
+                              lengths, d == 1, chunk, fast, dgx, hprev, dh0[k], dc0[k])
             else:
                 dgh = np.empty((T, B, G), dtype=dtype)
                 if reset_after:

@@ -29,3 +29,27 @@ settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--activations",
+        choices=("fast", "exact"),
+        default=None,
+        help="run the kernels with this activation mode (default: fastgates' own default)",
+    )
+
+
+def pytest_configure(config):
+    mode = config.getoption("--activations")
+    if mode is not None:
+        import fastgates
+
+        fastgates.set_activation_mode(mode)
+
+
+def pytest_report_header(config):
+    import fastgates
+
+    mode = config.getoption("--activations") or fastgates.get_activation_mode()
+    return f"fastgates activation mode: {mode}"

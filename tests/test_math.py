@@ -1,0 +1,121 @@
+"""Activation functions of the kernels: error bounds and edge behaviour.
+
+Both modes, both dtypes, through the very functions the kernels call
+(``sigmoid_inplace`` / ``tanh_inplace``).  The exact values come from
+``np.longdouble`` (x87 extended precision here: 64-bit significand, 11 bits
+more than float64), enough to measure float64 errors in ulps.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastgates import _math
+
+# The bounds stated in fastgates/_math.py, in ulps of the exact result.
+ULP_BOUND = {"sigmoid": 3.0, "tanh": 4.0}
+MODES = [True, False]  # fast, exact
+DTYPES = [np.float32, np.float64]
+
+
+def test_reference_precision_is_enough():
+    assert np.finfo(np.longdouble).nmant >= 63
+
+
+def _apply(name, x, fast):
+    out = np.array(x, copy=True)
+    (_math.sigmoid_inplace if name == "sigmoid" else _math.tanh_inplace)(out, fast)
+    return out
+
+
+def _exact(name, x):
+    xl = x.astype(np.longdouble)
+    if name == "tanh":
+        return np.tanh(xl)
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-xl))
+
+
+def _ulp_errors(name, x, got):
+    """Errors in ulps of the exact result (results below the smallest normal: absolute, in units of it)."""
+    exact = _exact(name, x)
+    dtype = x.dtype
+    tiny = np.finfo(dtype).tiny
+    rounded = exact.astype(dtype)
+    spacing = np.spacing(np.abs(rounded)).astype(np.longdouble)
+    normal = np.abs(exact) >= tiny
+    err = np.abs(got.astype(np.longdouble) - exact)
+    return np.where(normal, err / spacing, err / tiny).astype(np.float64)
+
+
+def _grid(dtype):
+    lim = 120.0 if dtype == np.float32 else 800.0
+    parts = [
+        np.linspace(-lim, lim, 400_001),
+        np.linspace(-2.0, 2.0, 200_001),
+        np.geomspace(1e-30, 30.0, 50_001),
+        -np.geomspace(1e-30, 30.0, 50_001),
+    ]
+    return np.concatenate(parts).astype(dtype)
+
+
+@pytest.mark.parametrize("fast", MODES, ids=["fast", "exact"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_error_bound_on_dense_grid(name, dtype, fast):
+    x = _grid(dtype)
+    with np.errstate(all="raise"):
+        got = _apply(name, x, fast)
+    assert got.dtype == dtype
+    err = _ulp_errors(name, x, got)
+    worst = np.argmax(err)
+    assert err[worst] <= ULP_BOUND[name], f"{name}({x[worst]!r}) = {got[worst]!r}: {err[worst]:.2f} ulp"
+
+
+@pytest.mark.parametrize("fast", MODES, ids=["fast", "exact"])
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+@given(data=st.data())
+def test_error_bound_on_random_values(name, fast, data):
+    dtype = data.draw(st.sampled_from(DTYPES))
+    width = 32 if dtype == np.float32 else 64
+    values = data.draw(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=width),
+                                min_size=1, max_size=64))
+    x = np.array(values, dtype=dtype)
+    got = _apply(name, x, fast)
+    err = _ulp_errors(name, x, got)
+    assert err.max() <= ULP_BOUND[name], (x[np.argmax(err)], err.max())
+
+
+@pytest.mark.parametrize("fast", MODES, ids=["fast", "exact"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturation_is_exact(dtype, fast):
+    big = np.array([40.0, 1e3, 1e30, np.finfo(dtype).max, np.inf], dtype=dtype)
+    np.testing.assert_array_equal(_apply("sigmoid", big, fast), 1.0)
+    np.testing.assert_array_equal(_apply("sigmoid", -big[1:], fast), 0.0)
+    np.testing.assert_array_equal(_apply("tanh", big, fast), 1.0)
+    np.testing.assert_array_equal(_apply("tanh", -big, fast), -1.0)
+
+
+@pytest.mark.parametrize("fast", MODES, ids=["fast", "exact"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_range_symmetry_and_nan(dtype, fast):
+    x = _grid(dtype)
+    s = _apply("sigmoid", x, fast)
+    t = _apply("tanh", x, fast)
+    assert np.all((s >= 0) & (s <= 1))
+    assert np.all((t >= -1) & (t <= 1))
+    # tanh is odd bit for bit (the fast sigmoid is not monotone to the last
+    # ulp; only its error bound is promised).
+    np.testing.assert_array_equal(_apply("tanh", -x, fast), -t)
+    nan = np.array([np.nan, -np.nan], dtype=dtype)
+    assert np.isnan(_apply("sigmoid", nan, fast)).all()
+    assert np.isnan(_apply("tanh", nan, fast)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_is_exact_at_zero_and_tiny(dtype):
+    x = np.array([0.0, -0.0, np.finfo(dtype).tiny, 1e-20], dtype=dtype)
+    got = _apply("tanh", x, True)
+    np.testing.assert_array_equal(got, x)
+    assert np.signbit(got[1])
