@@ -687,7 +687,7 @@ def environment_lines(peers, gemm=None, gemm_n=GEMM_N):
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, "
         f"fastgates {getattr(fg, '__version__', '?')} "
-        f"({os.path.dirname(fg.__file__)}), "
+        f"({os.path.dirname(fg.__file__)}, {fg.get_activation_mode()} activations), "
         f"torch {torch.__version__ if torch is not None else 'not used'}, "
         f"onnxruntime {ort.__version__ if ort is not None else 'not used'}",
     ]
@@ -789,7 +789,7 @@ def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
 
 def _child_env(**extra):
     """Environment of a fresh process that imports this very fastgates."""
-    env = dict(os.environ, **extra)
+    env = dict(os.environ, FASTGATES_ACTIVATIONS=fg.get_activation_mode(), **extra)
     root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
         [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -882,6 +882,20 @@ def _maxrss_kb():
     return peak // 1024 if sys.platform == "darwin" else peak   # macOS: bytes
 
 
+def _release_free_memory():
+    """Give freed heap memory back to the system (glibc), so that the step's
+    allocations show in the resident set instead of reusing resident pages."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: the rise is then a lower bound
+        pass
+
+
 def _reset_peak_rss():
     """Reset the process's peak RSS to its current RSS (Linux >= 4.0)."""
     try:
@@ -922,6 +936,7 @@ def measure_step_memory(spec):
 
     # After a reset the peak is the resident set of this moment, read from the
     # same counter as the peak after the step (VmRSS may lag it by a few pages).
+    _release_free_memory()
     reset = _reset_peak_rss()
     peak_before = _maxrss_kb()
     before = peak_before if reset else _rss_kb()
@@ -1006,16 +1021,18 @@ def memory_table_lines(rows):
            "returns (dx, dstate, dparams). peak RSS: rise of `ru_maxrss` over the "
            "resident set before the step (every allocation, Numba's included); "
            "tracemalloc: peak of what NumPy and Python report (not allocations "
-           "inside compiled code). MiB.", "",
+           "inside compiled code); extra: peak RSS - kept - grads, the memory "
+           "beyond what the step must hold. MiB.", "",
            "| group | (T, B, I, H) | cell | dtype | thr | kept | grads | peak RSS | "
-           "tracemalloc | RSS/kept | tracemalloc/kept |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "tracemalloc | extra | RSS/kept | tracemalloc/kept |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         kept_kib = r.kept / 1024
         rss_ratio = "" if r.rss is None else f"{r.rss / kept_kib:.2f}"
+        extra = "" if r.rss is None else f"{(r.rss * 1024 - r.kept - r.grads) / 2**20:.2f}"
         out.append(f"| {r.shape.group} | {r.shape.label()} | {r.cell} | {r.dtype} | "
                    f"{r.threads} | {r.kept / 2**20:.2f} | {r.grads / 2**20:.2f} | "
-                   f"{_fmt_kib(r.rss)} | {_fmt_kib(r.traced)} | {rss_ratio} | "
+                   f"{_fmt_kib(r.rss)} | {_fmt_kib(r.traced)} | {extra} | {rss_ratio} | "
                    f"{r.traced / kept_kib:.2f} |")
     return out
 
@@ -1028,21 +1045,28 @@ def add_arguments(p):
     """Add the benchmark's options to an ArgumentParser (also used by __main__)."""
     p.add_argument("--quick", action="store_true",
                    help="one shape per group at 2 threads (unless --threads)")
-    p.add_argument("--threads", type=int, nargs="+", default=None,
+    p.add_argument("--threads", type=int, nargs="+", default=None, metavar="N",
                    help="thread counts (default: 1 2; --quick: 2)")
-    p.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS)
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS, metavar="GROUP",
+                   help=f"shape groups of the matrix, from {' '.join(GROUPS)} (default: all)")
     p.add_argument("--shape", type=parse_shape, action="append", metavar="T,B,I,H[,L[,bi]]",
                    help="a shape of your own instead of the matrix (repeatable), "
                         "e.g. 100,16,64,128 or 50,16,256,256,2,bi")
-    p.add_argument("--cells", nargs="+", choices=list(GATES), default=list(GATES))
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
-                   default=list(DTYPES))
+    p.add_argument("--cells", nargs="+", choices=list(GATES), default=list(GATES),
+                   metavar="CELL", help="lstm, gru (default: both)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                   metavar="DTYPE", help="float32, float64 (default: both)")
     p.add_argument("--modes", nargs="+", choices=["infer", "train"],
-                   default=["infer", "train"])
-    p.add_argument("--peers", nargs="+", choices=PEERS, default=None,
-                   help="peers to time (default: torch onnxruntime; numpy, the "
-                        "NumPy forward pass, is timed when PyTorch is missing)")
+                   default=["infer", "train"], metavar="MODE",
+                   help="infer, train (default: both)")
+    p.add_argument("--peers", nargs="+", choices=PEERS, default=None, metavar="PEER",
+                   help="peers to time, from torch onnxruntime numpy (default: "
+                        "torch onnxruntime; numpy, the NumPy forward pass, is "
+                        "timed when PyTorch is missing)")
     p.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
+    p.add_argument("--activations", choices=["fast", "exact"], default=None,
+                   help="fastgates' activation mode (default: the current one, "
+                        "fast unless FASTGATES_ACTIVATIONS says otherwise)")
     p.add_argument("--repeats", type=int, default=7,
                    help="timed runs per side, median reported (>= 7)")
     p.add_argument("--min-run-time", type=float, default=0.02,
@@ -1121,7 +1145,9 @@ def run(args):
         log(f"warning: load average {load:.2f}: the machine is not idle; "
             "ratios may be distorted.")
 
-    old_fg = fg.get_num_threads()
+    old_fg, old_mode = fg.get_num_threads(), fg.get_activation_mode()
+    if args.activations is not None:
+        fg.set_activation_mode(args.activations)
     old_torch = peers.torch.get_num_threads() if peers.torch is not None else None
     rows, gemm, compile_rows, memory_rows = [], {}, None, None
     try:
@@ -1133,11 +1159,12 @@ def run(args):
             memory_rows = measure_memory(args, progress)
         if args.compile_cost:
             compile_rows = compile_cost(args.cells, args.dtypes, log)
+        text = report(rows, gemm, args, peers, compile_rows, memory_rows)
     finally:
         fg.set_num_threads(old_fg)
+        fg.set_activation_mode(old_mode)
         if old_torch is not None:
             peers.torch.set_num_threads(old_torch)
-    text = report(rows, gemm, args, peers, compile_rows, memory_rows)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:

@@ -127,14 +127,19 @@ def test_bench_without_any_peer_installed(monkeypatch, capsys, restore_threads):
     assert "PyTorch is not installed" in out and "training cells are empty" in out
 
 
-def test_peers_option_times_only_the_peers_named(capsys, restore_threads):
+def test_peers_and_activations_options(capsys, restore_threads):
+    mode = fg.get_activation_mode()
+    other = "exact" if mode == "fast" else "fast"
     code = bench.main([*TINY, "--cells", "gru", "--dtypes", "float64",
-                       "--modes", "infer", "--peers", "numpy"])
+                       "--modes", "infer", "--peers", "numpy", "--activations", other])
     out, err = capsys.readouterr()
     assert code == 0
     assert "not installed" not in err
     [row] = _table(out)[1]
     assert row["torch"] == "" and float(row["numpy/fg"]) > 0
+    assert not row["max err"].startswith("**NO**")
+    assert f"{other} activations" in out
+    assert fg.get_activation_mode() == mode
 
 
 @pytest.mark.parametrize("argv, message", [
