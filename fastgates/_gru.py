@@ -242,3 +242,173 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
                     for j in range(H):
                         dh[r, j] = dhz[r, j] + dhrec[r, j]
         dh0[b0:b1] = dh
+
+
+# ---------------------------------------------------------------------------
+# Column-split recurrence (reset_after only), for recurrent weights too large
+# for one core's L2; see the same section of :mod:`fastgates._lstm`.
+# ``wblk`` (P, H, 3*hb): block p holds, for units u0 = p*hb .. u1, the
+# columns r, z, n of W_hh^T, each hb wide (zero-padded past H).
+
+
+@jit(parallel=True)
+def _forward_cols_step(hin, xwt, wblk, bhn, lengths, t, fast, hout, gt, lt, keep, acc, scratch):
+    B, H = hin.shape
+    P = wblk.shape[0]
+    hb = wblk.shape[2] // 3
+    one_ = one(hin[0, 0])
+    for p in prange(P):
+        u0 = p * hb
+        u1 = min(H, u0 + hb)
+        nu = u1 - u0
+        if nu <= 0:
+            continue
+        a_p = acc[p]
+        np.dot(hin, wblk[p], a_p)
+        lin = scratch[p, 0]
+        n = scratch[p, 1]
+        for b in range(B):
+            if t >= lengths[b]:
+                for j in range(u0, u1):
+                    hout[b, j] = hin[b, j]
+                continue
+            a = a_p[b]
+            x = xwt[b]
+            for j in range(nu):
+                a[j] += x[u0 + j]
+                a[hb + j] += x[H + u0 + j]
+            sigmoid_inplace(a[:nu], fast)
+            sigmoid_inplace(a[hb:hb + nu], fast)
+            for j in range(nu):
+                lin[j] = a[2 * hb + j] + bhn[u0 + j]
+                n[j] = x[2 * H + u0 + j] + a[j] * lin[j]
+            tanh_inplace(n[:nu], fast)
+            hi = hin[b]
+            ho = hout[b]
+            for j in range(nu):
+                z = a[hb + j]
+                ho[u0 + j] = (one_ - z) * n[j] + z * hi[u0 + j]
+            if keep:
+                g = gt[b]
+                lb = lt[b]
+                for j in range(nu):
+                    g[u0 + j] = a[j]
+                    g[H + u0 + j] = a[hb + j]
+                    g[2 * H + u0 + j] = n[j]
+                    lb[u0 + j] = lin[j]
+
+
+@jit()
+def gru_forward_cols(xw, wblk, bhn, h0, lengths, reverse, fast, y, ycol, hn, gates, hlin):
+    """:func:`gru_forward` (``reset_after``) with the hidden units split across threads."""
+    T, B, G = xw.shape
+    H = G // 3
+    P = wblk.shape[0]
+    hb = wblk.shape[2] // 3
+    keep = gates.shape[0] > 0
+    h = h0.copy()
+    h2 = np.empty_like(h)
+    acc = np.empty((P, B, 3 * hb), dtype=xw.dtype)
+    scratch = np.empty((P, 2, hb), dtype=xw.dtype)
+    nothing = np.empty((0, 0), dtype=xw.dtype)
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        gt = gates[t] if keep else nothing
+        lt = hlin[t] if keep else nothing
+        _forward_cols_step(h, xw[t], wblk, bhn, lengths, t, fast, h2, gt, lt, keep, acc, scratch)
+        h, h2 = h2, h
+        for b in range(B):
+            if t < lengths[b]:
+                y[t, b, ycol:ycol + H] = h[b]
+            else:
+                y[t, b, ycol:ycol + H] = 0.0
+                if keep:
+                    gates[t, b, :] = 0.0
+                    hlin[t, b, :] = 0.0
+    hn[:] = h
+
+
+@jit(parallel=True)
+def _backward_cols_step(s, t, tprev, da_prev, wblk_b, dh, dhz, dy, dycol, gates, hlin, y, ycol,
+                        h0, lengths, reverse, da, dgx, dgh, hprev, rec):
+    B, H = dh.shape
+    P = wblk_b.shape[0]
+    hb = wblk_b.shape[2]
+    one_ = one(dh[0, 0])
+    for p in prange(P):
+        u0 = p * hb
+        u1 = min(H, u0 + hb)
+        nu = u1 - u0
+        if nu <= 0:
+            continue
+        if s > 0:
+            r_p = rec[p]
+            np.dot(da_prev, wblk_b[p], r_p)
+            for b in range(B):
+                if tprev < lengths[b]:
+                    for j in range(nu):
+                        dh[b, u0 + j] = dhz[b, u0 + j] + r_p[b, j]
+        if t < 0:
+            continue
+        for b in range(B):
+            n_ = lengths[b]
+            if t >= n_:
+                for q in range(3):
+                    for j in range(u0, u1):
+                        da[b, q * H + j] = 0.0
+                        dgx[t, b, q * H + j] = 0.0
+                        dgh[t, b, q * H + j] = 0.0
+                for j in range(u0, u1):
+                    hprev[t, b, j] = 0.0
+                continue
+            first = t == n_ - 1 if reverse else t == 0
+            tp = t + 1 if reverse else t - 1
+            g = gates[t, b]
+            gx = dgx[t, b]
+            gh = dgh[t, b]
+            for u in range(u0, u1):
+                hp = h0[b, u] if first else y[tp, b, ycol + u]
+                hprev[t, b, u] = hp
+                rg = g[u]
+                z = g[H + u]
+                nn = g[2 * H + u]
+                dht = dh[b, u] + dy[t, b, dycol + u]
+                dhz[b, u] = dht * z
+                daz = dht * (hp - nn) * z * (one_ - z)
+                dn = dht * (one_ - z) * (one_ - nn * nn)
+                d_r = dn * hlin[t, b, u] * rg * (one_ - rg)
+                gx[u] = d_r
+                gx[H + u] = daz
+                gx[2 * H + u] = dn
+                gh[u] = d_r
+                gh[H + u] = daz
+                gh[2 * H + u] = dn * rg
+                da[b, u] = d_r
+                da[b, H + u] = daz
+                da[b, 2 * H + u] = dn * rg
+
+
+@jit()
+def gru_backward_cols(dy, dycol, dhn, wblk_b, gates, hlin, y, ycol, h0, lengths, reverse,
+                      dgx, dgh, hprev, dh0):
+    """:func:`gru_backward` (``reset_after``) with the hidden units split across threads.
+
+    ``wblk_b`` (P, 3H, hb): block p holds columns ``u0:u1`` of ``W_hh``
+    (zero-padded past H).
+    """
+    T, B, G = gates.shape
+    P = wblk_b.shape[0]
+    hb = wblk_b.shape[2]
+    dh = dhn.copy()
+    dhz = np.zeros_like(dh)
+    da = np.zeros((B, G), dtype=gates.dtype)
+    da_prev = np.zeros((B, G), dtype=gates.dtype)
+    rec = np.empty((P, B, hb), dtype=gates.dtype)
+    tprev = 0
+    for s in range(T + 1):
+        t = (s if reverse else T - 1 - s) if s < T else -1
+        _backward_cols_step(s, t, tprev, da_prev, wblk_b, dh, dhz, dy, dycol, gates, hlin, y, ycol,
+                            h0, lengths, reverse, da, dgx, dgh, hprev, rec)
+        da, da_prev = da_prev, da
+        tprev = t
+    dh0[:] = dh
