@@ -75,14 +75,23 @@ def get_num_threads():
 
 
 def _blas_libraries():
+    """The BLAS libraries that Numba's ``np.dot`` may call, found once."""
     global _controller
     if _controller is None:
         # Imported here: the BLAS that Numba calls (SciPy's) is loaded on first
         # use, and threadpoolctl only sees the libraries already loaded.
+        import scipy
         import scipy.linalg.cython_blas  # noqa: F401
         from threadpoolctl import ThreadpoolController
 
-        _controller = ThreadpoolController().select(user_api="blas").lib_controllers
+        libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        # Numba calls SciPy's BLAS; NumPy's own copy (pip wheels ship one
+        # each) is never called while fastgates computes and is left alone.
+        # Where SciPy's cannot be told apart, limit them all.
+        scipy_dir = os.path.dirname(os.path.dirname(scipy.__file__))
+        own = [lib for lib in libs if "scipy" in os.path.basename(os.path.dirname(lib.filepath))
+               and os.path.dirname(lib.filepath).startswith(scipy_dir)]
+        _controller = own or libs
     return _controller
 
 
@@ -92,7 +101,7 @@ _blas_saved = []
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Run the body with every BLAS pool limited to one thread.
+    """Run the body with the BLAS that compiled code calls limited to one thread.
 
     The user's settings are restored when the last concurrent caller leaves,
     so several Python threads may run fastgates at once.
@@ -101,9 +110,10 @@ def single_threaded_blas():
     libs = _blas_libraries()
     with _lock:
         if _blas_users == 0:
-            _blas_saved = [lib.num_threads for lib in libs]
-            for lib in libs:
-                lib.set_num_threads(1)
+            _blas_saved = [lib.get_num_threads() for lib in libs]
+            for lib, n in zip(libs, _blas_saved):
+                if n != 1:
+                    lib.set_num_threads(1)
         _blas_users += 1
     try:
         yield
@@ -112,7 +122,11 @@ def single_threaded_blas():
             _blas_users -= 1
             if _blas_users == 0:
                 for lib, n in zip(libs, _blas_saved):
-                    lib.set_num_threads(n)
+                    if n != 1:
+                        lib.set_num_threads(n)
+
+
+_numba_threads = threading.local()
 
 
 def kernel_threads(tasks=None):
@@ -122,7 +136,11 @@ def kernel_threads(tasks=None):
     without work would still have to be woken and joined.
     """
     n = _num_threads if tasks is None else max(1, min(_num_threads, tasks))
-    numba.set_num_threads(n)
+    # numba.set_num_threads is per calling thread and costs a few
+    # microseconds; skip it when nothing changes.
+    if getattr(_numba_threads, "n", None) != n:
+        numba.set_num_threads(n)
+        _numba_threads.n = n
 
 
 _MODES = ("fast", "exact")

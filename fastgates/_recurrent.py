@@ -76,6 +76,20 @@ def _backward_blocks(w_hh):
     return np.ascontiguousarray(w.reshape(G, P, hb).transpose(1, 0, 2))
 
 
+def _derive(derived, key, make):
+    """``make()``, kept in the model's ``derived`` dict (None: not kept).
+
+    Models hand in a dict that they empty whenever their parameters change,
+    so transposed and blocked weights are built once, not at every call.
+    """
+    if derived is None:
+        return make()
+    value = derived.get(key)
+    if value is None:
+        value = derived[key] = make()
+    return value
+
+
 def _empty3(dtype):
     return np.empty((0, 0, 0), dtype=dtype)
 
@@ -116,13 +130,29 @@ def _zero_padding(x, lengths):
     return x
 
 
+# Products below this many multiply-adds run on one thread: waking a second
+# one costs about as much as the product (measured: (100, 32) x (32, 256)
+# took 22 us on two threads).
+SPLIT_MIN_MACS = 2_000_000
+
+
+def _blocks(rows, inner, cols):
+    """Row blocks for a product, set by its size and the pool size only."""
+    if rows * inner * cols < SPLIT_MIN_MACS:
+        _config.kernel_threads(1)
+        return 1
+    _config.kernel_threads()
+    return _pool_size()
+
+
 def _input_projection(x, w_ih, bias):
     T, B, I = x.shape
-    xw = np.empty((T * B, w_ih.shape[0]), dtype=x.dtype)
+    G = w_ih.shape[0]
+    xw = np.empty((T * B, G), dtype=x.dtype)
     if bias is None:
         bias = _empty1(x.dtype)
-    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _pool_size())
-    return xw.reshape(T, B, w_ih.shape[0])
+    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _blocks(T * B, I, G))
+    return xw.reshape(T, B, G)
 
 
 def forward(*args, **kwargs):
@@ -138,7 +168,7 @@ def backward(*args, **kwargs):
 
 
 def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-             reset_after=True, keep=False):
+             reset_after=True, keep=False, derived=None):
     """Run the stacked recurrence.
 
     Returns
@@ -166,36 +196,38 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
             w_ih, w_hh, b_ih, b_hh = weights[k]
             G = w_hh.shape[0]
             if cell == "lstm":
-                bias = None if b_ih is None else b_ih + b_hh
-            else:
+                bias = None if b_ih is None else _derive(derived, ("bias", k), lambda: b_ih + b_hh)
+            elif b_ih is None:
                 bias = None
-                if b_ih is not None:
-                    bias = b_ih.copy()
-                    bias[: 2 * H] += b_hh[: 2 * H]
-            _config.kernel_threads()
+            else:
+                bias = _derive(derived, ("bias", k), lambda: np.concatenate(
+                    [b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H:]]))
             xw = _input_projection(layer_in, w_ih, bias)
             gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
             aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
             _config.kernel_threads(-(-B // chunk))
+            if cell == "gru":
+                bhn = _derive(derived, ("bhn", k), lambda: np.zeros(H, dtype) if b_hh is None
+                              else np.ascontiguousarray(b_hh[2 * H:]))
             if _use_cols(cell, reset_after, w_hh, B):
                 _config.kernel_threads()
+                wblk = _derive(derived, ("fblk", k), lambda: _forward_blocks(w_hh, G // H))
                 if cell == "lstm":
-                    lstm_forward_cols(xw, _forward_blocks(w_hh, 4), h0[k], c0[k], lengths, d == 1,
+                    lstm_forward_cols(xw, wblk, h0[k], c0[k], lengths, d == 1,
                                       fast, y, d * H, hn[k], cn[k], gates, aux)
                 else:
-                    bhn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
-                    gru_forward_cols(xw, _forward_blocks(w_hh, 3), bhn, h0[k], lengths, d == 1,
+                    gru_forward_cols(xw, wblk, bhn, h0[k], lengths, d == 1,
                                      fast, y, d * H, hn[k], gates, aux)
             elif cell == "lstm":
-                lstm_forward(xw, np.ascontiguousarray(w_hh.T), h0[k], c0[k],
+                whh_t = _derive(derived, ("whh_t", k), lambda: np.ascontiguousarray(w_hh.T))
+                lstm_forward(xw, whh_t, h0[k], c0[k],
                              lengths, d == 1, chunk, fast, y, d * H, hn[k], cn[k], gates, aux)
             else:
                 if reset_after:
-                    wa_t = np.ascontiguousarray(w_hh.T)
+                    wa_t = _derive(derived, ("whh_t", k), lambda: np.ascontiguousarray(w_hh.T))
                 else:
-                    wa_t = np.ascontiguousarray(w_hh[: 2 * H].T)
-                wn_t = np.ascontiguousarray(w_hh[2 * H:].T)
-                bhn = np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+                    wa_t = _derive(derived, ("wrz_t", k), lambda: np.ascontiguousarray(w_hh[: 2 * H].T))
+                wn_t = _derive(derived, ("wn_t", k), lambda: np.ascontiguousarray(w_hh[2 * H:].T))
                 gru_forward(xw, wa_t, wn_t, bhn, h0[k], lengths, d == 1,
                             reset_after, chunk, fast, y, d * H, hn[k], gates, aux)
             gates_kept.append(gates)
@@ -209,7 +241,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     return layer_in, hn, cn, tape
 
 
-def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
+def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
     """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
 
     Returns
@@ -228,7 +260,6 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
     dtype = dy.dtype
     chunk = _chunk_size(B)
     fast = tape.fast
-    nblocks = _pool_size()
     lengths = tape.lengths
     dh0 = np.empty_like(tape.h0)
     dc0 = np.empty_like(tape.c0) if cell == "lstm" else None
@@ -252,12 +283,14 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
                 hop = hprev
                 if cell == "lstm":
                     dgh = dgx
-                    lstm_backward_cols(dy_layer, d * H, dhn[k], dcn[k], _backward_blocks(w_hh),
+                    lstm_backward_cols(dy_layer, d * H, dhn[k], dcn[k],
+                                       _derive(derived, ("bblk", k), lambda: _backward_blocks(w_hh)),
                                        tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
                                        lengths, d == 1, fast, dgx, hprev, dh0[k], dc0[k])
                 else:
                     dgh = np.empty((T, B, G), dtype=dtype)
-                    gru_backward_cols(dy_layer, d * H, dhn[k], _backward_blocks(w_hh),
+                    gru_backward_cols(dy_layer, d * H, dhn[k],
+                                      _derive(derived, ("bblk", k), lambda: _backward_blocks(w_hh)),
                                       tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], lengths,
                                       d == 1, dgx, dgh, hprev, dh0[k])
             elif cell == "lstm":
@@ -279,12 +312,12 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
                 gru_backward(dy_layer, d * H, dhn[k], wa, wn, tape.gates[k], tape.aux[k],
                              y, d * H, tape.h0[k], lengths, d == 1, reset_after, chunk,
                              dgx, dgh, hprev, rhprev, dh0[k])
-            _config.kernel_threads()
             dgx2 = dgx.reshape(T * B, G)
             dgh2 = dgh.reshape(T * B, G)
             dw_ih = np.empty((G, I), dtype=dtype)
-            matmul_tn(dgx2, in2d, dw_ih, nblocks)
+            matmul_tn(dgx2, in2d, dw_ih, _blocks(T * B, G, I))
             dw_hh = np.empty((G, H), dtype=dtype)
+            nblocks = _blocks(T * B, G, H)
             if hop is hprev:
                 matmul_tn(dgh2, hprev.reshape(T * B, H), dw_hh, nblocks)
             else:
@@ -300,7 +333,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
                 db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
             part_dx = np.empty((T * B, I), dtype=dtype)
-            matmul(dgx2, w_ih, _empty1(dtype), part_dx, nblocks)
+            matmul(dgx2, w_ih, _empty1(dtype), part_dx, _blocks(T * B, G, I))
             if dx is None:
                 dx = part_dx
             else:

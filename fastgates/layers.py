@@ -33,9 +33,20 @@ class _Parameters:
 
     def _setup_params(self, shapes, seed):
         self._shapes = shapes
-        self._params = _init_params(shapes, self.hidden_size, self.dtype, seed)
+        self._set_params(_init_params(shapes, self.hidden_size, self.dtype, seed))
+
+    def _set_params(self, params):
+        # Parameters are read-only: they change only through load_state_dict,
+        # so what the kernels derive from them (transposed and blocked
+        # weights, folded biases) can be computed once and kept in _derived.
+        for value in params.values():
+            value.flags.writeable = False
+        self._params = params
+        self._derived = {}
 
     def __getattr__(self, name):
+        # m.weight_ih_l0 etc.: the parameter itself, read-only (change
+        # parameters with load_state_dict).
         params = self.__dict__.get("_params")
         if params is not None and name in params:
             return params[name]
@@ -88,7 +99,7 @@ class _Parameters:
             loaded[name] = arr
         if problems:
             raise ValueError(f"load_state_dict: {'; '.join(problems)}")
-        self._params = {name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes}
+        self._set_params({name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes})
 
 
 class _Recurrent(_Parameters):
@@ -176,7 +187,7 @@ class _Recurrent(_Parameters):
         x3, batched, h0, c0, lengths = self._prepare(x, state, lengths)
         y, hn, cn, tape = _recurrent.forward(
             self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
-            self.bidirectional, self.reset_after, keep)
+            self.bidirectional, self.reset_after, keep, derived=self._derived)
         return x3, batched, y, hn, cn, tape
 
     # -- public API ----------------------------------------------------------
@@ -227,7 +238,10 @@ class _Recurrent(_Parameters):
             any number of times.
         """
         x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True)
+        # The pullback differentiates the forward pass just run, whatever
+        # load_state_dict does to the model in between.
         weights = self._weights()
+        derived = self._derived
         suffixes = self._suffixes()
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
@@ -244,7 +258,8 @@ class _Recurrent(_Parameters):
                 dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
                 dcn = None
             dx, dh0, dc0, dweights = _recurrent.backward(
-                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias)
+                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,
+                derived=derived)
             dparams = {}
             for s, (dw_ih, dw_hh, db_ih, db_hh) in zip(suffixes, dweights):
                 dparams["weight_ih" + s] = dw_ih
@@ -444,7 +459,7 @@ class _Cell(_Parameters):
         x3, batched, h0, c0 = self._prepare(x, state)
         lengths = np.ones(x3.shape[1], dtype=np.int64)
         _, hn, cn, tape = _recurrent.forward(self._cell, self._weights(), x3, h0, c0, lengths,
-                                             1, False, self.reset_after, keep)
+                                             1, False, self.reset_after, keep, derived=self._derived)
         return x3, batched, hn, cn, tape
 
     def __call__(self, x, state=None):
@@ -480,6 +495,7 @@ class _Cell(_Parameters):
         """
         x3, batched, hn, cn, tape = self._forward(x, state, keep=True)
         weights = self._weights()
+        derived = self._derived
         B = x3.shape[1]
         H = self.hidden_size
 
@@ -492,7 +508,8 @@ class _Cell(_Parameters):
                 dhn = self._state_in(dout, "dout", B, batched)
                 dcn = None
             dy = np.zeros((1, B, H), dtype=self.dtype)
-            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias)
+            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias,
+                                                         derived=derived)
             dw_ih, dw_hh, db_ih, db_hh = dweights[0]
             dparams = {"weight_ih": dw_ih, "weight_hh": dw_hh}
             if self.bias:
