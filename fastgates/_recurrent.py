@@ -18,8 +18,8 @@ import numpy as np
 
 from . import _config
 from ._linalg import matmul, matmul_tn
-from ._gru import gru_backward, gru_backward_cols, gru_forward, gru_forward_cols
-from ._lstm import lstm_backward, lstm_backward_cols, lstm_forward, lstm_forward_cols
+from ._gru import gru_backward, gru_forward, gru_forward_cols
+from ._lstm import lstm_backward, lstm_forward, lstm_forward_cols
 
 _NGATES = {"lstm": 4, "gru": 3}
 
@@ -34,16 +34,19 @@ def _chunk_size(batch):
     return max(1, -(-batch // _pool_size()))
 
 
-# When to use the column-split kernels (each thread owns a block of hidden
-# units and keeps its slice of W_hh in its own 1 MB L2) instead of batch
-# chunks (each thread streams all of W_hh at every step).  Measured here, 2
-# threads: better for W_hh above 512 KB with at most 16 sequences (float32
-# LSTM (25, 16, 1024, 1024) inference 127 -> 88 ms, (150, 16, 256, 256)
-# 27 -> 25 ms, GRU 25 -> 18 ms); worse for 32 and 64 sequences, where the
-# batch chunks already give BLAS products tall enough to run well (LSTM
-# (50, 64, 512, 512) training 262 -> 337 ms), and for weights that fit in L2.
+# When the forward pass uses the column-split kernels (each thread owns a
+# block of hidden units and keeps its slice of W_hh in its own 1 MB L2)
+# instead of batch chunks (each thread streams all of W_hh at every step).
+# Measured here, 2 threads, inference: better for W_hh above 512 KB with up
+# to 32 sequences (float32 LSTM (25, 16, 1024, 1024) 127 -> 88 ms,
+# (150, 16, 256, 256) 27 -> 25 ms, GRU 25 -> 18 ms); no better at 64
+# sequences, where batch chunks already make products tall enough for BLAS,
+# nor for weights that fit in L2.  A column-split backward pass was tried and
+# measured slower than batch chunks at most shapes (LSTM (25, 16, 1024, 1024)
+# 142 -> 158 ms, (50, 64, 512, 512) 170 -> 242 ms), so the backward pass
+# always uses batch chunks.
 COLS_MIN_BYTES = 512 * 1024
-COLS_MAX_BATCH = 16
+COLS_MAX_BATCH = 32
 
 
 def _use_cols(cell, reset_after, w_hh, batch):
@@ -65,15 +68,6 @@ def _forward_blocks(w_hh, ngates):
     # (gate, block, unit, k) -> (block, k, gate, unit)
     w = w.reshape(ngates, P, hb, H).transpose(1, 3, 0, 2)
     return np.ascontiguousarray(w).reshape(P, H, ngates * hb)
-
-
-def _backward_blocks(w_hh):
-    """(P, G, hb): per unit block, its columns of W_hh."""
-    G, H = w_hh.shape
-    P, hb = _unit_blocks(H)
-    w = np.zeros((G, P * hb), dtype=w_hh.dtype)
-    w[:, :H] = w_hh
-    return np.ascontiguousarray(w.reshape(G, P, hb).transpose(1, 0, 2))
 
 
 def _derive(derived, key, make):
@@ -241,7 +235,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     return layer_in, hn, cn, tape
 
 
-def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
+def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
     """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
 
     Returns
@@ -278,22 +272,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
             _config.kernel_threads(-(-B // chunk))
             hprev = np.empty((T, B, H), dtype=dtype)
             dgx = np.empty((T, B, G), dtype=dtype)
-            if _use_cols(cell, reset_after, w_hh, B):
-                _config.kernel_threads()
-                hop = hprev
-                if cell == "lstm":
-                    dgh = dgx
-                    lstm_backward_cols(dy_layer, d * H, dhn[k], dcn[k],
-                                       _derive(derived, ("bblk", k), lambda: _backward_blocks(w_hh)),
-                                       tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
-                                       lengths, d == 1, fast, dgx, hprev, dh0[k], dc0[k])
-                else:
-                    dgh = np.empty((T, B, G), dtype=dtype)
-                    gru_backward_cols(dy_layer, d * H, dhn[k],
-                                      _derive(derived, ("bblk", k), lambda: _backward_blocks(w_hh)),
-                                      tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], lengths,
-                                      d == 1, dgx, dgh, hprev, dh0[k])
-            elif cell == "lstm":
+            if cell == "lstm":
                 dgh = dgx
                 hop = hprev
                 lstm_backward(dy_layer, d * H, dhn[k], dcn[k], np.ascontiguousarray(w_hh),

@@ -1,4 +1,4 @@
-"""The column-split kernels (large recurrent weights) against PyTorch.
+"""The column-split forward kernels (large recurrent weights) against PyTorch.
 
 Models in the tests are small, so the size threshold that selects these
 kernels is lowered here; every other test runs the batch-chunk kernels.
