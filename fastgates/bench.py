@@ -896,8 +896,23 @@ def _release_free_memory():
         pass
 
 
+def _hwm_kb():
+    """The peak resident set that /proc/self/clear_refs resets (VmHWM), KiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _reset_peak_rss():
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0)."""
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0).
+
+    This resets /proc's VmHWM only; getrusage's ru_maxrss keeps the old peak.
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -913,7 +928,8 @@ def measure_step_memory(spec):
     threads.  The model is first run on a tiny input, so that compiling (or
     loading) the kernels is not counted.  Returns a dict of KiB values:
 
-    - ``rss``: rise of the peak resident set (``ru_maxrss``) over the resident
+    - ``rss``: rise of the peak resident set (VmHWM after a reset, else
+      ``ru_maxrss``) over the resident
       set just before the step; sees every allocation, Numba's included.  None
       if the peak could not be reset and the step stayed below it.
     - ``tracemalloc``: peak of the allocations Python and NumPy report to
@@ -937,12 +953,13 @@ def measure_step_memory(spec):
     # After a reset the peak is the resident set of this moment, read from the
     # same counter as the peak after the step (VmRSS may lag it by a few pages).
     _release_free_memory()
-    reset = _reset_peak_rss()
-    peak_before = _maxrss_kb()
+    reset = _reset_peak_rss() and _hwm_kb() is not None
+    peak = _hwm_kb if reset else _maxrss_kb
+    peak_before = peak()
     before = peak_before if reset else _rss_kb()
     (y, state), pullback = m.vjp(x)
     grads = pullback(dy)
-    peak_after = _maxrss_kb()
+    peak_after = peak()
     if reset or (before is not None and peak_after > peak_before):
         rss = max(peak_after - before, 0)
     else:   # the step stayed below an older peak that could not be reset
@@ -1018,7 +1035,7 @@ def memory_table_lines(rows):
            "a fresh process, after a warm-up on a tiny input (compilation not "
            "counted); x and dy are allocated before. kept: activations the step "
            "must keep, `itemsize*T*B*(I + L*D*(G+2)*H)`; grads: what the pullback "
-           "returns (dx, dstate, dparams). peak RSS: rise of `ru_maxrss` over the "
+           "returns (dx, dstate, dparams). peak RSS: rise of the peak resident set (VmHWM) over the "
            "resident set before the step (every allocation, Numba's included); "
            "tracemalloc: peak of what NumPy and Python report (not allocations "
            "inside compiled code); extra: peak RSS - kept - grads, the memory "
