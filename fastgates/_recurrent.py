@@ -70,18 +70,31 @@ def _forward_blocks(w_hh, ngates):
     return np.ascontiguousarray(w).reshape(P, H, ngates * hb)
 
 
-def _derive(derived, key, make):
-    """``make()``, kept in the model's ``derived`` dict (None: not kept).
+def _derive(derived, key, make, *args):
+    """``make(*args)``, kept in the model's ``derived`` dict (None: not kept).
 
     Models hand in a dict that they empty whenever their parameters change,
     so transposed and blocked weights are built once, not at every call.
     """
     if derived is None:
-        return make()
+        return make(*args)
     value = derived.get(key)
     if value is None:
-        value = derived[key] = make()
+        value = derived[key] = make(*args)
     return value
+
+
+def _transposed(w):
+    return np.ascontiguousarray(w.T)
+
+
+def _gru_input_bias(b_ih, b_hh, H):
+    # b_hr and b_hz join the input projection; b_hn stays inside the reset.
+    return np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H:]])
+
+
+def _gru_bhn(b_hh, H, dtype):
+    return np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
 
 
 def _empty3(dtype):
@@ -189,23 +202,21 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh = weights[k]
             G = w_hh.shape[0]
-            if cell == "lstm":
-                bias = None if b_ih is None else _derive(derived, ("bias", k), lambda: b_ih + b_hh)
-            elif b_ih is None:
+            if b_ih is None:
                 bias = None
+            elif cell == "lstm":
+                bias = _derive(derived, ("bias", k), np.add, b_ih, b_hh)
             else:
-                bias = _derive(derived, ("bias", k), lambda: np.concatenate(
-                    [b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H:]]))
+                bias = _derive(derived, ("bias", k), _gru_input_bias, b_ih, b_hh, H)
             xw = _input_projection(layer_in, w_ih, bias)
             gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
             aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
             _config.kernel_threads(-(-B // chunk))
             if cell == "gru":
-                bhn = _derive(derived, ("bhn", k), lambda: np.zeros(H, dtype) if b_hh is None
-                              else np.ascontiguousarray(b_hh[2 * H:]))
+                bhn = _derive(derived, ("bhn", k), _gru_bhn, b_hh, H, dtype)
             if _use_cols(cell, reset_after, w_hh, B):
                 _config.kernel_threads()
-                wblk = _derive(derived, ("fblk", k), lambda: _forward_blocks(w_hh, G // H))
+                wblk = _derive(derived, ("fblk", k), _forward_blocks, w_hh, G // H)
                 if cell == "lstm":
                     lstm_forward_cols(xw, wblk, h0[k], c0[k], lengths, d == 1,
                                       fast, y, d * H, hn[k], cn[k], gates, aux)
@@ -213,15 +224,15 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
                     gru_forward_cols(xw, wblk, bhn, h0[k], lengths, d == 1,
                                      fast, y, d * H, hn[k], gates, aux)
             elif cell == "lstm":
-                whh_t = _derive(derived, ("whh_t", k), lambda: np.ascontiguousarray(w_hh.T))
+                whh_t = _derive(derived, ("whh_t", k), _transposed, w_hh)
                 lstm_forward(xw, whh_t, h0[k], c0[k],
                              lengths, d == 1, chunk, fast, y, d * H, hn[k], cn[k], gates, aux)
             else:
                 if reset_after:
-                    wa_t = _derive(derived, ("whh_t", k), lambda: np.ascontiguousarray(w_hh.T))
+                    wa_t = _derive(derived, ("whh_t", k), _transposed, w_hh)
                 else:
-                    wa_t = _derive(derived, ("wrz_t", k), lambda: np.ascontiguousarray(w_hh[: 2 * H].T))
-                wn_t = _derive(derived, ("wn_t", k), lambda: np.ascontiguousarray(w_hh[2 * H:].T))
+                    wa_t = _derive(derived, ("wrz_t", k), _transposed, w_hh[: 2 * H])
+                wn_t = _derive(derived, ("wn_t", k), _transposed, w_hh[2 * H:])
                 gru_forward(xw, wa_t, wn_t, bhn, h0[k], lengths, d == 1,
                             reset_after, chunk, fast, y, d * H, hn[k], gates, aux)
             gates_kept.append(gates)

@@ -430,7 +430,6 @@ class _Cell(_Parameters):
         B = x3.shape[1]
         if B == 0:
             raise ValueError(f"x must have at least one sample, got shape {arr.shape}")
-        H = self.hidden_size
         if self._cell == "lstm":
             if state is None:
                 h = c = None
