@@ -14,9 +14,10 @@ that each call a multi-threaded BLAS would ask for ``n * n`` threads, and
 OpenBLAS threads that busy-wait beside Numba's slow a kernel down by an order
 of magnitude.  OpenBLAS threads keep spinning for a while after a
 product, so even taking turns is not enough.  fastgates therefore makes every
-matrix product itself, from compiled code, with every BLAS pool limited to one
-thread (:func:`single_threaded_blas`), and splits the work across Numba's
-threads only; the user's BLAS settings are restored afterwards.
+matrix product from compiled code, with the BLAS that Numba calls (SciPy's)
+limited to one thread for the duration of the call
+(:func:`single_threaded_blas`), and splits the work across Numba's threads
+only; the user's BLAS settings are restored afterwards.
 """
 
 import contextlib
@@ -30,8 +31,9 @@ __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", 
            "set_activation_mode", "get_activation_mode", "fast_activations"]
 
 # ``cache=True``: a second process loads the machine code instead of compiling.
-# ``error_model="numpy"``: division follows IEEE rules (no ZeroDivisionError
-# checks in the inner loops).  No ``fastmath``: every flag it offers either
+# ``error_model="numpy"``: division follows IEEE rules; without it every
+# division carries a ZeroDivisionError branch, which alone stops LLVM from
+# vectorising the activation loops.  No ``fastmath``: every flag it offers either
 # changes NaN/inf semantics (nnan, ninf) or reassociates sums (reassoc), and
 # the kernels must give the same answers as the reference to the last digits.
 _JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
@@ -48,7 +50,11 @@ _controller = None
 
 
 def set_num_threads(n):
-    """Set the number of threads the compiled kernels and BLAS calls use.
+    """Set the number of threads the compiled kernels use.
+
+    BLAS runs single-threaded inside them; the work is split across these
+    threads.  Results do not depend on the number chosen: work is divided by
+    problem size, never by thread count.
 
     Parameters
     ----------
@@ -70,7 +76,7 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Return the number of threads the compiled kernels and BLAS calls use."""
+    """Return the number of threads the compiled kernels use."""
     return _num_threads
 
 

@@ -21,9 +21,6 @@ from ._linalg import matmul, matmul_tn
 from ._gru import gru_backward, gru_forward, gru_forward_cols
 from ._lstm import lstm_backward, lstm_forward, lstm_forward_cols
 
-_NGATES = {"lstm": 4, "gru": 3}
-
-
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
     # force, so that results do not change with set_num_threads.
