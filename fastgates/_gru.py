@@ -24,11 +24,12 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
+from ._linalg import dot_blocked
 from ._math import one, sigmoid_inplace, tanh_inplace
 
 
 @jit(parallel=True)
-def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, fast,
+def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk, fast,
                 y, ycol, hn, gates, hlin):
     """Run the recurrence of one layer-direction.
 
@@ -36,10 +37,10 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, f
     ----------
     xw : (T, B, 3H) array
         Input projection with ``b_ih`` and ``b_hr``, ``b_hz`` added.
-    wa_t : (H, 3H) or (H, 2H) array
-        ``W_hh^T`` (``reset_after``) or its r and z columns only.
-    wn_t : (H, H) array
-        ``W_hn^T``; used only when ``reset_after`` is false.
+    wa_tb : column blocks of ``W_hh^T`` (H, 3H) (``reset_after``) or of its
+        r and z columns (H, 2H) only (:func:`~fastgates._linalg.column_blocks`).
+    wn_tb : column blocks of ``W_hn^T`` (H, H); used only when
+        ``reset_after`` is false.
     bhn : (H,) array
     h0 : (B, H) array
     lengths, reverse, chunk, fast :
@@ -61,7 +62,8 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, f
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         h = np.empty((nb, H), dtype=xw.dtype)
-        acc = np.empty((nb, wa_t.shape[1]), dtype=xw.dtype)
+        acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=xw.dtype)
+        scratch = np.empty((nb, wa_tb.shape[2]), dtype=xw.dtype)
         rh = np.empty((nb, H), dtype=xw.dtype)
         accn = np.empty((nb, H), dtype=xw.dtype)
         lin = np.empty(H, dtype=xw.dtype)
@@ -70,7 +72,7 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, f
         h[:] = h0[b0:b1]
         for s in range(T):
             t = T - 1 - s if reverse else s
-            np.dot(h, wa_t, acc)
+            dot_blocked(h, wa_tb, scratch, acc)
             # r and z of every row (padded rows too: harmless, and the
             # reset-before product below needs r for the whole chunk).
             for r in range(nb):
@@ -83,7 +85,7 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, f
                 for r in range(nb):
                     for j in range(H):
                         rh[r, j] = acc[r, j] * h[r, j]
-                np.dot(rh, wn_t, accn)
+                dot_blocked(rh, wn_tb, scratch, accn)
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -116,7 +118,7 @@ def gru_forward(xw, wa_t, wn_t, bhn, h0, lengths, reverse, reset_after, chunk, f
 
 
 @jit(parallel=True)
-def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
+def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                  reverse, reset_after, chunk, dgx, dgh, hprev, rhprev, dh0):
     """Back-propagate through the recurrence of one layer-direction.
 
@@ -126,10 +128,10 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
         Gradient with respect to the outputs (columns ``dycol:dycol + H``).
     dhn : (B, H) array
         Gradient with respect to the final state.
-    wa : (3H, H) or (2H, H) array
-        ``W_hh`` (``reset_after``) or its r and z rows.
-    wn : (H, H) array
-        ``W_hn``; used only when ``reset_after`` is false.
+    wa_b : column blocks of ``W_hh`` (3H, H) (``reset_after``) or of its r
+        and z rows (2H, H) (:func:`~fastgates._linalg.column_blocks`).
+    wn_b : column blocks of ``W_hn`` (H, H); used only when ``reset_after``
+        is false.
     gates, hlin : arrays kept by :func:`gru_forward`.
     y, ycol, h0, lengths, reverse, reset_after, chunk :
         As in the forward pass.
@@ -156,7 +158,8 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
         dh = np.empty((nb, H), dtype=gates.dtype)
         dhz = np.empty((nb, H), dtype=gates.dtype)
         dhrec = np.empty((nb, H), dtype=gates.dtype)
-        da = np.empty((nb, wa.shape[0]), dtype=gates.dtype)
+        da = np.empty((nb, wa_b.shape[1]), dtype=gates.dtype)
+        scratch = np.empty((nb, wa_b.shape[2]), dtype=gates.dtype)
         dan = np.empty((nb, H), dtype=gates.dtype)
         drh = np.empty((nb, H), dtype=gates.dtype)
         one_ = one(gates[0, 0, 0])
@@ -219,7 +222,7 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
                         rhp[j] = g[j] * hp[j]
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
-                np.dot(dan, wn, drh)
+                dot_blocked(dan, wn_b, scratch, drh)
                 for r in range(nb):
                     b = b0 + r
                     if t >= lengths[b]:
@@ -236,93 +239,9 @@ def gru_backward(dy, dycol, dhn, wa, wn, gates, hlin, y, ycol, h0, lengths,
                         gx[j] = d_r
                         gh[j] = d_r
                         dhz[r, j] += drh[r, j] * rg
-            np.dot(da, wa, dhrec)
+            dot_blocked(da, wa_b, scratch, dhrec)
             for r in range(nb):
                 if t < lengths[b0 + r]:
                     for j in range(H):
                         dh[r, j] = dhz[r, j] + dhrec[r, j]
         dh0[b0:b1] = dh
-
-
-# ---------------------------------------------------------------------------
-# Column-split recurrence (reset_after only), for recurrent weights too large
-# for one core's L2; see the same section of :mod:`fastgates._lstm`.
-# ``wblk`` (P, H, 3*hb): block p holds, for units u0 = p*hb .. u1, the
-# columns r, z, n of W_hh^T, each hb wide (zero-padded past H).
-
-
-@jit(parallel=True)
-def _forward_cols_step(hin, xwt, wblk, bhn, lengths, t, fast, hout, gt, lt, keep, acc, scratch):
-    B, H = hin.shape
-    P = wblk.shape[0]
-    hb = wblk.shape[2] // 3
-    one_ = one(hin[0, 0])
-    for p in prange(P):
-        u0 = p * hb
-        u1 = min(H, u0 + hb)
-        nu = u1 - u0
-        if nu <= 0:
-            continue
-        a_p = acc[p]
-        np.dot(hin, wblk[p], a_p)
-        lin = scratch[p, 0]
-        n = scratch[p, 1]
-        for b in range(B):
-            if t >= lengths[b]:
-                for j in range(u0, u1):
-                    hout[b, j] = hin[b, j]
-                continue
-            a = a_p[b]
-            x = xwt[b]
-            for j in range(nu):
-                a[j] += x[u0 + j]
-                a[hb + j] += x[H + u0 + j]
-            sigmoid_inplace(a[:nu], fast)
-            sigmoid_inplace(a[hb:hb + nu], fast)
-            for j in range(nu):
-                lin[j] = a[2 * hb + j] + bhn[u0 + j]
-                n[j] = x[2 * H + u0 + j] + a[j] * lin[j]
-            tanh_inplace(n[:nu], fast)
-            hi = hin[b]
-            ho = hout[b]
-            for j in range(nu):
-                z = a[hb + j]
-                ho[u0 + j] = (one_ - z) * n[j] + z * hi[u0 + j]
-            if keep:
-                g = gt[b]
-                lb = lt[b]
-                for j in range(nu):
-                    g[u0 + j] = a[j]
-                    g[H + u0 + j] = a[hb + j]
-                    g[2 * H + u0 + j] = n[j]
-                    lb[u0 + j] = lin[j]
-
-
-@jit()
-def gru_forward_cols(xw, wblk, bhn, h0, lengths, reverse, fast, y, ycol, hn, gates, hlin):
-    """:func:`gru_forward` (``reset_after``) with the hidden units split across threads."""
-    T, B, G = xw.shape
-    H = G // 3
-    P = wblk.shape[0]
-    hb = wblk.shape[2] // 3
-    keep = gates.shape[0] > 0
-    h = h0.copy()
-    h2 = np.empty_like(h)
-    acc = np.empty((P, B, 3 * hb), dtype=xw.dtype)
-    scratch = np.empty((P, 2, hb), dtype=xw.dtype)
-    nothing = np.empty((0, 0), dtype=xw.dtype)
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        gt = gates[t] if keep else nothing
-        lt = hlin[t] if keep else nothing
-        _forward_cols_step(h, xw[t], wblk, bhn, lengths, t, fast, h2, gt, lt, keep, acc, scratch)
-        h, h2 = h2, h
-        for b in range(B):
-            if t < lengths[b]:
-                y[t, b, ycol:ycol + H] = h[b]
-            else:
-                y[t, b, ycol:ycol + H] = 0.0
-                if keep:
-                    gates[t, b, :] = 0.0
-                    hlin[t, b, :] = 0.0
-    hn[:] = h

@@ -29,6 +29,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
+from ._linalg import dot_blocked
 from ._math import one, sigmoid_inplace, tanh_inplace
 
 
@@ -57,15 +58,15 @@ def _cell_step(a, xw, c, h, tc, fast):
 
 
 @jit(parallel=True)
-def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs):
+def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs):
     """Run the recurrence of one layer-direction.
 
     Parameters
     ----------
     xw : (T, B, 4H) array
         ``x W_ih^T + b_ih + b_hh`` for every step.
-    whh_t : (H, 4H) array
-        ``W_hh`` transposed, C-contiguous.
+    whh_tb : (nblk, H, COL_BLOCK) array
+        ``W_hh`` transposed, in column blocks (:func:`~fastgates._linalg.column_blocks`).
     h0, c0 : (B, H) arrays
         Initial state.
     lengths : (B,) int64 array
@@ -95,12 +96,13 @@ def lstm_forward(xw, whh_t, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, 
         h = np.empty((nb, H), dtype=xw.dtype)
         c = np.empty((nb, H), dtype=xw.dtype)
         acc = np.empty((nb, G), dtype=xw.dtype)
+        scratch = np.empty((nb, whh_tb.shape[2]), dtype=xw.dtype)
         tc = np.empty(H, dtype=xw.dtype)
         h[:] = h0[b0:b1]
         c[:] = c0[b0:b1]
         for s in range(T):
             t = T - 1 - s if reverse else s
-            np.dot(h, whh_t, acc)
+            dot_blocked(h, whh_tb, scratch, acc)
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -149,7 +151,7 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
 
 
 @jit(parallel=True)
-def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
+def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
                   reverse, chunk, fast, dgates, hprev, dh0, dc0):
     """Back-propagate through the recurrence of one layer-direction.
 
@@ -160,8 +162,8 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
         columns are ``dycol:dycol + H``.
     dhn, dcn : (B, H) arrays
         Gradient with respect to the final state.
-    whh : (4H, H) array
-        ``W_hh``, C-contiguous.
+    whh_b : (nblk, 4H, COL_BLOCK) array
+        ``W_hh`` in column blocks (:func:`~fastgates._linalg.column_blocks`).
     gates, cs : arrays kept by :func:`lstm_forward`.
     y : (T, B, Y) array
         The forward outputs; this direction's columns start at ``ycol``.
@@ -189,6 +191,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
         dc = np.empty((nb, H), dtype=gates.dtype)
         dhrec = np.empty((nb, H), dtype=gates.dtype)
         da = np.empty((nb, G), dtype=gates.dtype)
+        scratch = np.empty((nb, whh_b.shape[2]), dtype=gates.dtype)
         tc = np.empty(H, dtype=gates.dtype)
         dh[:] = dhn[b0:b1]
         dc[:] = dcn[b0:b1]
@@ -213,107 +216,10 @@ def lstm_backward(dy, dycol, dhn, dcn, whh, gates, cs, y, ycol, h0, c0, lengths,
                 _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
                            dh[r], dc[r], da[r], tc, fast)
                 dgates[t, b, :] = da[r]
-            np.dot(da, whh, dhrec)
+            dot_blocked(da, whh_b, scratch, dhrec)
             for r in range(nb):
                 # A padded step passes the state's gradient through untouched.
                 if t < lengths[b0 + r]:
                     dh[r, :] = dhrec[r, :]
         dh0[b0:b1] = dh
         dc0[b0:b1] = dc
-
-
-# ---------------------------------------------------------------------------
-# Column-split recurrence, for recurrent weights too large for one core's L2.
-#
-# With batch chunks every thread streams all of W_hh at every step; once W_hh
-# outgrows the 1 MB L2 of a core, that stream comes from L3 and the product
-# runs at a third of its in-cache speed (measured: (8, 256) x (256, 1024)
-# float32 at 34 GFLOP/s against 112 for (8, 128) x (128, 512)).  Here each
-# thread owns a block of hidden units and the matching columns of all four
-# gates, so its slice of the weights stays in its own L2; the price is one
-# parallel region per step (all threads need the whole h_{t-1}), a few
-# microseconds against a step of hundreds.
-#
-# ``wblk`` (P, H, 4*hb): block p holds, for units u0 = p*hb .. u1, the
-# columns i, f, g, o of W_hh^T, each hb wide (zero-padded past H).
-
-
-@jit(parallel=True)
-def _forward_cols_step(hin, c, xwt, wblk, lengths, t, fast, hout, gt, keep, acc, scratch):
-    B, H = hin.shape
-    P = wblk.shape[0]
-    hb = wblk.shape[2] // 4
-    for p in prange(P):
-        u0 = p * hb
-        u1 = min(H, u0 + hb)
-        nu = u1 - u0
-        if nu <= 0:
-            continue
-        a_p = acc[p]
-        np.dot(hin, wblk[p], a_p)
-        tc = scratch[p]
-        for b in range(B):
-            if t >= lengths[b]:
-                for j in range(u0, u1):
-                    hout[b, j] = hin[b, j]
-                continue
-            a = a_p[b]
-            x = xwt[b]
-            for q in range(4):
-                for j in range(nu):
-                    a[q * hb + j] += x[q * H + u0 + j]
-            sigmoid_inplace(a[:nu], fast)
-            sigmoid_inplace(a[hb:hb + nu], fast)
-            tanh_inplace(a[2 * hb:2 * hb + nu], fast)
-            sigmoid_inplace(a[3 * hb:3 * hb + nu], fast)
-            cb = c[b]
-            for j in range(nu):
-                cc = a[hb + j] * cb[u0 + j] + a[j] * a[2 * hb + j]
-                cb[u0 + j] = cc
-                tc[j] = cc
-            tanh_inplace(tc[:nu], fast)
-            hb_ = hout[b]
-            for j in range(nu):
-                hb_[u0 + j] = a[3 * hb + j] * tc[j]
-            if keep:
-                g = gt[b]
-                for q in range(4):
-                    for j in range(nu):
-                        g[q * H + u0 + j] = a[q * hb + j]
-
-
-@jit()
-def lstm_forward_cols(xw, wblk, h0, c0, lengths, reverse, fast, y, ycol, hn, cn, gates, cs):
-    """:func:`lstm_forward` with the hidden units split across threads.
-
-    ``wblk`` as described above; the other arguments as for
-    :func:`lstm_forward`.
-    """
-    T, B, G = xw.shape
-    H = G // 4
-    P = wblk.shape[0]
-    hb = wblk.shape[2] // 4
-    keep = gates.shape[0] > 0
-    h = h0.copy()
-    h2 = np.empty_like(h)
-    c = c0.copy()
-    acc = np.empty((P, B, 4 * hb), dtype=xw.dtype)
-    scratch = np.empty((P, hb), dtype=xw.dtype)
-    nogates = np.empty((0, 0), dtype=xw.dtype)
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        gt = gates[t] if keep else nogates
-        _forward_cols_step(h, c, xw[t], wblk, lengths, t, fast, h2, gt, keep, acc, scratch)
-        h, h2 = h2, h
-        for b in range(B):
-            if t < lengths[b]:
-                y[t, b, ycol:ycol + H] = h[b]
-                if keep:
-                    cs[t, b, :] = c[b]
-            else:
-                y[t, b, ycol:ycol + H] = 0.0
-                if keep:
-                    gates[t, b, :] = 0.0
-                    cs[t, b, :] = 0.0
-    hn[:] = h
-    cn[:] = c

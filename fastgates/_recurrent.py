@@ -17,9 +17,9 @@ import numba
 import numpy as np
 
 from . import _config
-from ._linalg import matmul, matmul_tn
-from ._gru import gru_backward, gru_forward, gru_forward_cols
-from ._lstm import lstm_backward, lstm_forward, lstm_forward_cols
+from ._linalg import column_blocks, matmul, matmul_tn
+from ._gru import gru_backward, gru_forward
+from ._lstm import lstm_backward, lstm_forward
 
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
@@ -29,42 +29,6 @@ def _pool_size():
 
 def _chunk_size(batch):
     return max(1, -(-batch // _pool_size()))
-
-
-# When the forward pass uses the column-split kernels (each thread owns a
-# block of hidden units and keeps its slice of W_hh in its own 1 MB L2)
-# instead of batch chunks (each thread streams all of W_hh at every step).
-# Measured here, 2 threads, inference: better for W_hh above 512 KB with up
-# to 32 sequences (float32 LSTM (25, 16, 1024, 1024) 127 -> 88 ms,
-# (150, 16, 256, 256) 27 -> 25 ms, GRU 25 -> 18 ms); no better at 64
-# sequences, where batch chunks already make products tall enough for BLAS,
-# nor for weights that fit in L2.  A column-split backward pass was tried and
-# measured slower than batch chunks at most shapes (LSTM (25, 16, 1024, 1024)
-# 142 -> 158 ms, (50, 64, 512, 512) 170 -> 242 ms), so the backward pass
-# always uses batch chunks.
-COLS_MIN_BYTES = 512 * 1024
-COLS_MAX_BATCH = 32
-
-
-def _use_cols(cell, reset_after, w_hh, batch):
-    return (_pool_size() > 1 and w_hh.nbytes > COLS_MIN_BYTES and batch <= COLS_MAX_BATCH
-            and (cell == "lstm" or reset_after))
-
-
-def _unit_blocks(H):
-    P = _pool_size()
-    return P, -(-H // P)
-
-
-def _forward_blocks(w_hh, ngates):
-    """(P, H, ngates*hb): per unit block, its gate columns of W_hh^T."""
-    H = w_hh.shape[1]
-    P, hb = _unit_blocks(H)
-    w = np.zeros((ngates, P * hb, H), dtype=w_hh.dtype)
-    w[:, :H] = w_hh.reshape(ngates, H, H)
-    # (gate, block, unit, k) -> (block, k, gate, unit)
-    w = w.reshape(ngates, P, hb, H).transpose(1, 3, 0, 2)
-    return np.ascontiguousarray(w).reshape(P, H, ngates * hb)
 
 
 def _derive(derived, key, make, *args):
@@ -81,8 +45,8 @@ def _derive(derived, key, make, *args):
     return value
 
 
-def _transposed(w):
-    return np.ascontiguousarray(w.T)
+def _transposed_blocks(w):
+    return column_blocks(w.T)
 
 
 def _gru_input_bias(b_ih, b_hh, H):
@@ -209,28 +173,18 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
             gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
             aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
             _config.kernel_threads(-(-B // chunk))
-            if cell == "gru":
-                bhn = _derive(derived, ("bhn", k), _gru_bhn, b_hh, H, dtype)
-            if _use_cols(cell, reset_after, w_hh, B):
-                _config.kernel_threads()
-                wblk = _derive(derived, ("fblk", k), _forward_blocks, w_hh, G // H)
-                if cell == "lstm":
-                    lstm_forward_cols(xw, wblk, h0[k], c0[k], lengths, d == 1,
-                                      fast, y, d * H, hn[k], cn[k], gates, aux)
-                else:
-                    gru_forward_cols(xw, wblk, bhn, h0[k], lengths, d == 1,
-                                     fast, y, d * H, hn[k], gates, aux)
-            elif cell == "lstm":
-                whh_t = _derive(derived, ("whh_t", k), _transposed, w_hh)
-                lstm_forward(xw, whh_t, h0[k], c0[k],
+            if cell == "lstm":
+                whh_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
+                lstm_forward(xw, whh_tb, h0[k], c0[k],
                              lengths, d == 1, chunk, fast, y, d * H, hn[k], cn[k], gates, aux)
             else:
                 if reset_after:
-                    wa_t = _derive(derived, ("whh_t", k), _transposed, w_hh)
+                    wa_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
                 else:
-                    wa_t = _derive(derived, ("wrz_t", k), _transposed, w_hh[: 2 * H])
-                wn_t = _derive(derived, ("wn_t", k), _transposed, w_hh[2 * H:])
-                gru_forward(xw, wa_t, wn_t, bhn, h0[k], lengths, d == 1,
+                    wa_tb = _derive(derived, ("wrz_tb", k), _transposed_blocks, w_hh[: 2 * H])
+                wn_tb = _derive(derived, ("wn_tb", k), _transposed_blocks, w_hh[2 * H:])
+                bhn = _derive(derived, ("bhn", k), _gru_bhn, b_hh, H, dtype)
+                gru_forward(xw, wa_tb, wn_tb, bhn, h0[k], lengths, d == 1,
                             reset_after, chunk, fast, y, d * H, hn[k], gates, aux)
             gates_kept.append(gates)
             aux_kept.append(aux)
@@ -243,7 +197,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     return layer_in, hn, cn, tape
 
 
-def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias):
+def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
     """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
 
     Returns
@@ -283,20 +237,21 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias)
             if cell == "lstm":
                 dgh = dgx
                 hop = hprev
-                lstm_backward(dy_layer, d * H, dhn[k], dcn[k], np.ascontiguousarray(w_hh),
+                whh_b = _derive(derived, ("whh_b", k), column_blocks, w_hh)
+                lstm_backward(dy_layer, d * H, dhn[k], dcn[k], whh_b,
                               tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
                               lengths, d == 1, chunk, fast, dgx, hprev, dh0[k], dc0[k])
             else:
                 dgh = np.empty((T, B, G), dtype=dtype)
                 if reset_after:
-                    wa = np.ascontiguousarray(w_hh)
+                    wa_b = _derive(derived, ("whh_b", k), column_blocks, w_hh)
                     hop = hprev
                     rhprev = _empty3(dtype)
                 else:
-                    wa = np.ascontiguousarray(w_hh[: 2 * H])
+                    wa_b = _derive(derived, ("wrz_b", k), column_blocks, w_hh[: 2 * H])
                     hop = rhprev = np.empty((T, B, H), dtype=dtype)
-                wn = np.ascontiguousarray(w_hh[2 * H:])
-                gru_backward(dy_layer, d * H, dhn[k], wa, wn, tape.gates[k], tape.aux[k],
+                wn_b = _derive(derived, ("wn_b", k), column_blocks, w_hh[2 * H:])
+                gru_backward(dy_layer, d * H, dhn[k], wa_b, wn_b, tape.gates[k], tape.aux[k],
                              y, d * H, tape.h0[k], lengths, d == 1, reset_after, chunk,
                              dgx, dgh, hprev, rhprev, dh0[k])
             dgx2 = dgx.reshape(T * B, G)

@@ -241,6 +241,7 @@ class _Recurrent(_Parameters):
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
         weights = self._weights()
+        derived = self._derived
         suffixes = self._suffixes()
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
@@ -257,7 +258,8 @@ class _Recurrent(_Parameters):
                 dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
                 dcn = None
             dx, dh0, dc0, dweights = _recurrent.backward(
-                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias)
+                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,
+                derived=derived)
             dparams = {}
             for s, (dw_ih, dw_hh, db_ih, db_hh) in zip(suffixes, dweights):
                 dparams["weight_ih" + s] = dw_ih
@@ -492,6 +494,7 @@ class _Cell(_Parameters):
         """
         x3, batched, hn, cn, tape = self._forward(x, state, keep=True)
         weights = self._weights()
+        derived = self._derived
         B = x3.shape[1]
         H = self.hidden_size
 
@@ -504,7 +507,8 @@ class _Cell(_Parameters):
                 dhn = self._state_in(dout, "dout", B, batched)
                 dcn = None
             dy = np.zeros((1, B, H), dtype=self.dtype)
-            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias)
+            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias,
+                                                         derived=derived)
             dw_ih, dw_hh, db_ih, db_hh = dweights[0]
             dparams = {"weight_ih": dw_ih, "weight_hh": dw_hh}
             if self.bias:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import fastgates as fg
-from fastgates import _recurrent
 
 
 FACTORIES = {
@@ -25,12 +24,9 @@ def test_parameters_are_read_only_views(kind):
     assert m.weight_hh_l0[0, 0] != 1.0
 
 
-@pytest.mark.parametrize("column_split", [False, True])
 @pytest.mark.parametrize("kind", FACTORIES)
-def test_load_state_dict_refreshes_derived_weights(kind, column_split, monkeypatch):
+def test_load_state_dict_refreshes_derived_weights(kind):
     m = FACTORIES[kind](0)
-    if column_split:
-        monkeypatch.setattr(_recurrent, "COLS_MIN_BYTES", 0)
     x = np.random.default_rng(0).standard_normal((4, 2, 3))
     (y0, _), pullback0 = m.vjp(x)
     g0 = pullback0(np.ones_like(y0))

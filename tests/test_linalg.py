@@ -1,0 +1,36 @@
+"""The compiled matrix products against NumPy."""
+
+import numpy as np
+import pytest
+
+from _tolerances import assert_close
+from fastgates import _linalg
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (4, 16, 33), (2, 64, 100), (8, 40, 256)])
+def test_dot_blocked_matches_numpy(dtype, M, K, N):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    wb = _linalg.column_blocks(w)
+    assert wb.shape == (-(-N // _linalg.COL_BLOCK), K, _linalg.COL_BLOCK)
+    out = np.full((M, N), np.nan, dtype=dtype)
+    _linalg.dot_blocked(a, wb, np.empty((M, _linalg.COL_BLOCK), dtype), out)
+    assert_close(out, a.astype(np.float64) @ w.astype(np.float64), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nblocks", [1, 2, 3])
+def test_matmul_and_matmul_tn_match_numpy(dtype, nblocks):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((37, 9)).astype(dtype)
+    b = rng.standard_normal((9, 11)).astype(dtype)
+    bias = rng.standard_normal(11).astype(dtype)
+    out = np.empty((37, 11), dtype)
+    _linalg.matmul(a, b.T.copy().T, bias, out, nblocks)     # F-ordered right operand
+    assert_close(out, a.astype(np.float64) @ b + bias, dtype)
+    c = rng.standard_normal((37, 5)).astype(dtype)
+    out_tn = np.empty((9, 5), dtype)
+    _linalg.matmul_tn(a, c, out_tn, nblocks)
+    assert_close(out_tn, a.T.astype(np.float64) @ c, dtype)
