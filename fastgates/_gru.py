@@ -64,6 +64,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         h = np.empty((nb, H), dtype=xw.dtype)
         acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=xw.dtype)
         scratch = np.empty((nb, wa_tb.shape[2]), dtype=xw.dtype)
+        scratch_n = np.empty((nb, wn_tb.shape[2]), dtype=xw.dtype)
         rh = np.empty((nb, H), dtype=xw.dtype)
         accn = np.empty((nb, H), dtype=xw.dtype)
         lin = np.empty(H, dtype=xw.dtype)
@@ -85,7 +86,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                 for r in range(nb):
                     for j in range(H):
                         rh[r, j] = acc[r, j] * h[r, j]
-                dot_blocked(rh, wn_tb, scratch, accn)
+                dot_blocked(rh, wn_tb, scratch_n, accn)
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -160,6 +161,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         dhrec = np.empty((nb, H), dtype=gates.dtype)
         da = np.empty((nb, wa_b.shape[1]), dtype=gates.dtype)
         scratch = np.empty((nb, wa_b.shape[2]), dtype=gates.dtype)
+        scratch_n = np.empty((nb, wn_b.shape[2]), dtype=gates.dtype)
         dan = np.empty((nb, H), dtype=gates.dtype)
         drh = np.empty((nb, H), dtype=gates.dtype)
         one_ = one(gates[0, 0, 0])
@@ -222,7 +224,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         rhp[j] = g[j] * hp[j]
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
-                dot_blocked(dan, wn_b, scratch, drh)
+                dot_blocked(dan, wn_b, scratch_n, drh)
                 for r in range(nb):
                     b = b0 + r
                     if t >= lengths[b]:

@@ -60,30 +60,39 @@ def matmul_tn(a, b, out, nblocks):
                 out[p, j] += parts[k, p, j]
 
 
-# Column-block width of the per-step recurrent products.  OpenBLAS repacks
-# the right-hand operand of every GEMM call, which dominates a product of a
-# few rows by a large weight matrix; below a size threshold it instead runs a
+# Column blocks for the per-step recurrent products.  OpenBLAS repacks the
+# right-hand operand of every GEMM call, which dominates a product of a few
+# rows by a large weight matrix; below a size threshold it instead runs a
 # small-matrix kernel without packing.  Cutting W into 32-column blocks keeps
 # each call under that threshold.  Measured here, single-threaded float32:
 # (8, 256) x (256, 1024) 35 -> 103 GFLOP/s, (8, 1024) x (1024, 4096)
 # 17 -> 95, (32, 256) x (256, 1024) 70 -> 113; float64 32 -> 54, 17 -> 36.
+# Weights of at most 2^16 entries are already small enough and stay whole:
+# there the extra calls only cost (tiny LSTM (100, 1, 32, 64) inference
+# 0.17 -> 0.36 ms in 32-column blocks; (8, 128) x (128, 512) 115 -> 101).
 COL_BLOCK = 32
+WHOLE_MAX_ENTRIES = 1 << 16
 
 
 def column_blocks(w):
-    """``w`` (K, N) as (ceil(N / COL_BLOCK), K, COL_BLOCK) blocks, zero-padded."""
+    """``w`` (K, N) as (nblk, K, width) column blocks, the last zero-padded.
+
+    One block of width N for weights of at most ``WHOLE_MAX_ENTRIES``
+    entries, else blocks of ``COL_BLOCK`` columns.
+    """
     K, N = w.shape
-    nblk = -(-N // COL_BLOCK)
-    out = np.zeros((K, nblk * COL_BLOCK), dtype=w.dtype)
+    width = N if K * N <= WHOLE_MAX_ENTRIES else COL_BLOCK
+    nblk = -(-N // width)
+    out = np.zeros((K, nblk * width), dtype=w.dtype)
     out[:, :N] = w
-    return np.ascontiguousarray(out.reshape(K, nblk, COL_BLOCK).transpose(1, 0, 2))
+    return np.ascontiguousarray(out.reshape(K, nblk, width).transpose(1, 0, 2))
 
 
 @jit()
 def dot_blocked(a, wb, scratch, out):
     """``out = a @ W`` with ``W`` given as :func:`column_blocks` ``wb``.
 
-    ``a`` (M, K) C-contiguous, ``scratch`` (M, COL_BLOCK), ``out`` (M, N).
+    ``a`` (M, K) C-contiguous, ``scratch`` (M, block width), ``out`` (M, N).
     """
     N = out.shape[1]
     bs = wb.shape[2]
