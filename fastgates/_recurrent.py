@@ -104,8 +104,12 @@ def _zero_padding(x, lengths):
 SPLIT_MIN_MACS = 2_000_000
 
 
-def _blocks(rows, inner, cols):
-    """Row blocks for a product, set by its size and the pool size only."""
+def _product_blocks(rows, inner, cols):
+    """Row blocks for a product, set by its size and the pool size only.
+
+    Also points Numba at the threads the product will use: one below
+    SPLIT_MIN_MACS, all of fastgates' threads above.
+    """
     if rows * inner * cols < SPLIT_MIN_MACS:
         _config.kernel_threads(1)
         return 1
@@ -119,7 +123,7 @@ def _input_projection(x, w_ih, bias):
     xw = np.empty((T * B, G), dtype=x.dtype)
     if bias is None:
         bias = _empty1(x.dtype)
-    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _blocks(T * B, I, G))
+    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _product_blocks(T * B, I, G))
     return xw.reshape(T, B, G)
 
 
@@ -257,9 +261,9 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
             dgx2 = dgx.reshape(T * B, G)
             dgh2 = dgh.reshape(T * B, G)
             dw_ih = np.empty((G, I), dtype=dtype)
-            matmul_tn(dgx2, in2d, dw_ih, _blocks(T * B, G, I))
+            matmul_tn(dgx2, in2d, dw_ih, _product_blocks(T * B, G, I))
             dw_hh = np.empty((G, H), dtype=dtype)
-            nblocks = _blocks(T * B, G, H)
+            nblocks = _product_blocks(T * B, G, H)
             if hop is hprev:
                 matmul_tn(dgh2, hprev.reshape(T * B, H), dw_hh, nblocks)
             else:
@@ -275,7 +279,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                 db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
             dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
             part_dx = np.empty((T * B, I), dtype=dtype)
-            matmul(dgx2, w_ih, _empty1(dtype), part_dx, _blocks(T * B, G, I))
+            matmul(dgx2, w_ih, _empty1(dtype), part_dx, _product_blocks(T * B, G, I))
             if dx is None:
                 dx = part_dx
             else:
