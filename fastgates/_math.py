@@ -19,7 +19,9 @@ there.
 
 Error bounds of the fast versions, measured against the exact function
 computed in higher precision over dense grids of the whole real line and on
-random draws (``tests/test_math.py`` checks them):
+random draws (``tests/test_math.py`` checks the sigmoid and tanh bounds,
+the functions the kernels call; the internal ``exp`` was measured at 1.2 ulp
+on the same grids):
 
 ========  ===========================  ===============================
 function  float32                      float64
