@@ -133,6 +133,31 @@ def single_threaded_blas():
 
 
 _numba_threads = threading.local()
+_pool_started = False
+
+
+def _start_pool():
+    """Start Numba's thread pool, keeping other OpenMP runtimes' thread counts.
+
+    Numba's OpenMP layer sets the thread count when its pool starts, and the
+    call can land in another libgomp of the process (PyTorch ships one under
+    the same soname): measured, ``torch.set_num_threads(1)`` followed by the
+    first fastgates call left PyTorch running on 2 threads.  The counts every
+    OpenMP runtime had before are put back.
+    """
+    global _pool_started
+    from threadpoolctl import ThreadpoolController
+
+    with _lock:
+        if _pool_started:
+            return
+        omp = ThreadpoolController().select(user_api="openmp").lib_controllers
+        saved = [(lib, lib.get_num_threads()) for lib in omp]
+        numba.get_num_threads()            # starts the pool
+        for lib, n in saved:
+            if lib.get_num_threads() != n:
+                lib.set_num_threads(n)
+        _pool_started = True
 
 
 def kernel_threads(tasks=None):
@@ -141,6 +166,8 @@ def kernel_threads(tasks=None):
     With ``tasks`` given, use no more threads than there are tasks: a thread
     without work would still have to be woken and joined.
     """
+    if not _pool_started:
+        _start_pool()
     n = _num_threads if tasks is None else max(1, min(_num_threads, tasks))
     # numba.set_num_threads is per calling thread and costs a few
     # microseconds; skip it when nothing changes.

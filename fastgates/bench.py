@@ -279,29 +279,43 @@ def _calls_per_run(fn, min_run_time):
 # Seconds of idle before each timed run: libgomp's default spin (300,000
 # iterations) is well under a millisecond.
 PAUSE = 0.01
+# A side whose CPU time over wall time exceeds its thread count by more than
+# this used more cores than allowed (the slack covers the other side's pool
+# spinning briefly into the run and the timer's own thread).
+CORES_SLACK = 0.25
 
 
-def _timed_run(fn, n):
+def _timed_run(fn, n, cpu=None):
+    """Seconds per call over n calls; adds (wall, CPU) seconds to cpu if given."""
     time.sleep(PAUSE)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    wall = time.perf_counter() - t0
+    if cpu is not None:
+        cpu[0] += wall
+        cpu[1] += time.process_time() - c0
+    return wall / n
 
 
 def time_alternating(fns, repeats, min_run_time, warmup=2):
     """Median seconds per call of each fn, the sides alternating A B A B.
 
-    Returns (medians, calls_per_run)."""
+    Returns (medians, calls_per_run, cores): cores is each side's CPU time
+    over wall time during its timed runs, the number of cores it kept busy
+    (a side using more than the threads it was given shows up here)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     calls = {k: _calls_per_run(fn, min_run_time) for k, fn in fns.items()}
     samples = {k: [] for k in fns}
+    cpu = {k: [0.0, 0.0] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            samples[k].append(_timed_run(fn, calls[k]))
-    return {k: statistics.median(v) for k, v in samples.items()}, calls
+            samples[k].append(_timed_run(fn, calls[k], cpu[k]))
+    cores = {k: c / w if w > 0 else float("nan") for k, (w, c) in cpu.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}, calls, cores
 
 
 def time_solo(fn, calls, repeats):
@@ -587,6 +601,7 @@ class Row:
     gflops: float
     gemm: float
     solo_change: float = None
+    cores: dict = None
 
 
 def _set_threads(peers, n):
@@ -637,20 +652,26 @@ def _run_shape(args, peers, shape, cell, dtype_name, n, gemm, progress):
         else:
             fns, errs = make_training(peers, cell, shape, dtype_name, m, x, dy)
             flops = 3 * shape.forward_flops(GATES[cell])
-        times, calls = time_alternating(fns, args.repeats, args.min_run_time)
+        # Again now that fastgates has run: the first parallel kernel starts
+        # Numba's OpenMP pool, whose start-up sets the thread count of the
+        # libgomp PyTorch loaded too (same soname).  Measured before this
+        # line existed: PyTorch at "1 thread" ran on 2 after that point.
+        _set_threads(peers, n)
+        times, calls, cores = time_alternating(fns, args.repeats, args.min_run_time)
         solo = None
         if args.spin_check:
             solo = max(abs(time_solo(fn, calls[k], args.repeats) / times[k] - 1.0)
                        for k, fn in fns.items())
         row = Row(shape, cell, dtype_name, mode, n, times, errs,
-                  flops / times["fastgates"] / 1e9, gemm, solo)
+                  flops / times["fastgates"] / 1e9, gemm, solo, cores)
         rows.append(row)
         progress.finish(_result_text(row))
     return rows
 
 
 def _result_text(row):
-    parts = [f"{k} {t * 1e3:.3f} ms" for k, t in row.times.items()]
+    parts = [f"{k} {t * 1e3:.3f} ms ({row.cores[k]:.1f} cores)"
+             if row.cores else f"{k} {t * 1e3:.3f} ms" for k, t in row.times.items()]
     parts += [f"err[{k}] {e:.1e}" for k, (e, _) in row.errs.items()]
     return "  ".join(parts)
 
@@ -765,6 +786,19 @@ def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
     notes = list(peers.notes)
     if args.no_onnx:
         notes.append("onnxruntime skipped (--no-onnx).")
+    over = [f"{r.shape.label()} {r.cell} {r.dtype} {r.mode} thr={r.threads}: "
+            + ", ".join(f"{k} {c:.2f}" for k, c in r.cores.items()
+                        if c > r.threads + CORES_SLACK)
+            for r in rows if r.cores and any(c > r.threads + CORES_SLACK
+                                             for c in r.cores.values())]
+    if over:
+        notes.append("**more cores busy than threads allowed** (CPU time / wall "
+                     "time of a side's timed runs; that side's time is flattered): "
+                     + "; ".join(over))
+    elif rows:
+        notes.append("Every side kept at most its thread count of cores busy "
+                     f"(CPU time / wall time of its timed runs <= threads + "
+                     f"{CORES_SLACK}).")
     if rows and args.spin_check:
         notes.append("solo vs alt: largest change of a side timed on its own "
                      "against alternating; above 10% means a pool spins.")

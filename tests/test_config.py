@@ -54,6 +54,29 @@ def test_user_blas_settings_are_restored():
     assert before == after
 
 
+def test_first_call_keeps_other_openmp_thread_counts():
+    # Starting Numba's OpenMP pool used to set the thread count of PyTorch's
+    # libgomp too (same soname): torch.set_num_threads(1) silently became 2.
+    pytest.importorskip("torch")
+    code = textwrap.dedent(
+        """
+        import numpy as np, torch, fastgates as fg
+        from threadpoolctl import threadpool_info
+        def omp():
+            return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info()
+                    if lib["user_api"] == "openmp"}
+        torch.set_num_threads(1)
+        before = omp()
+        fg.set_num_threads(fg.get_num_threads())
+        fg.LSTM(3, 4, seed=0)(np.ones((5, 4, 3)))
+        after = omp()
+        assert all(after[k] == n for k, n in before.items()), (before, after)
+        assert torch.get_num_threads() == 1
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_importing_fastgates_imports_no_optional_dependency():
     code = textwrap.dedent(
         """
