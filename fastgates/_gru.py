@@ -25,7 +25,54 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import dot_blocked
-from ._math import one, sigmoid_inplace, tanh_inplace
+from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
+
+
+@jit()
+def _step_fused(acc, xwt, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
+    """The element-wise part of a ``reset_after`` step, fast activations.
+
+    Every row of the chunk in one pass over the units, each value kept in
+    registers from the gate sums to ``h``; the same expressions, in the same
+    order, as the general path in :func:`gru_forward`.
+    """
+    nb, H = h.shape
+    one_ = one(h[0, 0])
+    for r in range(nb):
+        b = b0 + r
+        if t >= lengths[b]:
+            yt[b, ycol:ycol + H] = 0.0
+            if keep:
+                gates[t, b, :] = 0.0
+                hlin[t, b, :] = 0.0
+            continue
+        a = acc[r]
+        x = xwt[b]
+        hr = h[r]
+        yb = yt[b, ycol:ycol + H]
+        if keep:
+            gb = gates[t, b]
+            lb = hlin[t, b]
+            for j in range(H):
+                rr = sigmoid_fast(a[j] + x[j])
+                z = sigmoid_fast(a[H + j] + x[H + j])
+                lin = a[2 * H + j] + bhn[j]
+                n = tanh_fast(x[2 * H + j] + rr * lin)
+                hj = (one_ - z) * n + z * hr[j]
+                hr[j] = hj
+                yb[j] = hj
+                gb[j] = rr
+                gb[H + j] = z
+                gb[2 * H + j] = n
+                lb[j] = lin
+        else:
+            for j in range(H):
+                rr = sigmoid_fast(a[j] + x[j])
+                z = sigmoid_fast(a[H + j] + x[H + j])
+                n = tanh_fast(x[2 * H + j] + rr * (a[2 * H + j] + bhn[j]))
+                hj = (one_ - z) * n + z * hr[j]
+                hr[j] = hj
+                yb[j] = hj
 
 
 @jit(parallel=True)
@@ -74,6 +121,10 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         for s in range(T):
             t = T - 1 - s if reverse else s
             dot_blocked(h, wa_tb, scratch, acc)
+            if reset_after and fast:
+                _step_fused(acc, xw[t], bhn, h, b0, t, lengths, y[t], ycol,
+                            gates, hlin, keep)
+                continue
             # r and z of every row (padded rows too: harmless, and the
             # reset-before product below needs r for the whole chunk).
             for r in range(nb):

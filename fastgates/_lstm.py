@@ -30,7 +30,7 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import dot_blocked
-from ._math import one, sigmoid_inplace, tanh_inplace
+from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
 
 @jit()
@@ -43,6 +43,21 @@ def _cell_step(a, xw, c, h, tc, fast):
     vectorises.
     """
     H = c.shape[0]
+    if fast:
+        # One pass: every value stays in registers from the gate sums to h.
+        for j in range(H):
+            i = sigmoid_fast(a[j] + xw[j])
+            f = sigmoid_fast(a[H + j] + xw[H + j])
+            g = tanh_fast(a[2 * H + j] + xw[2 * H + j])
+            o = sigmoid_fast(a[3 * H + j] + xw[3 * H + j])
+            cc = f * c[j] + i * g
+            a[j] = i
+            a[H + j] = f
+            a[2 * H + j] = g
+            a[3 * H + j] = o
+            c[j] = cc
+            h[j] = o * tanh_fast(cc)
+        return
     for j in range(4 * H):
         a[j] += xw[j]
     sigmoid_inplace(a[: 2 * H], fast)
@@ -133,9 +148,13 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
     """
     H = ct.shape[0]
     one_ = one(ct[0])
-    for j in range(H):
-        tc[j] = ct[j]
-    tanh_inplace(tc, fast)
+    if fast:
+        for j in range(H):
+            tc[j] = tanh_fast(ct[j])
+    else:
+        for j in range(H):
+            tc[j] = ct[j]
+        tanh_inplace(tc, fast)
     for j in range(H):
         i = g[j]
         f = g[H + j]

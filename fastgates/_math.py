@@ -7,8 +7,8 @@ Two modes (chosen with :func:`fastgates.set_activation_mode`):
     llvmlite has none) these are scalar calls of about 20 ns each and stop
     LLVM from vectorising the loop around them.
 ``"fast"`` (default)
-    Branch-free polynomial versions made of multiplies, adds, one division,
-    comparisons and an exponent-field bit cast, which LLVM vectorises (16
+    Branch-free polynomial versions made of fused multiply-adds, one
+    division, comparisons and exponent-field bit casts, which LLVM vectorises (16
     float32 or 8 float64 lanes with AVX-512).  Separate versions for float32
     and float64 so that a float32 kernel never widens to float64.
 
@@ -20,8 +20,8 @@ there.
 Error bounds of the fast versions, measured against the exact function
 computed in higher precision over dense grids of the whole real line and on
 random draws (``tests/test_math.py`` checks the sigmoid and tanh bounds,
-the functions the kernels call; the internal ``exp`` was measured at 1.2 ulp
-on the same grids):
+the functions the kernels call; measured on those grids: sigmoid 2.6 ulp,
+tanh 2.5 (float32) and 2.6 (float64), the internal ``exp`` 0.9):
 
 ========  ===========================  ===============================
 function  float32                      float64
@@ -40,7 +40,13 @@ Method.  ``exp(x) = 2^n exp(r)`` with ``n = round(x / ln 2)`` and
 ``r = x - n ln 2`` (Cody-Waite: ``ln 2`` split in a high part exact in a few
 bits and a low part), ``|r| <= ln(2) / 2``; ``exp(r)`` by its Taylor
 polynomial (degree 7 in float32, 13 in float64, truncation error below half
-an ulp); ``2^n`` built directly in the exponent field.  The sigmoid is
+an ulp) in Horner form with fused multiply-adds; ``2^n`` built directly in
+the exponent field.  ``n`` is rounded by adding and subtracting
+``1.5 * 2^mantissa bits``, which also leaves it as an integer in the low bits
+of the sum, so there is no float-to-integer conversion.  These two changes
+(FMA, no conversion) halved the time per element: float32 sigmoid 1.16 ->
+0.63 ns, tanh 0.76 -> 0.43; float64 1.97 -> 1.36 and 1.77 -> 1.15 (one
+core, 256-element vectors in L1).  The sigmoid is
 ``1 / (1 + e)`` or ``e / (1 + e)`` with ``e = exp(-|x|) <= 1``, so nothing
 overflows.  ``tanh(|x|) = -u / (2 + u)`` with ``u = exp(-2|x|) - 1``
 evaluated as ``2^n (exp(r) - 1) + (2^n - 1)``, the polynomial for
@@ -86,6 +92,48 @@ def _f64_from_bits(typingctx, bits):
 # ---------------------------------------------------------------------------
 # float32
 
+@intrinsic
+def _f32_bits(typingctx, x):
+    """Reinterpret a float32 as an int32 (no conversion)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _f64_bits(typingctx, x):
+    """Reinterpret a float64 as an int64 (no conversion)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma``): exact IEEE fused multiply-add.
+
+    Without ``fastmath`` LLVM never fuses a multiply and an add by itself;
+    this asks for it where the single rounding is wanted.  It vectorises, and
+    gives the same bits on every machine (a library call where the hardware
+    has no FMA).
+    """
+    if not (a == b == c and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, a, a), codegen
+
+
 _F32 = np.float32
 _F32_ZERO = _F32(0.0)
 _F32_HALF = _F32(0.5)
@@ -98,29 +146,37 @@ _F32_EXP_LO = _F32(-87.33654)             # below: result under the smallest nor
 _F32_EXP_HI = _F32(88.72283)              # above: overflow
 _F32_EXPM1_LO = _F32(-20.0)               # exp(y) - 1 rounds to -1 below
 _F32_EXP_C = tuple(_F32(1.0 / math.factorial(k)) for k in range(8))
+# Adding 1.5 * 2^23 to |t| < 2^22 rounds t to an integer n (to nearest) and
+# leaves n in the low mantissa bits: n = bits(t + M) - bits(M).  No float to
+# integer conversion (which went through int64 and cost a third of the loop).
+_F32_ROUND = _F32(12582912.0)
+_F32_ROUND_BITS = np.int32(0x4B400000)
 
 
 @jit()
 def exp_f32(x):
     """Fast float32 ``exp``; 0 below the normal range, inf above it."""
     xc = min(max(x, _F32_EXP_LO), _F32_EXP_HI)
-    n = np.float32(math.floor(xc * _F32_LOG2E + _F32_HALF))
-    r = (xc - n * _F32_LN2_HI) - n * _F32_LN2_LO
+    m = xc * _F32_LOG2E + _F32_ROUND
+    n = m - _F32_ROUND                                  # round(x / ln 2)
+    k = _f32_bits(m) - _F32_ROUND_BITS                  # the same, as an integer
+    r = _fma(-n, _F32_LN2_HI, xc)                       # exact: n * hi has few bits
+    r = _fma(-n, _F32_LN2_LO, r)
     c = _F32_EXP_C
     p = c[7]
-    p = p * r + c[6]
-    p = p * r + c[5]
-    p = p * r + c[4]
-    p = p * r + c[3]
-    p = p * r + c[2]
-    p = p * r + c[1]
-    p = p * r + c[0]
-    # 2^n as two factors, so that n = 128 (x near the overflow threshold)
-    # still has a representable exponent.
-    n1 = np.int32(n) >> np.int32(1)
-    n2 = np.int32(n) - n1
-    s1 = _f32_from_bits(np.int32((n1 + np.int32(127)) << np.int32(23)))
-    s2 = _f32_from_bits(np.int32((n2 + np.int32(127)) << np.int32(23)))
+    p = _fma(p, r, c[6])
+    p = _fma(p, r, c[5])
+    p = _fma(p, r, c[4])
+    p = _fma(p, r, c[3])
+    p = _fma(p, r, c[2])
+    p = _fma(p, r, c[1])
+    p = _fma(p, r, c[0])
+    # 2^k in two factors: 2^128 (k = 128 at the top of the range) has no
+    # float32 exponent of its own.
+    k1 = k >> np.int32(1)
+    k2 = k - k1
+    s1 = _f32_from_bits(np.int32((k1 + np.int32(127)) << np.int32(23)))
+    s2 = _f32_from_bits(np.int32((k2 + np.int32(127)) << np.int32(23)))
     e = (p * s1) * s2
     if x < _F32_EXP_LO:
         e = _F32_ZERO
@@ -144,19 +200,22 @@ def sigmoid_f32(x):
 def _expm1_neg_f32(y):
     """Fast float32 ``exp(y) - 1`` for ``y <= 0`` (accurate near 0 too)."""
     y = _F32_EXPM1_LO if y < _F32_EXPM1_LO else y       # keeps NaN
-    n = np.float32(math.floor(y * _F32_LOG2E + _F32_HALF))
-    r = (y - n * _F32_LN2_HI) - n * _F32_LN2_LO
+    m = y * _F32_LOG2E + _F32_ROUND
+    n = m - _F32_ROUND
+    k = _f32_bits(m) - _F32_ROUND_BITS
+    r = _fma(-n, _F32_LN2_HI, y)
+    r = _fma(-n, _F32_LN2_LO, r)
     c = _F32_EXP_C
     q = c[7]
-    q = q * r + c[6]
-    q = q * r + c[5]
-    q = q * r + c[4]
-    q = q * r + c[3]
-    q = q * r + c[2]
-    q = q * r + c[1]
+    q = _fma(q, r, c[6])
+    q = _fma(q, r, c[5])
+    q = _fma(q, r, c[4])
+    q = _fma(q, r, c[3])
+    q = _fma(q, r, c[2])
+    q = _fma(q, r, c[1])
     q = q * r                                           # exp(r) - 1
-    s = _f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-    return s * q + (s - _F32_ONE)                       # 2^n exp(r) - 1
+    s = _f32_from_bits(np.int32((k + np.int32(127)) << np.int32(23)))
+    return _fma(s, q, s - _F32_ONE)                     # 2^k exp(r) - 1
 
 
 @jit()
@@ -181,35 +240,38 @@ _F64_EXP_LO = -708.3964185322641          # below: result under the smallest nor
 _F64_EXP_HI = 709.782712893384             # above: overflow
 _F64_EXPM1_LO = -40.0                      # exp(y) - 1 rounds to -1 below
 _F64_EXP_C = tuple(1.0 / math.factorial(k) for k in range(14))
+_F64_ROUND = 6755399441055744.0            # 1.5 * 2^52, see _F32_ROUND
+_F64_ROUND_BITS = np.int64(0x4338000000000000)
 
 
 @jit()
 def exp_f64(x):
     """Fast float64 ``exp``; 0 below the normal range, inf above it."""
     xc = min(max(x, _F64_EXP_LO), _F64_EXP_HI)
-    n = math.floor(xc * _F64_LOG2E + _F64_HALF)
-    r = (xc - n * _F64_LN2_HI) - n * _F64_LN2_LO
+    m = xc * _F64_LOG2E + _F64_ROUND
+    n = m - _F64_ROUND
+    k = _f64_bits(m) - _F64_ROUND_BITS
+    r = _fma(-n, _F64_LN2_HI, xc)
+    r = _fma(-n, _F64_LN2_LO, r)
     c = _F64_EXP_C
     p = c[13]
-    p = p * r + c[12]
-    p = p * r + c[11]
-    p = p * r + c[10]
-    p = p * r + c[9]
-    p = p * r + c[8]
-    p = p * r + c[7]
-    p = p * r + c[6]
-    p = p * r + c[5]
-    p = p * r + c[4]
-    p = p * r + c[3]
-    p = p * r + c[2]
-    p = p * r + c[1]
-    p = p * r + c[0]
-    # Split 2^n in two factors so that n = 1024 (x near the overflow
-    # threshold) still has a representable exponent.
-    n1 = np.int64(n) >> np.int64(1)
-    n2 = np.int64(n) - n1
-    s1 = _f64_from_bits((n1 + np.int64(1023)) << np.int64(52))
-    s2 = _f64_from_bits((n2 + np.int64(1023)) << np.int64(52))
+    p = _fma(p, r, c[12])
+    p = _fma(p, r, c[11])
+    p = _fma(p, r, c[10])
+    p = _fma(p, r, c[9])
+    p = _fma(p, r, c[8])
+    p = _fma(p, r, c[7])
+    p = _fma(p, r, c[6])
+    p = _fma(p, r, c[5])
+    p = _fma(p, r, c[4])
+    p = _fma(p, r, c[3])
+    p = _fma(p, r, c[2])
+    p = _fma(p, r, c[1])
+    p = _fma(p, r, c[0])
+    k1 = k >> np.int64(1)                               # see exp_f32
+    k2 = k - k1
+    s1 = _f64_from_bits((k1 + np.int64(1023)) << np.int64(52))
+    s2 = _f64_from_bits((k2 + np.int64(1023)) << np.int64(52))
     e = (p * s1) * s2
     if x < _F64_EXP_LO:
         e = _F64_ZERO
@@ -233,25 +295,28 @@ def sigmoid_f64(x):
 def _expm1_neg_f64(y):
     """Fast float64 ``exp(y) - 1`` for ``y <= 0`` (accurate near 0 too)."""
     y = _F64_EXPM1_LO if y < _F64_EXPM1_LO else y       # keeps NaN
-    n = math.floor(y * _F64_LOG2E + _F64_HALF)
-    r = (y - n * _F64_LN2_HI) - n * _F64_LN2_LO
+    m = y * _F64_LOG2E + _F64_ROUND
+    n = m - _F64_ROUND
+    k = _f64_bits(m) - _F64_ROUND_BITS
+    r = _fma(-n, _F64_LN2_HI, y)
+    r = _fma(-n, _F64_LN2_LO, r)
     c = _F64_EXP_C
     q = c[13]
-    q = q * r + c[12]
-    q = q * r + c[11]
-    q = q * r + c[10]
-    q = q * r + c[9]
-    q = q * r + c[8]
-    q = q * r + c[7]
-    q = q * r + c[6]
-    q = q * r + c[5]
-    q = q * r + c[4]
-    q = q * r + c[3]
-    q = q * r + c[2]
-    q = q * r + c[1]
+    q = _fma(q, r, c[12])
+    q = _fma(q, r, c[11])
+    q = _fma(q, r, c[10])
+    q = _fma(q, r, c[9])
+    q = _fma(q, r, c[8])
+    q = _fma(q, r, c[7])
+    q = _fma(q, r, c[6])
+    q = _fma(q, r, c[5])
+    q = _fma(q, r, c[4])
+    q = _fma(q, r, c[3])
+    q = _fma(q, r, c[2])
+    q = _fma(q, r, c[1])
     q = q * r                                           # exp(r) - 1
-    s = _f64_from_bits((np.int64(n) + np.int64(1023)) << np.int64(52))
-    return s * q + (s - _F64_ONE)                       # 2^n exp(r) - 1
+    s = _f64_from_bits((k + np.int64(1023)) << np.int64(52))
+    return _fma(s, q, s - _F64_ONE)                     # 2^k exp(r) - 1
 
 
 @jit()
