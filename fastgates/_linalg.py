@@ -70,8 +70,15 @@ def matmul_tn(a, b, out, nblocks):
 # Weights of at most 2^16 entries are already small enough and stay whole:
 # there the extra calls only cost (tiny LSTM (100, 1, 32, 64) inference
 # 0.17 -> 0.36 ms in 32-column blocks; (8, 128) x (128, 512) 115 -> 101).
+# The threshold is on the call's M * N * K (measured: at most 100^3 runs the
+# small kernel, float32 (128, 512) M = 15 108 GFLOP/s, M = 16 55; (256, 32)
+# M = 122 114, M = 123 83; float64 alike, but (128, 512) already slows at
+# M = 15, 0.98e6), so the rows of a product are also cut, into groups of
+# at most SMALL_MNK / (K * width) rows: 2^19, half the threshold, clear of
+# its edge in both dtypes.
 COL_BLOCK = 32
 WHOLE_MAX_ENTRIES = 1 << 16
+SMALL_MNK = 1 << 19
 
 
 def column_blocks(w):
@@ -94,12 +101,16 @@ def dot_blocked(a, wb, scratch, out):
 
     ``a`` (M, K) C-contiguous, ``scratch`` (M, block width), ``out`` (M, N).
     """
+    M, K = a.shape
     N = out.shape[1]
     bs = wb.shape[2]
+    rows = max(1, SMALL_MNK // (K * bs))
     for p in range(wb.shape[0]):
-        np.dot(a, wb[p], scratch)
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            np.dot(a[r0:r1], wb[p], scratch[r0:r1])
         c0 = p * bs
         n = min(N, c0 + bs) - c0
-        for r in range(a.shape[0]):
+        for r in range(M):
             for j in range(n):
                 out[r, c0 + j] = scratch[r, j]

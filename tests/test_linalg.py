@@ -8,7 +8,8 @@ from fastgates import _linalg
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (2, 64, 100), (4, 300, 300), (2, 257, 1000)])
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (2, 64, 100), (4, 300, 300), (2, 257, 1000),
+                                   (20, 128, 512), (70, 300, 300)])  # row groups too
 def test_dot_blocked_matches_numpy(dtype, M, K, N):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(dtype)
