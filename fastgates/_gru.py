@@ -25,6 +25,7 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import dot_blocked
+from ._lstm import _clip, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
 
@@ -77,7 +78,7 @@ def _step_fused(acc, xwt, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
 
 @jit(parallel=True)
 def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk, fast,
-                y, ycol, hn, gates, hlin):
+                y, ycol, hn, gates, hlin, clip, pre):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -99,10 +100,18 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         Post-activation r, z, n, kept for the backward pass when not empty.
     hlin : (T, B, H) array or (0, 0, 0) array, output
         ``W_hn h + b_hn`` (kept with ``gates``; needed when ``reset_after``).
+    clip : float
+        Bound of the pre-activations of r, z and n (ONNX's ``clip``); ``inf``
+        for none.
+    pre : (T, B, 3H) array or (0, 0, 0) array, output
+        Pre-activations before clipping, kept for the backward pass when
+        clipping.
     """
     T, B, G = xw.shape
     H = G // 3
     keep = gates.shape[0] > 0
+    keep_pre = pre.shape[0] > 0
+    clipping = clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -121,7 +130,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         for s in range(T):
             t = T - 1 - s if reverse else s
             dot_blocked(h, wa_tb, scratch, acc)
-            if reset_after and fast:
+            if reset_after and fast and not clipping:
                 _step_fused(acc, xw[t], bhn, h, b0, t, lengths, y[t], ycol,
                             gates, hlin, keep)
                 continue
@@ -132,6 +141,11 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                 x = xw[t, b0 + r]
                 for j in range(2 * H):
                     a[j] += x[j]
+                if clipping:
+                    if keep_pre:
+                        pre[t, b0 + r, : 2 * H] = a[: 2 * H]
+                    for j in range(2 * H):
+                        a[j] = _clip(a[j], clip)
                 sigmoid_inplace(a[: 2 * H], fast)
             if not reset_after:
                 for r in range(nb):
@@ -145,6 +159,8 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                     if keep:
                         gates[t, b, :] = 0.0
                         hlin[t, b, :] = 0.0
+                    if keep_pre:
+                        pre[t, b, :] = 0.0
                     continue
                 a = acc[r]
                 x = xw[t, b]
@@ -156,6 +172,11 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                     for j in range(H):
                         lin[j] = accn[r, j] + bhn[j]
                         n[j] = x[2 * H + j] + lin[j]
+                if clipping:
+                    if keep_pre:
+                        pre[t, b, 2 * H:] = n
+                    for j in range(H):
+                        n[j] = _clip(n[j], clip)
                 tanh_inplace(n, fast)
                 hr = h[r]
                 for j in range(H):
@@ -171,7 +192,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
 
 @jit(parallel=True)
 def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
-                 reverse, reset_after, chunk, dgx, dgh, hprev, rhprev, dh0):
+                 reverse, reset_after, chunk, dgx, dgh, hprev, rhprev, dh0, clip, pre):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -199,9 +220,13 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         ``r ⊙ h_{t-1}``: the operand of the ``W_hn`` gradient when
         ``reset_after`` is false.
     dh0 : (B, H) array, output
+    clip, pre :
+        As in the forward pass (``pre`` as it filled it; empty when not
+        clipping).
     """
     T, B, G = gates.shape
     H = G // 3
+    clipping = pre.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -253,6 +278,9 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     dhz[r, j] = dht * z
                     daz = dht * (hp[j] - nn) * z * (one_ - z)
                     dn = dht * (one_ - z) * (one_ - nn * nn)
+                    if clipping:
+                        daz *= _inside(pre[t, b, H + j], clip)
+                        dn *= _inside(pre[t, b, 2 * H + j], clip)
                     dan[r, j] = dn
                     dar[H + j] = daz
                     gx[H + j] = daz
@@ -263,6 +291,8 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         rg = g[j]
                         dn = dan[r, j]
                         d_r = dn * lin[j] * rg * (one_ - rg)
+                        if clipping:
+                            d_r *= _inside(pre[t, b, j], clip)
                         dar[j] = d_r
                         dar[2 * H + j] = dn * rg
                         gx[j] = d_r
@@ -288,6 +318,8 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     for j in range(H):
                         rg = g[j]
                         d_r = drh[r, j] * hp[j] * rg * (one_ - rg)
+                        if clipping:
+                            d_r *= _inside(pre[t, b, j], clip)
                         dar[j] = d_r
                         gx[j] = d_r
                         gh[j] = d_r

@@ -30,7 +30,8 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import dot_blocked
-from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
+from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
+                    tanh_scalar)
 
 
 @jit()
@@ -72,8 +73,120 @@ def _cell_step(a, xw, c, h, tc, fast):
         h[j] = a[3 * H + j] * tc[j]
 
 
+@jit()
+def _clip(x, bound):
+    """``x`` limited to ``[-bound, bound]``; NaN stays NaN."""
+    if x > bound:
+        return bound
+    if x < -bound:
+        return -bound
+    return x
+
+
+@jit()
+def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, fast):
+    """One LSTM step with peepholes, a coupled forget gate or clipping.
+
+    As :func:`_cell_step`, and (ONNX's LSTM): with ``peep`` (3, H) not
+    empty, ``p_i ⊙ c_{t-1}`` and ``p_f ⊙ c_{t-1}`` join the i and f
+    pre-activations and ``p_o ⊙ c_t`` the o one; with ``coupled``,
+    ``f = 1 - i``; every pre-activation, and ``c_t`` where it enters
+    ``tanh``, is limited to ``[-clip, clip]`` (``clip = inf``: none).  When
+    ``pre`` (4H,) is not empty the pre-activations are written to it, before
+    clipping, for the backward pass.
+    """
+    H = c.shape[0]
+    one_ = one(c[0])
+    peephole = peep.shape[0] > 0
+    keep_pre = pre.shape[0] > 0
+    for j in range(H):
+        cp = c[j]
+        ai = a[j] + xw[j]
+        af = a[H + j] + xw[H + j]
+        ag = a[2 * H + j] + xw[2 * H + j]
+        ao = a[3 * H + j] + xw[3 * H + j]
+        if peephole:
+            ai += peep[0, j] * cp
+            af += peep[1, j] * cp
+        i = sigmoid_scalar(_clip(ai, clip), fast)
+        f = one_ - i if coupled else sigmoid_scalar(_clip(af, clip), fast)
+        g = tanh_scalar(_clip(ag, clip), fast)
+        cc = f * cp + i * g
+        if peephole:
+            ao += peep[2, j] * cc
+        o = sigmoid_scalar(_clip(ao, clip), fast)
+        c[j] = cc
+        h[j] = o * tanh_scalar(_clip(cc, clip), fast)
+        a[j] = i
+        a[H + j] = f
+        a[2 * H + j] = g
+        a[3 * H + j] = o
+        if keep_pre:
+            pre[j] = ai
+            pre[H + j] = af
+            pre[2 * H + j] = ag
+            pre[3 * H + j] = ao
+
+
+@jit()
+def _inside(x, bound):
+    """1 where ``clip`` lets ``x`` through (the derivative of the clip), else 0."""
+    return one(x) if -bound <= x <= bound else x - x
+
+
+@jit()
+def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fast):
+    """Gradient through one step of :func:`_cell_step_variant`, in place.
+
+    As :func:`_cell_grad`; ``pre`` (4H,) holds the step's pre-activations
+    when ``clip`` is finite (else it may be empty).
+    """
+    H = ct.shape[0]
+    one_ = one(ct[0])
+    peephole = peep.shape[0] > 0
+    clipping = pre.shape[0] > 0
+    for j in range(H):
+        i = g[j]
+        f = g[H + j]
+        gg = g[2 * H + j]
+        o = g[3 * H + j]
+        cc = ct[j]
+        tc = tanh_scalar(_clip(cc, clip), fast)
+        dht = dh[j] + dyt[j]
+        dao = dht * tc * o * (one_ - o)
+        dtc = dht * o * (one_ - tc * tc)
+        if clipping:
+            dao *= _inside(pre[3 * H + j], clip)
+            dtc *= _inside(cc, clip)
+        dct = dc[j] + dtc
+        if peephole:
+            dct += dao * peep[2, j]
+        di = dct * gg
+        if coupled:
+            di -= dct * cp[j]
+            daf = cc - cc
+        else:
+            daf = dct * cp[j] * f * (one_ - f)
+        dai = di * i * (one_ - i)
+        dag = dct * i * (one_ - gg * gg)
+        if clipping:
+            dai *= _inside(pre[j], clip)
+            dag *= _inside(pre[2 * H + j], clip)
+            if not coupled:
+                daf *= _inside(pre[H + j], clip)
+        dcp = dct * f
+        if peephole:
+            dcp += dai * peep[0, j] + daf * peep[1, j]
+        da[j] = dai
+        da[H + j] = daf
+        da[2 * H + j] = dag
+        da[3 * H + j] = dao
+        dc[j] = dcp
+
+
 @jit(parallel=True)
-def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs):
+def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs,
+                 peep, coupled, clip, pre):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -99,10 +212,23 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
         Post-activation i, f, g, o, kept for the backward pass when not empty.
     cs : (T, B, H) array or (0, 0, 0) array, output
         Cell states, kept with ``gates``.
+    peep : (3, H) array or (0, H) array
+        Peephole weights ``p_i, p_f, p_o`` (empty: no peepholes).
+    coupled : bool
+        ``f = 1 - i`` (ONNX's ``input_forget``).
+    clip : float
+        Bound of the pre-activations and of ``c_t`` inside ``tanh``; ``inf``
+        for none.
+    pre : (T, B, 4H) array or (0, 0, 0) array, output
+        Pre-activations (before clipping), kept for the backward pass when
+        clipping.
     """
     T, B, G = xw.shape
     H = G // 4
     keep = gates.shape[0] > 0
+    keep_pre = pre.shape[0] > 0
+    nopre = np.empty(0, dtype=pre.dtype)
+    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -126,7 +252,11 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
                         gates[t, b, :] = 0.0
                         cs[t, b, :] = 0.0
                     continue
-                _cell_step(acc[r], xw[t, b], c[r], h[r], tc, fast)
+                if variant:
+                    _cell_step_variant(acc[r], xw[t, b], c[r], h[r], peep, coupled, clip,
+                                       pre[t, b] if keep_pre else nopre, fast)
+                else:
+                    _cell_step(acc[r], xw[t, b], c[r], h[r], tc, fast)
                 y[t, b, ycol:ycol + H] = h[r]
                 if keep:
                     gates[t, b, :] = acc[r]
@@ -171,7 +301,7 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
 
 @jit(parallel=True)
 def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                  reverse, chunk, fast, dgates, hprev, dh0, dc0):
+                  reverse, chunk, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -198,9 +328,18 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         the ``W_hh`` gradient.
     dh0, dc0 : (B, H) arrays, output
         Gradient with respect to the initial state.
+    peep, coupled, clip, pre :
+        As in the forward pass (``pre`` as it filled it).
+    cprev : (T, B, H) array or (0, 0, 0) array, output
+        With peepholes, ``c_{t-1}`` of every valid step (zero at padded
+        steps): the operand of the ``p_i``, ``p_f`` gradients.
     """
     T, B, G = gates.shape
     H = G // 4
+    keep_pre = pre.shape[0] > 0
+    nopre = np.empty(0, dtype=pre.dtype)
+    keep_cprev = cprev.shape[0] > 0
+    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -223,6 +362,8 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
                     da[r, :] = 0.0
                     dgates[t, b, :] = 0.0
                     hprev[t, b, :] = 0.0
+                    if keep_cprev:
+                        cprev[t, b, :] = 0.0
                     continue
                 first = t == n - 1 if reverse else t == 0
                 tp = t + 1 if reverse else t - 1
@@ -232,8 +373,15 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
                 else:
                     cp = cs[tp, b]
                     hprev[t, b, :] = y[tp, b, ycol:ycol + H]
-                _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
-                           dh[r], dc[r], da[r], tc, fast)
+                if keep_cprev:
+                    cprev[t, b, :] = cp
+                if variant:
+                    _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                                       dh[r], dc[r], da[r], peep, coupled, clip,
+                                       pre[t, b] if keep_pre else nopre, fast)
+                else:
+                    _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                               dh[r], dc[r], da[r], tc, fast)
                 dgates[t, b, :] = da[r]
             dot_blocked(da, whh_b, scratch, dhrec)
             for r in range(nb):

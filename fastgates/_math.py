@@ -397,6 +397,38 @@ def _tanh_fast_overload(x):
     return None
 
 
+def sigmoid_scalar(x, fast):
+    """Logistic function of ``x`` in ``x``'s float type, fast or exact."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+def tanh_scalar(x, fast):
+    """Hyperbolic tangent of ``x`` in ``x``'s float type, fast or exact."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+# The exact versions compute in float64 (math.exp of a float32 mixes with
+# Python's float); the result is rounded back to the argument's type, as the
+# in-place versions do by storing it, so that no float64 value leaks into
+# float32 arithmetic.
+@overload(sigmoid_scalar, jit_options={"cache": True})
+def _sigmoid_scalar_overload(x, fast):
+    if x == types.float32:
+        return lambda x, fast: sigmoid_f32(x) if fast else np.float32(sigmoid_exact(x))
+    if x == types.float64:
+        return lambda x, fast: sigmoid_f64(x) if fast else sigmoid_exact(x)
+    return None
+
+
+@overload(tanh_scalar, jit_options={"cache": True})
+def _tanh_scalar_overload(x, fast):
+    if x == types.float32:
+        return lambda x, fast: tanh_f32(x) if fast else np.float32(tanh_exact(x))
+    if x == types.float64:
+        return lambda x, fast: tanh_f64(x) if fast else tanh_exact(x)
+    return None
+
+
 @jit()
 def sigmoid_inplace(v, fast):
     """``v[:] = sigmoid(v)`` for a 1-D array."""

@@ -66,11 +66,20 @@ def _empty1(dtype):
     return np.empty(0, dtype=dtype)
 
 
+def _peep(variant, k, H, dtype):
+    if variant.peeps is None:
+        return np.empty((0, H), dtype=dtype)
+    return np.ascontiguousarray(variant.peeps[k], dtype=dtype)
+
+
 class Tape:
     """What a forward pass keeps for its backward pass."""
 
-    def __init__(self, cell, reset_after, fast, inputs, outputs, gates, aux, h0, c0, lengths):
+    def __init__(self, cell, reset_after, fast, inputs, outputs, gates, aux, h0, c0, lengths,
+                 variant, pre):
         self.cell = cell
+        self.variant = variant    # Variant of the forward pass
+        self.pre = pre            # per layer-direction: pre-activations when clipping
         self.fast = fast          # the activation mode of the forward pass
         self.reset_after = reset_after
         self.inputs = inputs      # per layer: its input (T, B, I_k)
@@ -80,6 +89,33 @@ class Tape:
         self.h0 = h0
         self.c0 = c0
         self.lengths = lengths
+
+
+class Variant:
+    """Options beyond PyTorch's cells (ONNX's LSTM and GRU have them).
+
+    reverse : bool
+        A one-direction model that reads each sequence backwards.
+    clip : float
+        Bound of every gate pre-activation (and, for an LSTM, of ``c_t``
+        where it enters ``tanh``); ``inf`` for none.
+    coupled : bool
+        LSTM: ``f = 1 - i``.
+    peeps : list of (3, H) arrays or None
+        LSTM peephole weights ``p_i, p_f, p_o`` per layer-direction.
+    """
+
+    def __init__(self, reverse=False, clip=np.inf, coupled=False, peeps=None):
+        self.reverse = reverse
+        self.clip = clip
+        self.coupled = coupled
+        self.peeps = peeps
+
+    def direction_reversed(self, d):
+        return d == 1 or self.reverse
+
+
+_PLAIN = Variant()
 
 
 def _zero_padding(x, lengths):
@@ -127,6 +163,23 @@ def _input_projection(x, w_ih, bias):
     return xw.reshape(T, B, G)
 
 
+def _peephole_grads(dgates, cprev, cs):
+    """``(3, H)`` gradients of ``p_i, p_f, p_o`` from the pre-activation gradients.
+
+    ``p_i`` and ``p_f`` multiply ``c_{t-1}``, ``p_o`` multiplies ``c_t``;
+    padded steps hold zeros in every operand.  Sums over steps and batch in
+    a fixed order (NumPy's pairwise sum over the flattened axis).
+    """
+    T, B, G = dgates.shape
+    H = G // 4
+    d2 = dgates.reshape(T * B, G)
+    out = np.empty((3, H), dtype=dgates.dtype)
+    out[0] = (d2[:, :H] * cprev.reshape(T * B, H)).sum(axis=0)
+    out[1] = (d2[:, H:2 * H] * cprev.reshape(T * B, H)).sum(axis=0)
+    out[2] = (d2[:, 3 * H:] * cs.reshape(T * B, H)).sum(axis=0)
+    return out
+
+
 def forward(*args, **kwargs):
     """Run the stacked recurrence; see :func:`_forward` for the arguments."""
     with _config.single_threaded_blas():
@@ -140,7 +193,7 @@ def backward(*args, **kwargs):
 
 
 def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-             reset_after=True, keep=False, derived=None):
+             reset_after=True, keep=False, derived=None, variant=_PLAIN):
     """Run the stacked recurrence.
 
     Returns
@@ -159,7 +212,8 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     fast = _config.fast_activations()
     hn = np.empty_like(h0)
     cn = np.empty_like(c0) if cell == "lstm" else None
-    inputs, outputs, gates_kept, aux_kept = [], [], [], []
+    inputs, outputs, gates_kept, aux_kept, pre_kept = [], [], [], [], []
+    clip = dtype.type(variant.clip)
     layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
         y = np.empty((T, B, D * H), dtype=dtype)
@@ -176,11 +230,14 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
             xw = _input_projection(layer_in, w_ih, bias)
             gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
             aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
+            pre = np.empty((T, B, G), dtype=dtype) if keep and clip < np.inf else _empty3(dtype)
+            rev = variant.direction_reversed(d)
             _config.kernel_threads(-(-B // chunk))
             if cell == "lstm":
                 whh_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
-                lstm_forward(xw, whh_tb, h0[k], c0[k],
-                             lengths, d == 1, chunk, fast, y, d * H, hn[k], cn[k], gates, aux)
+                peep = _peep(variant, k, H, dtype)
+                lstm_forward(xw, whh_tb, h0[k], c0[k], lengths, rev, chunk, fast, y, d * H,
+                             hn[k], cn[k], gates, aux, peep, variant.coupled, clip, pre)
             else:
                 if reset_after:
                     wa_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
@@ -188,16 +245,18 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
                     wa_tb = _derive(derived, ("wrz_tb", k), _transposed_blocks, w_hh[: 2 * H])
                 wn_tb = _derive(derived, ("wn_tb", k), _transposed_blocks, w_hh[2 * H:])
                 bhn = _derive(derived, ("bhn", k), _gru_bhn, b_hh, H, dtype)
-                gru_forward(xw, wa_tb, wn_tb, bhn, h0[k], lengths, d == 1,
-                            reset_after, chunk, fast, y, d * H, hn[k], gates, aux)
+                gru_forward(xw, wa_tb, wn_tb, bhn, h0[k], lengths, rev,
+                            reset_after, chunk, fast, y, d * H, hn[k], gates, aux, clip, pre)
             gates_kept.append(gates)
             aux_kept.append(aux)
+            pre_kept.append(pre)
         inputs.append(layer_in)
         outputs.append(y)
         layer_in = y
     tape = None
     if keep:
-        tape = Tape(cell, reset_after, fast, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths)
+        tape = Tape(cell, reset_after, fast, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths,
+                    variant, pre_kept)
     return layer_in, hn, cn, tape
 
 
@@ -209,8 +268,9 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
     dx : (T, B, I) array
     dh0 : (L*D, B, H) array
     dc0 : (L*D, B, H) array or None (GRU)
-    dweights : list of ``(dW_ih, dW_hh, db_ih, db_hh)`` per layer-direction
-        (biases ``None`` when ``with_bias`` is false).
+    dweights : list of ``(dW_ih, dW_hh, db_ih, db_hh, dpeep)`` per
+        layer-direction (biases ``None`` when ``with_bias`` is false;
+        ``dpeep`` (3, H) with peepholes, else ``None``).
     """
     cell = tape.cell
     reset_after = tape.reset_after
@@ -221,6 +281,8 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
     chunk = _chunk_size(B)
     fast = tape.fast
     lengths = tape.lengths
+    variant = tape.variant
+    clip = dtype.type(variant.clip)
     dh0 = np.empty_like(tape.h0)
     dc0 = np.empty_like(tape.c0) if cell == "lstm" else None
     dweights = [None] * (num_layers * D)
@@ -238,13 +300,20 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
             _config.kernel_threads(-(-B // chunk))
             hprev = np.empty((T, B, H), dtype=dtype)
             dgx = np.empty((T, B, G), dtype=dtype)
+            rev = variant.direction_reversed(d)
+            dpeep = None
             if cell == "lstm":
                 dgh = dgx
                 hop = hprev
                 whh_b = _derive(derived, ("whh_b", k), column_blocks, w_hh)
+                peep = _peep(variant, k, H, dtype)
+                cprev = np.empty((T, B, H), dtype=dtype) if peep.shape[0] else _empty3(dtype)
                 lstm_backward(dy_layer, d * H, dhn[k], dcn[k], whh_b,
                               tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
-                              lengths, d == 1, chunk, fast, dgx, hprev, dh0[k], dc0[k])
+                              lengths, rev, chunk, fast, dgx, hprev, dh0[k], dc0[k],
+                              peep, variant.coupled, clip, tape.pre[k], cprev)
+                if peep.shape[0]:
+                    dpeep = _peephole_grads(dgx, cprev, tape.aux[k])
             else:
                 dgh = np.empty((T, B, G), dtype=dtype)
                 if reset_after:
@@ -256,8 +325,8 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                     hop = rhprev = np.empty((T, B, H), dtype=dtype)
                 wn_b = _derive(derived, ("wn_b", k), column_blocks, w_hh[2 * H:])
                 gru_backward(dy_layer, d * H, dhn[k], wa_b, wn_b, tape.gates[k], tape.aux[k],
-                             y, d * H, tape.h0[k], lengths, d == 1, reset_after, chunk,
-                             dgx, dgh, hprev, rhprev, dh0[k])
+                             y, d * H, tape.h0[k], lengths, rev, reset_after, chunk,
+                             dgx, dgh, hprev, rhprev, dh0[k], clip, tape.pre[k])
             dgx2 = dgx.reshape(T * B, G)
             dgh2 = dgh.reshape(T * B, G)
             dw_ih = np.empty((G, I), dtype=dtype)
@@ -277,7 +346,7 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
             if with_bias:
                 db_ih = dgx2.sum(axis=0)
                 db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
-            dweights[k] = (dw_ih, dw_hh, db_ih, db_hh)
+            dweights[k] = (dw_ih, dw_hh, db_ih, db_hh, dpeep)
             part_dx = np.empty((T * B, I), dtype=dtype)
             matmul(dgx2, w_ih, _empty1(dtype), part_dx, _product_blocks(T * B, G, I))
             if dx is None:

@@ -35,6 +35,18 @@ def boolean(value, name):
     return bool(value)
 
 
+def clip_bound(value, name="clip"):
+    """Return ``value`` as a positive finite ``float``, or ``inf`` for ``None``."""
+    if value is None:
+        return np.inf
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0 < value < np.inf):
+        raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
+    return value
+
+
 def model_dtype(dtype):
     """Return the model dtype, which must be float32 or float64."""
     try:

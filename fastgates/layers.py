@@ -106,7 +106,8 @@ class _Recurrent(_Parameters):
     _cell = None
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, seed=None, reset_after=True):
+                 bidirectional=False, dtype=np.float32, seed=None, reset_after=True,
+                 reverse=False, clip=None, peephole=False, input_forget=False):
         self.input_size = check.positive_int(input_size, "input_size")
         self.hidden_size = check.positive_int(hidden_size, "hidden_size")
         self.num_layers = check.positive_int(num_layers, "num_layers")
@@ -114,6 +115,13 @@ class _Recurrent(_Parameters):
         self.batch_first = check.boolean(batch_first, "batch_first")
         self.bidirectional = check.boolean(bidirectional, "bidirectional")
         self.reset_after = check.boolean(reset_after, "reset_after")
+        self.reverse = check.boolean(reverse, "reverse")
+        if self.reverse and self.bidirectional:
+            raise ValueError("reverse=True is a one-direction model reading backwards; "
+                             "it cannot be combined with bidirectional=True")
+        self.clip = check.clip_bound(clip)
+        self.peephole = check.boolean(peephole, "peephole")
+        self.input_forget = check.boolean(input_forget, "input_forget")
         self.dtype = check.model_dtype(dtype)
         self._setup_params(self._param_shapes(), seed)
 
@@ -135,7 +143,15 @@ class _Recurrent(_Parameters):
                 if self.bias:
                     shapes["bias_ih" + suffix] = (G,)
                     shapes["bias_hh" + suffix] = (G,)
+        if self.peephole:
+            # Last, so that the other parameters of a seed do not change.
+            for s in self._suffixes():
+                shapes["weight_peep" + s] = (3, self.hidden_size)
         return shapes
+
+    def _variant(self):
+        peeps = [self._params["weight_peep" + s] for s in self._suffixes()] if self.peephole else None
+        return _recurrent.Variant(self.reverse, self.clip, self.input_forget, peeps)
 
     def _suffixes(self):
         return [f"_l{layer}" + ("_reverse" if d == 1 else "")
@@ -187,7 +203,8 @@ class _Recurrent(_Parameters):
         x3, batched, h0, c0, lengths = self._prepare(x, state, lengths)
         y, hn, cn, tape = _recurrent.forward(
             self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
-            self.bidirectional, self.reset_after, keep, derived=self._derived)
+            self.bidirectional, self.reset_after, keep, derived=self._derived,
+            variant=self._variant())
         return x3, batched, y, hn, cn, tape
 
     # -- public API ----------------------------------------------------------
@@ -261,12 +278,14 @@ class _Recurrent(_Parameters):
                 tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,
                 derived=derived)
             dparams = {}
-            for s, (dw_ih, dw_hh, db_ih, db_hh) in zip(suffixes, dweights):
+            for s, (dw_ih, dw_hh, db_ih, db_hh, dpeep) in zip(suffixes, dweights):
                 dparams["weight_ih" + s] = dw_ih
                 dparams["weight_hh" + s] = dw_hh
                 if self.bias:
                     dparams["bias_ih" + s] = db_ih
                     dparams["bias_hh" + s] = db_hh
+                if dpeep is not None:
+                    dparams["weight_peep" + s] = dpeep
             dparams = {name: dparams[name] for name in self._shapes}
             return self._seq_out(dx, batched), self._state_out(dh0, dc0, batched), dparams
 
@@ -308,8 +327,22 @@ class _Recurrent(_Parameters):
             args.append("bidirectional=True")
         if self._cell == "gru" and not self.reset_after:
             args.append("reset_after=False")
+        args += _variant_repr(self)
         args.append(f"dtype={self.dtype.name}")
         return f"{type(self).__name__}({', '.join(args)})"
+
+
+def _variant_repr(model):
+    args = []
+    if getattr(model, "reverse", False):
+        args.append("reverse=True")
+    if model.clip < np.inf:
+        args.append(f"clip={model.clip!r}")
+    if model.peephole:
+        args.append("peephole=True")
+    if model.input_forget:
+        args.append("input_forget=True")
+    return args
 
 
 def _pair(value, name):
@@ -350,6 +383,24 @@ class LSTM(_Recurrent):
         The dtype of parameters, outputs and gradients.
     seed : int or None
         Seed of the default initialisation (uniform in ``±1/sqrt(H)``).
+    reverse : bool, default False
+        A one-direction model that reads each sequence backwards, from its
+        last valid step (ONNX's ``direction="reverse"``); parameters keep
+        the names without ``_reverse``.
+    clip : float or None, default None
+        Limit every gate pre-activation, and ``c'`` where it enters
+        ``tanh``, to ``[-clip, clip]`` (ONNX's ``clip``; the state ``c'``
+        itself is not clipped).  Gradients are 0 where a value was cut.
+    peephole : bool, default False
+        Peephole connections (Gers & Schmidhuber 2000; ONNX's ``P``): the
+        parameters ``weight_peep_l{k}`` (3, H), rows ``p_i, p_f, p_o``, add
+        ``p_i ⊙ c`` and ``p_f ⊙ c`` to the i and f pre-activations and
+        ``p_o ⊙ c'`` to the o one.  They are initialised after every other
+        parameter, so a seed gives the same other parameters either way.
+    input_forget : bool, default False
+        Couple the forget gate to the input gate, ``f = 1 - i`` (ONNX's
+        ``input_forget``); the f rows of the weights are kept, unused, and
+        get zero gradients.
 
     Examples
     --------
@@ -363,9 +414,11 @@ class LSTM(_Recurrent):
     _cell = "lstm"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, seed=None):
+                 bidirectional=False, dtype=np.float32, seed=None, reverse=False, clip=None,
+                 peephole=False, input_forget=False):
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-                         bidirectional=bidirectional, dtype=dtype, seed=seed)
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
+                         clip=clip, peephole=peephole, input_forget=input_forget)
 
 
 class GRU(_Recurrent):
@@ -388,14 +441,21 @@ class GRU(_Recurrent):
         Apply the reset gate after the recurrent product (PyTorch, cuDNN and
         Keras) or before it (Cho et al. 2014, ONNX's default).  The paper's
         form ``h' = (1 - z') h + z' n`` is this model with ``z' = 1 - z``.
+    reverse : bool, default False
+        As for :class:`LSTM`.
+    clip : float or None, default None
+        Limit the pre-activations of r, z and n (the argument of ``tanh``)
+        to ``[-clip, clip]`` (ONNX's ``clip``).
     """
 
     _cell = "gru"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reset_after=True, dtype=np.float32, seed=None):
+                 bidirectional=False, reset_after=True, dtype=np.float32, seed=None,
+                 reverse=False, clip=None):
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-                         bidirectional=bidirectional, dtype=dtype, seed=seed, reset_after=reset_after)
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reset_after=reset_after,
+                         reverse=reverse, clip=clip)
 
 
 class _Cell(_Parameters):
@@ -404,22 +464,31 @@ class _Cell(_Parameters):
     _cell = None
 
     def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None,
-                 reset_after=True):
+                 reset_after=True, clip=None, peephole=False, input_forget=False):
         self.input_size = check.positive_int(input_size, "input_size")
         self.hidden_size = check.positive_int(hidden_size, "hidden_size")
         self.bias = check.boolean(bias, "bias")
         self.reset_after = check.boolean(reset_after, "reset_after")
+        self.clip = check.clip_bound(clip)
+        self.peephole = check.boolean(peephole, "peephole")
+        self.input_forget = check.boolean(input_forget, "input_forget")
         self.dtype = check.model_dtype(dtype)
         G = len(_GATE_NAMES[self._cell]) * self.hidden_size
         shapes = {"weight_ih": (G, self.input_size), "weight_hh": (G, self.hidden_size)}
         if self.bias:
             shapes["bias_ih"] = (G,)
             shapes["bias_hh"] = (G,)
+        if self.peephole:
+            shapes["weight_peep"] = (3, self.hidden_size)
         self._setup_params(shapes, seed)
 
     def _weights(self):
         p = self._params
         return [(p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"))]
+
+    def _variant(self):
+        peeps = [self._params["weight_peep"]] if self.peephole else None
+        return _recurrent.Variant(False, self.clip, self.input_forget, peeps)
 
     def _prepare(self, x, state):
         arr = check.as_float_array(x, "x", self.dtype)
@@ -458,7 +527,8 @@ class _Cell(_Parameters):
         x3, batched, h0, c0 = self._prepare(x, state)
         lengths = np.ones(x3.shape[1], dtype=np.int64)
         _, hn, cn, tape = _recurrent.forward(self._cell, self._weights(), x3, h0, c0, lengths,
-                                             1, False, self.reset_after, keep, derived=self._derived)
+                                             1, False, self.reset_after, keep, derived=self._derived,
+                                             variant=self._variant())
         return x3, batched, hn, cn, tape
 
     def __call__(self, x, state=None):
@@ -509,11 +579,13 @@ class _Cell(_Parameters):
             dy = np.zeros((1, B, H), dtype=self.dtype)
             dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias,
                                                          derived=derived)
-            dw_ih, dw_hh, db_ih, db_hh = dweights[0]
+            dw_ih, dw_hh, db_ih, db_hh, dpeep = dweights[0]
             dparams = {"weight_ih": dw_ih, "weight_hh": dw_hh}
             if self.bias:
                 dparams["bias_ih"] = db_ih
                 dparams["bias_hh"] = db_hh
+            if dpeep is not None:
+                dparams["weight_peep"] = dpeep
             dx = dx[0] if batched else dx[0, 0]
             return dx, self._state_out(dh0, dc0, batched), dparams
 
@@ -525,6 +597,7 @@ class _Cell(_Parameters):
             args.append("bias=False")
         if self._cell == "gru" and not self.reset_after:
             args.append("reset_after=False")
+        args += _variant_repr(self)
         args.append(f"dtype={self.dtype.name}")
         return f"{type(self).__name__}({', '.join(args)})"
 
@@ -541,12 +614,16 @@ class LSTMCell(_Cell):
     bias : bool, default True
     dtype : {np.float32, np.float64}, default np.float32
     seed : int or None
+    clip, peephole, input_forget :
+        As for :class:`LSTM` (the peephole parameter is ``weight_peep``).
     """
 
     _cell = "lstm"
 
-    def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None):
-        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed)
+    def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None,
+                 clip=None, peephole=False, input_forget=False):
+        super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed, clip=clip,
+                         peephole=peephole, input_forget=input_forget)
 
 
 class GRUCell(_Cell):
@@ -563,11 +640,13 @@ class GRUCell(_Cell):
         As for :class:`GRU`.
     dtype : {np.float32, np.float64}, default np.float32
     seed : int or None
+    clip : float or None, default None
+        As for :class:`GRU`.
     """
 
     _cell = "gru"
 
     def __init__(self, input_size, hidden_size, *, bias=True, reset_after=True, dtype=np.float32,
-                 seed=None):
+                 seed=None, clip=None):
         super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed,
-                         reset_after=reset_after)
+                         reset_after=reset_after, clip=clip)

@@ -103,11 +103,28 @@ def _bias_or_zeros(bias, rows, dtype):
 # ---------------------------------------------------------------------------
 
 
-def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+def _clip(a, bound):
+    """``a`` limited to ``[-bound, bound]`` (ONNX's ``clip``); no limit for None."""
+    return a if bound is None else np.clip(a, -bound, bound)
+
+
+def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, peep=None, input_forget=False,
+              clip=None):
     """One LSTM step for one sequence: ``x`` ``(I,)``, ``h`` and ``c`` ``(H,)``.
 
     Returns ``h_new, c_new, gates`` where ``gates`` maps ``"i" "f" "g" "o"``
     to the post-activation gate values and ``"c"`` to ``c_new``.
+
+    The variants of ONNX's LSTM operator: ``peep`` ``(3, H)`` holds the
+    peephole weights ``p_i, p_f, p_o``; ``input_forget`` couples
+    ``f = 1 - i``; ``clip`` bounds every activation's argument::
+
+        i  = sigmoid(clip(W_ii x + b_ii + W_hi h + b_hi + p_i * c))
+        f  = sigmoid(clip(W_if x + b_if + W_hf h + b_hf + p_f * c))  or 1 - i
+        g  = tanh   (clip(W_ig x + b_ig + W_hg h + b_hg))
+        c' = f * c + i * g
+        o  = sigmoid(clip(W_io x + b_io + W_ho h + b_ho + p_o * c'))
+        h' = o * tanh(clip(c'))
     """
     H = h.shape[0]
     b_ih = _bias_or_zeros(b_ih, 4 * H, w_ih.dtype)
@@ -118,20 +135,28 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     b_ii, b_if, b_ig, b_io = (gate_rows(b_ih, k, H) for k in range(4))
     b_hi, b_hf, b_hg, b_ho = (gate_rows(b_hh, k, H) for k in range(4))
 
-    i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
-    f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
-    g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
-    o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
+    if peep is None:
+        p_i = p_f = p_o = np.zeros(H, dtype=w_hh.dtype)
+    else:
+        p_i, p_f, p_o = peep
+    i = sigmoid(_clip(W_ii @ x + b_ii + W_hi @ h + b_hi + p_i * c, clip))
+    if input_forget:
+        f = 1 - i
+    else:
+        f = sigmoid(_clip(W_if @ x + b_if + W_hf @ h + b_hf + p_f * c, clip))
+    g = tanh(_clip(W_ig @ x + b_ig + W_hg @ h + b_hg, clip))
     c_new = f * c + i * g
-    h_new = o * tanh(c_new)
+    o = sigmoid(_clip(W_io @ x + b_io + W_ho @ h + b_ho + p_o * c_new, clip))
+    h_new = o * tanh(_clip(c_new, clip))
     return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "c": c_new}
 
 
-def gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, reset_after=True):
+def gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, reset_after=True, clip=None):
     """One GRU step for one sequence: ``x`` ``(I,)``, ``h`` ``(H,)``.
 
     Returns ``h_new, gates`` with ``gates`` mapping ``"r" "z" "n"`` to the
-    post-activation gate values.
+    post-activation gate values.  ``clip`` bounds the argument of each
+    activation (ONNX's ``clip``).
     """
     H = h.shape[0]
     b_ih = _bias_or_zeros(b_ih, 3 * H, w_ih.dtype)
@@ -142,12 +167,12 @@ def gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, reset_after=True):
     b_ir, b_iz, b_in = (gate_rows(b_ih, k, H) for k in range(3))
     b_hr, b_hz, b_hn = (gate_rows(b_hh, k, H) for k in range(3))
 
-    r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
-    z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+    r = sigmoid(_clip(W_ir @ x + b_ir + W_hr @ h + b_hr, clip))
+    z = sigmoid(_clip(W_iz @ x + b_iz + W_hz @ h + b_hz, clip))
     if reset_after:
-        n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+        n = tanh(_clip(W_in @ x + b_in + r * (W_hn @ h + b_hn), clip))
     else:
-        n = tanh(W_in @ x + b_in + W_hn @ (r * h) + b_hn)
+        n = tanh(_clip(W_in @ x + b_in + W_hn @ (r * h) + b_hn, clip))
     h_new = (1 - z) * n + z * h
     return h_new, {"r": r, "z": z, "n": n}
 
@@ -294,7 +319,8 @@ def _layer_params(params, layer, direction):
 
 
 def reference_lstm(x, params, num_layers=1, bidirectional=False,
-                   h0=None, c0=None, lengths=None):
+                   h0=None, c0=None, lengths=None, reverse=False, input_forget=False,
+                   clip=None):
     """Multi-layer, optionally bidirectional LSTM over a time-major sequence.
 
     Parameters
@@ -305,6 +331,11 @@ def reference_lstm(x, params, num_layers=1, bidirectional=False,
     bidirectional : bool
     h0, c0 : ndarray, shape (L*D, B, H), optional (zeros)
     lengths : int array, shape (B,), optional (all T); right-padded sequences
+    reverse : bool
+        One direction reading backwards (ONNX's ``direction="reverse"``).
+    input_forget, clip :
+        As for :func:`lstm_step`; peephole weights are read from
+        ``params["weight_peep_l{k}"]`` when present.
 
     Returns
     -------
@@ -330,13 +361,15 @@ def reference_lstm(x, params, num_layers=1, bidirectional=False,
         direction_outputs = []
         for direction in range(D):
             w_ih, w_hh, b_ih, b_hh = _layer_params(params, layer, direction)
+            peep = params.get(layer_key("weight_peep", layer, direction))
             s = layer * D + direction
             out = np.zeros((T, B, H), dtype=dtype)
             for b in range(B):
                 h = h0[s, b]
                 c = c0[s, b]
-                for t in _valid_steps(lengths[b], direction):
-                    h, c, g = lstm_step(layer_input[t, b], h, c, w_ih, w_hh, b_ih, b_hh)
+                for t in _valid_steps(lengths[b], 1 if reverse else direction):
+                    h, c, g = lstm_step(layer_input[t, b], h, c, w_ih, w_hh, b_ih, b_hh,
+                                        peep, input_forget, clip)
                     out[t, b] = h
                     for k in g:
                         gates[k][s, t, b] = g[k]
@@ -348,7 +381,7 @@ def reference_lstm(x, params, num_layers=1, bidirectional=False,
 
 
 def reference_gru(x, params, num_layers=1, bidirectional=False, h0=None,
-                  lengths=None, reset_after=True):
+                  lengths=None, reset_after=True, reverse=False, clip=None):
     """Multi-layer, optionally bidirectional GRU over a time-major sequence.
 
     Same conventions as :func:`reference_lstm`; returns ``y, h_n, gates``
@@ -371,9 +404,9 @@ def reference_gru(x, params, num_layers=1, bidirectional=False, h0=None,
             out = np.zeros((T, B, H), dtype=dtype)
             for b in range(B):
                 h = h0[s, b]
-                for t in _valid_steps(lengths[b], direction):
+                for t in _valid_steps(lengths[b], 1 if reverse else direction):
                     h, g = gru_step(layer_input[t, b], h, w_ih, w_hh, b_ih, b_hh,
-                                    reset_after=reset_after)
+                                    reset_after=reset_after, clip=clip)
                     out[t, b] = h
                     for k in g:
                         gates[k][s, t, b] = g[k]

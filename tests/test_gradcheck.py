@@ -127,10 +127,48 @@ def test_layer_gradients(kind, num_layers, bidirectional, use_lengths, bias):
         m = fg.GRU(I, H, num_layers, reset_after=kind == "gru", **kw)
     D = 2 if bidirectional else 1
     rng = np.random.default_rng([num_layers, D, int(use_lengths), int(bias), KINDS.index(kind)])
+    check_layer_gradients(m, family, rng, use_lengths)
+
+
+# ONNX's variants: peepholes, a coupled forget gate, clipping, one reversed
+# direction.  The clip bound is set where part of the pre-activations (with
+# inputs scaled up) lies beyond it; the test checks it does.
+VARIANTS = {
+    "lstm_reverse": ("lstm", dict(reverse=True)),
+    "lstm_peephole": ("lstm", dict(peephole=True)),
+    "lstm_input_forget": ("lstm", dict(input_forget=True)),
+    "lstm_clip": ("lstm", dict(clip=0.5)),
+    "lstm_all_bi": ("lstm", dict(peephole=True, input_forget=True, clip=0.5, bidirectional=True)),
+    "gru_reverse": ("gru", dict(reverse=True)),
+    "gru_clip": ("gru", dict(clip=0.5)),
+    "gru_classic_clip_bi": ("gru", dict(clip=0.5, reset_after=False, bidirectional=True)),
+}
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_gradients(variant, num_layers):
+    family, options = VARIANTS[variant]
+    cls = fg.LSTM if family == "lstm" else fg.GRU
+    m = cls(I, H, num_layers, dtype=np.float64, seed=5, **options)
+    if "peephole" in options:
+        # Peepholes initialised like the rest are small; make them matter.
+        sd = m.state_dict()
+        for k in sd:
+            if k.startswith("weight_peep"):
+                sd[k] *= 4
+        m.load_state_dict(sd)
+    rng = np.random.default_rng([num_layers, list(VARIANTS).index(variant)])
+    check_layer_gradients(m, family, rng, use_lengths=True, x_scale=3.0 if "clip" in options else 1.0)
+
+
+def check_layer_gradients(m, family, rng, use_lengths, x_scale=1.0):
+    """Every gradient of layer ``m`` against central differences."""
+    num_layers, D = m.num_layers, m.num_directions
     n_state = 2 if family == "lstm" else 1
     state_shape = (num_layers * D, B, H)
     arrays = {
-        "x": rng.standard_normal((T, B, I)),
+        "x": x_scale * rng.standard_normal((T, B, I)),
         "dy": rng.standard_normal((T, B, D * H)),
         "lengths": LENGTHS.copy() if use_lengths else None,
     }
@@ -164,9 +202,25 @@ def test_layer_gradients(kind, num_layers, bidirectional, use_lengths, bias):
 
     numeric = fd_params(m, total_loss)
     assert dparams.keys() == numeric.keys()
-    assert bias or not any(k.startswith("bias") for k in numeric)
+    assert m.bias or not any(k.startswith("bias") for k in numeric)
     for key in numeric:
         assert_gradient(key, dparams[key], numeric[key], loss_scale)
+    if m.clip < np.inf:
+        # The bound must have cut something, or the clip paths went untested.
+        unclipped = type(m)(m.input_size, m.hidden_size, m.num_layers, bias=m.bias,
+                            bidirectional=m.bidirectional, reverse=m.reverse,
+                            dtype=m.dtype, **_family_options(m))
+        unclipped.load_state_dict(m.state_dict())
+        state0 = from_tuple(family, [arrays[s] for s in states])
+        y_clip, _ = m(arrays["x"], state0, arrays["lengths"])
+        y_free, _ = unclipped(arrays["x"], state0, arrays["lengths"])
+        assert not np.allclose(y_clip, y_free)
+
+
+def _family_options(m):
+    if isinstance(m, fg.LSTM):
+        return dict(peephole=m.peephole, input_forget=m.input_forget)
+    return dict(reset_after=m.reset_after)
 
 
 # --------------------------------------------------------------------------
