@@ -24,11 +24,11 @@ def from_torch(module):
     return convert(module)
 
 
-def to_torch(model):
+def to_torch(model, **options):
     """The PyTorch module equivalent to a fastgates model; see
     :func:`fastgates.torch.to_torch`."""
     from .torch import to_torch as convert
-    return convert(model)
+    return convert(model, **options)
 
 
 def to_onnx(model, path=None, **options):
