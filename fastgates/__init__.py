@@ -4,12 +4,28 @@ NumPy arrays in, NumPy arrays out; PyTorch's semantics and parameter layout;
 forward and backward passes compiled for the CPU.
 """
 
+from . import datasets, init
 from ._config import get_activation_mode, get_num_threads, set_activation_mode, set_num_threads
-from .layers import GRU, LSTM, GRUCell, LSTMCell
+from .analysis import GateSummary, gate_summary, timescale
+from .layers import GRU, LSTM, GRUCell, LSTMCell, flatten_params, unflatten_params
+from .training import Adam, Linear, Readout, clip_grad_norm, cross_entropy_loss, mse_loss, scipy_objective
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "set_num_threads", "get_num_threads",
-           "set_activation_mode", "get_activation_mode",
-           "from_torch", "to_torch", "to_onnx", "from_onnx", "from_keras", "to_keras"]
+__all__ = [
+    # models
+    "LSTM", "GRU", "LSTMCell", "GRUCell", "Linear", "Readout",
+    # parameters as one vector (scipy.optimize)
+    "flatten_params", "unflatten_params",
+    # training
+    "mse_loss", "cross_entropy_loss", "Adam", "clip_grad_norm", "scipy_objective", "init",
+    # what a model keeps and forgets
+    "gate_summary", "GateSummary", "timescale",
+    # data
+    "datasets",
+    # threads and activations
+    "set_num_threads", "get_num_threads", "set_activation_mode", "get_activation_mode",
+    # other frameworks (imported on first call)
+    "from_torch", "to_torch", "to_onnx", "from_onnx", "from_keras", "to_keras",
+]
 __version__ = "0.1.0"
 
 

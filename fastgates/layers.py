@@ -11,7 +11,7 @@ import numpy as np
 from . import _recurrent
 from . import _validate as check
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell"]
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "flatten_params", "unflatten_params"]
 
 _GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 
@@ -61,6 +61,41 @@ class _Parameters:
         """
         return {name: value.copy() for name, value in self._params.items()}
 
+    def get_flat_params(self):
+        """Return every parameter in one 1-D array (a copy).
+
+        The order is that of :meth:`state_dict`, each array flattened in C
+        order: the vector ``scipy.optimize`` works on.
+
+        Returns
+        -------
+        ndarray
+            ``(num_params,)`` in the model's dtype.
+        """
+        return flatten_params(self, self._params)
+
+    def set_flat_params(self, v):
+        """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
+
+        Parameters
+        ----------
+        v : array_like
+            ``(num_params,)`` real numbers; converted to the model's dtype.
+
+        Raises
+        ------
+        ValueError
+            If ``v`` is not 1-D of the right length.
+        TypeError
+            If ``v`` holds booleans, complex numbers, objects or strings.
+        """
+        self.load_state_dict(unflatten_params(self, v))
+
+    @property
+    def num_params(self):
+        """The number of parameter entries (the length of :meth:`get_flat_params`)."""
+        return sum(int(np.prod(shape)) for shape in self._shapes.values())
+
     def load_state_dict(self, state_dict):
         """Replace the parameters by those in ``state_dict``.
 
@@ -100,6 +135,77 @@ class _Parameters:
         if problems:
             raise ValueError(f"load_state_dict: {'; '.join(problems)}")
         self._set_params({name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes})
+
+
+def flatten_params(model, params):
+    """Concatenate a dict keyed like ``model.state_dict()`` into one 1-D array.
+
+    Use it for gradients (``dparams`` of a pullback), so that they line up
+    with :meth:`~LSTM.get_flat_params`.
+
+    Parameters
+    ----------
+    model : LSTM, GRU, LSTMCell, GRUCell or any fastgates model with parameters
+    params : mapping of str to array_like
+        Exactly the keys of ``model.state_dict()``, with the same shapes.
+
+    Returns
+    -------
+    ndarray
+        ``(model.num_params,)`` in the model's dtype.
+
+    Raises
+    ------
+    ValueError
+        Naming missing or unexpected keys and wrong shapes.
+    """
+    shapes = model._shapes
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a mapping of names to arrays, got {type(params).__name__}")
+    missing = [k for k in shapes if k not in params]
+    unexpected = [k for k in params.keys() if k not in shapes]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    parts = []
+    for name, shape in shapes.items():
+        if name in params:
+            arr = check.as_float_array(params[name], f"params[{name!r}]", model.dtype, allow_int=True)
+            if arr.shape != shape:
+                problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
+            parts.append(arr.reshape(-1))
+    if problems:
+        raise ValueError(f"flatten_params: {'; '.join(problems)}")
+    return np.concatenate(parts).astype(model.dtype, copy=False) if parts else np.empty(0, model.dtype)
+
+
+def unflatten_params(model, v):
+    """Split a 1-D array laid out as ``model.get_flat_params()`` into a dict.
+
+    Parameters
+    ----------
+    model : fastgates model
+    v : array_like
+        ``(model.num_params,)`` real numbers.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Keyed and shaped like ``model.state_dict()``, in the model's dtype
+        (copies).
+    """
+    arr = check.as_float_array(v, "v", model.dtype, allow_int=True)
+    n = sum(int(np.prod(shape)) for shape in model._shapes.values())
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"v must be a 1-D array of the model's {n} parameters, got shape {arr.shape}")
+    out, start = {}, 0
+    for name, shape in model._shapes.items():
+        size = int(np.prod(shape))
+        out[name] = arr[start:start + size].reshape(shape).copy()
+        start += size
+    return out
 
 
 class _Recurrent(_Parameters):
