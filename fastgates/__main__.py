@@ -9,6 +9,10 @@ differences.  Only the runtime dependencies are needed.
 ``python -m fastgates bench`` runs the side-by-side benchmark of
 :mod:`fastgates.bench` (PyTorch and onnxruntime are optional peers there).
 
+``python -m fastgates demo`` trains a forecaster of the yearly sunspot number
+(:mod:`fastgates.demo`), reports it against two baselines with its forget-gate
+time scales, and writes three plots (matplotlib, the `demo` extra).
+
 New subcommands are added in ``_build_parser``: one ``add_parser`` call and a
 function ``(args) -> int`` set as the subparser's ``func`` default.
 """
@@ -273,6 +277,12 @@ def _build_parser():
                       "side (--quick: one shape per group, a few minutes)",
         description="fastgates against PyTorch, onnxruntime and NumPy side by "
                     "side, as in docs/benchmarks.md."))
+    from . import demo   # NumPy and fastgates only; matplotlib when it plots
+
+    demo.add_arguments(sub.add_parser(
+        "demo", help="train an LSTM to forecast the yearly sunspot number; RMSE "
+                     "against baselines, forget-gate time scales, three plots",
+        description=demo.DESCRIPTION))
     return parser
 
 

@@ -213,6 +213,8 @@ def timescale_histogram(summary, path, *, horizon=None, bins=30, title=None):
         ax.plot([], [], " ", label=f"not shown: {n_inf} never forget (f = 1), {n_zero} with f = 0")
     ax.set_xlabel(f"time scale -1/ln(mean {summary.gate}) (steps, log scale)")
     ax.set_ylabel("units")
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))   # units are counted
     ax.legend(fontsize=8)
     gate = "forget gate" if summary.gate == "f" else "update gate z"
     ax.set_title(title if title is not None else
