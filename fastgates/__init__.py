@@ -7,6 +7,7 @@ forward and backward passes compiled for the CPU.
 from . import datasets, init
 from ._config import get_activation_mode, get_num_threads, set_activation_mode, set_num_threads
 from .analysis import GateSummary, gate_summary, timescale
+from .io import load, save
 from .layers import GRU, LSTM, GRUCell, LSTMCell, flatten_params, unflatten_params
 from .training import Adam, Linear, Readout, clip_grad_norm, cross_entropy_loss, mse_loss, scipy_objective
 
@@ -21,6 +22,8 @@ __all__ = [
     "gate_summary", "GateSummary", "timescale",
     # data
     "datasets",
+    # files
+    "save", "load",
     # threads and activations
     "set_num_threads", "get_num_threads", "set_activation_mode", "get_activation_mode",
     # other frameworks (imported on first call)
