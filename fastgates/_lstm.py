@@ -90,8 +90,10 @@ def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, fast):
     As :func:`_cell_step`, and (ONNX's LSTM): with ``peep`` (3, H) not
     empty, ``p_i ⊙ c_{t-1}`` and ``p_f ⊙ c_{t-1}`` join the i and f
     pre-activations and ``p_o ⊙ c_t`` the o one; with ``coupled``,
-    ``f = 1 - i``; every pre-activation, and ``c_t`` where it enters
-    ``tanh``, is limited to ``[-clip, clip]`` (``clip = inf``: none).  When
+    ``f = 1 - i``; every gate pre-activation is limited to
+    ``[-clip, clip]`` (``clip = inf``: none), and ``c_t`` is not (neither
+    the state nor the argument of ``tanh(c_t)``: onnxruntime's LSTM, measured,
+    although ONNX's text could be read otherwise).  When
     ``pre`` (4H,) is not empty the pre-activations are written to it, before
     clipping, for the backward pass.
     """
@@ -116,7 +118,7 @@ def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, fast):
             ao += peep[2, j] * cc
         o = sigmoid_scalar(_clip(ao, clip), fast)
         c[j] = cc
-        h[j] = o * tanh_scalar(_clip(cc, clip), fast)
+        h[j] = o * tanh_scalar(cc, fast)
         a[j] = i
         a[H + j] = f
         a[2 * H + j] = g
@@ -151,13 +153,12 @@ def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fas
         gg = g[2 * H + j]
         o = g[3 * H + j]
         cc = ct[j]
-        tc = tanh_scalar(_clip(cc, clip), fast)
+        tc = tanh_scalar(cc, fast)
         dht = dh[j] + dyt[j]
         dao = dht * tc * o * (one_ - o)
         dtc = dht * o * (one_ - tc * tc)
         if clipping:
             dao *= _inside(pre[3 * H + j], clip)
-            dtc *= _inside(cc, clip)
         dct = dc[j] + dtc
         if peephole:
             dct += dao * peep[2, j]
@@ -217,7 +218,7 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
     coupled : bool
         ``f = 1 - i`` (ONNX's ``input_forget``).
     clip : float
-        Bound of the pre-activations and of ``c_t`` inside ``tanh``; ``inf``
+        Bound of the gate pre-activations; ``inf``
         for none.
     pre : (T, B, 4H) array or (0, 0, 0) array, output
         Pre-activations (before clipping), kept for the backward pass when

@@ -97,8 +97,7 @@ class Variant:
     reverse : bool
         A one-direction model that reads each sequence backwards.
     clip : float
-        Bound of every gate pre-activation (and, for an LSTM, of ``c_t``
-        where it enters ``tanh``); ``inf`` for none.
+        Bound of every gate pre-activation; ``inf`` for none.
     coupled : bool
         LSTM: ``f = 1 - i``.
     peeps : list of (3, H) arrays or None

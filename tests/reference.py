@@ -117,14 +117,15 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, peep=None, input_forget
 
     The variants of ONNX's LSTM operator: ``peep`` ``(3, H)`` holds the
     peephole weights ``p_i, p_f, p_o``; ``input_forget`` couples
-    ``f = 1 - i``; ``clip`` bounds every activation's argument::
+    ``f = 1 - i``; ``clip`` bounds every gate's argument (the cell state is
+    not clipped, also not inside ``tanh(c')``, as onnxruntime computes it)::
 
         i  = sigmoid(clip(W_ii x + b_ii + W_hi h + b_hi + p_i * c))
         f  = sigmoid(clip(W_if x + b_if + W_hf h + b_hf + p_f * c))  or 1 - i
         g  = tanh   (clip(W_ig x + b_ig + W_hg h + b_hg))
         c' = f * c + i * g
         o  = sigmoid(clip(W_io x + b_io + W_ho h + b_ho + p_o * c'))
-        h' = o * tanh(clip(c'))
+        h' = o * tanh(c')
     """
     H = h.shape[0]
     b_ih = _bias_or_zeros(b_ih, 4 * H, w_ih.dtype)
@@ -147,7 +148,7 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, peep=None, input_forget
     g = tanh(_clip(W_ig @ x + b_ig + W_hg @ h + b_hg, clip))
     c_new = f * c + i * g
     o = sigmoid(_clip(W_io @ x + b_io + W_ho @ h + b_ho + p_o * c_new, clip))
-    h_new = o * tanh(_clip(c_new, clip))
+    h_new = o * tanh(c_new)
     return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "c": c_new}
 
 
