@@ -15,9 +15,8 @@ OpenBLAS threads that busy-wait beside Numba's slow a kernel down by an order
 of magnitude.  OpenBLAS threads keep spinning for a while after a
 product, so even taking turns is not enough.  fastgates therefore makes every
 matrix product from compiled code, with the BLAS that Numba calls (SciPy's)
-limited to one thread for the duration of the call
-(:func:`single_threaded_blas`), and splits the work across Numba's threads
-only; the user's BLAS settings are restored afterwards.
+limited to one thread (:func:`_claim_blas`, :func:`single_threaded_blas`),
+and splits the work across Numba's threads only.
 """
 
 import contextlib
@@ -83,7 +82,11 @@ def get_num_threads():
 def _blas_libraries():
     """The BLAS libraries that Numba's ``np.dot`` may call, found once."""
     global _controller
-    if _controller is None:
+    if _controller is not None:
+        return _controller
+    with _lock:
+        if _controller is not None:     # another thread got here first
+            return _controller
         # Imported here: the BLAS that Numba calls (SciPy's) is loaded on first
         # use, and threadpoolctl only sees the libraries already loaded.
         import scipy
@@ -97,8 +100,51 @@ def _blas_libraries():
         scipy_dir = os.path.dirname(os.path.dirname(scipy.__file__))
         own = [lib for lib in libs if "scipy" in os.path.basename(os.path.dirname(lib.filepath))
                and os.path.dirname(lib.filepath).startswith(scipy_dir)]
+        _claim_blas(own or libs)
         _controller = own or libs
     return _controller
+
+
+def _set_blas(libs, counts):
+    for lib, n in zip(libs, counts):
+        if lib.get_num_threads() != n:
+            lib.set_num_threads(n)
+    return [lib.get_num_threads() for lib in libs]
+
+
+def _claim_blas(libs):
+    """Set SciPy's BLAS to one thread, once, from a short-lived thread.
+
+    OpenBLAS 0.3.30 (SciPy's wheels) obeys ``openblas_set_num_threads`` only
+    from one thread: the first that called it, for as long as that thread
+    lives (measured; a call from any other thread does nothing).  Setting
+    and restoring the count around each call, as fastgates did, therefore
+    did nothing when a call came from another Python thread than the first
+    caller (a ``ThreadPoolExecutor`` worker): the BLAS ran multi-threaded and
+    float64 weight gradients differed in the last bits from a serial run.
+    Handing every change to one dedicated thread would cost two thread
+    switches per call (40-90 us measured, more than a small call itself).
+    Instead a thread of fastgates' own sets SciPy's BLAS to one thread at the
+    first call and ends: later calls, from any thread, find it
+    single-threaded and change nothing.  SciPy's BLAS stays single-threaded
+    in the process afterwards (NumPy's own BLAS, a separate library in the
+    wheels, is not touched); a user who sets it again (``threadpoolctl``)
+    gets the earlier behaviour, set to one thread around each call and
+    restored, from the thread that set it.
+    """
+    worker = threading.Thread(target=_set_blas, args=(libs, [1] * len(libs)), name="fastgates-blas")
+    worker.start()
+    worker.join()
+
+
+def _reset_after_fork():
+    # A forked child starts with no fastgates call in flight.
+    global _blas_users
+    _blas_users = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 _blas_users = 0
@@ -109,8 +155,10 @@ _blas_saved = []
 def single_threaded_blas():
     """Run the body with the BLAS that compiled code calls limited to one thread.
 
-    The user's settings are restored when the last concurrent caller leaves,
-    so several Python threads may run fastgates at once.
+    SciPy's BLAS is set to one thread at the first call (see
+    :func:`_claim_blas`), so this normally changes nothing.  If it has been
+    set otherwise since, it is set to one thread here and the user's
+    setting is restored when the last concurrent caller leaves.
     """
     global _blas_users, _blas_saved
     libs = _blas_libraries()

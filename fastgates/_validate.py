@@ -15,8 +15,13 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def positive_int(value, name, minimum=1):
-    """Return ``value`` as an ``int``, checking that it is an integer >= minimum."""
+# Sizes above this are refused: no layer of that width fits in memory, and a
+# clear error beats a MemoryError (or an overflow) while allocating.
+MAX_SIZE = 2**31 - 1
+
+
+def positive_int(value, name, minimum=1, maximum=MAX_SIZE):
+    """Return ``value`` as an ``int``, checking that it is an integer in [minimum, maximum]."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool {value!r}")
     try:
@@ -25,6 +30,8 @@ def positive_int(value, name, minimum=1):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -59,26 +66,75 @@ def model_dtype(dtype):
 
 
 def as_float_array(value, name, dtype, allow_int=False):
-    """Convert ``value`` to a C-contiguous array of ``dtype``.
+    """Convert ``value`` to a C-contiguous array of ``dtype``, keeping its shape.
 
     Only real floating-point input is accepted (and integers, when
-    ``allow_int``): booleans, complex numbers, objects and strings raise
-    ``TypeError``.  The caller's array is
+    ``allow_int``): ``None``, booleans, complex numbers, objects, strings,
+    datetimes and ragged nested lists raise.  Any byte order and memory layout
+    is accepted (a copy is made when converting); the caller's array is
     returned unchanged when it already has the right dtype and layout, and is
-    never written to.
+    never written to.  A 0-d input stays 0-d (the caller's rank check then
+    names it).
+
+    Raises
+    ------
+    TypeError
+        For ``None`` or a value that is not real numbers.
+    ValueError
+        If ``value`` cannot be made into an array (ragged nesting).
     """
     if value is None:
         raise TypeError(f"{name} must be an array of floats, got None")
     try:
         arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} could not be converted to an array: {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{name} could not be converted to an array of numbers: {exc}") from None
     if arr.dtype.kind != "f" and not (allow_int and arr.dtype.kind in "iu"):
         raise TypeError(
             f"{name} must hold real floating-point numbers, got dtype {arr.dtype}"
             " (convert it with .astype(np.float32) or np.float64 explicitly)"
         )
-    return np.ascontiguousarray(arr, dtype=dtype)
+    # np.asarray, not np.ascontiguousarray, which would turn a 0-d array 1-D.
+    # A value beyond the range of ``dtype`` becomes inf, as every cast does;
+    # the finite checks then name it, so NumPy's warning would only repeat it.
+    with np.errstate(over="ignore"):
+        return np.asarray(arr, dtype=dtype, order="C")
+
+
+def finite(arr, name, valid=None):
+    """Raise ``ValueError`` if ``arr`` holds NaN or inf where it is read.
+
+    Parameters
+    ----------
+    arr : ndarray
+        Floating-point array; with ``valid``, its first two axes are
+        ``(T, B)`` (time-major).
+    name : str
+        The argument's name, for the message.
+    valid : (T, B) bool ndarray, optional
+        The steps that are read; NaN or inf elsewhere (padding) is allowed.
+    """
+    ok = np.isfinite(arr)
+    if ok.all():
+        return
+    if valid is not None:
+        ok |= ~valid.reshape(valid.shape + (1,) * (arr.ndim - 2))
+        if ok.all():
+            return
+    where = tuple(int(i) for i in np.argwhere(~ok)[0])
+    what = "NaN" if np.isnan(arr[where]) else "inf"
+    at = f" at a valid step, time-major index {where} (step, sequence, ...)" if valid is not None else f" at index {where}"
+    raise ValueError(
+        f"{name} must be finite, got {what}{at} (values beyond the model dtype's range count as inf); "
+        "pass check_finite=False to let NaN and inf propagate"
+    )
+
+
+def valid_steps(lengths, steps):
+    """The ``(T, B)`` mask of valid steps, or ``None`` when every step is valid."""
+    if lengths.min() == steps:
+        return None
+    return np.arange(steps)[:, None] < lengths[None, :]
 
 
 def sequence(x, input_size, dtype, batch_first):
@@ -100,15 +156,20 @@ def sequence(x, input_size, dtype, batch_first):
     if arr.shape[-1] != input_size:
         raise ValueError(f"x must have input_size={input_size} features in its last axis, got shape {arr.shape}")
     batched = arr.ndim == 3
+    given = arr.shape
     if not batched:
         arr = arr[:, None, :]
     elif batch_first:
         arr = np.ascontiguousarray(arr.transpose(1, 0, 2))
     T, B, _ = arr.shape
+    # T = 0 and B = 0 are refused (docs/guarantees.md says why): with no
+    # step there is no last valid step (1 <= lengths <= T cannot hold), and
+    # an empty batch is nearly always an upstream bug (an empty split or
+    # filter) that an empty result would hide.
     if T == 0:
-        raise ValueError(f"x must have at least one time step, got shape {np.shape(x)}")
+        raise ValueError(f"x must have at least one time step (T >= 1), got shape {given}")
     if B == 0:
-        raise ValueError(f"x must have at least one sequence in its batch, got shape {np.shape(x)}")
+        raise ValueError(f"x must have at least one sequence in its batch (B >= 1), got shape {given}")
     return arr, batched
 
 
@@ -141,12 +202,19 @@ def lstm_state(state, num, batch, hidden, batched, dtype, name="state"):
 
 
 def lengths_array(lengths, batch, steps, batched):
-    """Check ``lengths`` and return it as an int64 array ``(B,)``."""
+    """Check ``lengths`` and return it as an int64 array ``(B,)``.
+
+    Only integer arrays are accepted: booleans, floats (even integral ones,
+    and NaN), objects and strings raise ``TypeError``.
+    """
     if lengths is None:
         return np.full(batch, steps, dtype=np.int64)
     if not batched:
         raise ValueError("lengths must be None for unbatched 2-D x (slice x to the length you want)")
-    arr = np.asarray(lengths)
+    try:
+        arr = np.asarray(lengths)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"lengths could not be converted to an array of integers: {exc}") from None
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths must be an array of integers, got dtype {arr.dtype}")
     if arr.shape != (batch,):

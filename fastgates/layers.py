@@ -15,6 +15,10 @@ __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "flatten_params", "unflatten_pa
 
 _GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 
+# More parameters than this (8 GiB in float32) is taken for a mistake in the
+# sizes rather than attempted.
+_MAX_PARAMS = 2**31
+
 
 def _init_params(shapes, hidden_size, dtype, seed):
     """PyTorch's default initialisation: every entry uniform in (-1/sqrt(H), 1/sqrt(H)).
@@ -23,9 +27,17 @@ def _init_params(shapes, hidden_size, dtype, seed):
     ``shapes``, then rounded to ``dtype``, so a seed gives the same model in
     both dtypes (up to that rounding).
     """
+    total = sum(int(np.prod(shape, dtype=object)) for shape in shapes.values())
+    if total > _MAX_PARAMS:
+        raise ValueError(f"the sizes given ask for {total} parameters {dict(shapes)}; "
+                         f"at most {_MAX_PARAMS} are supported")
     rng = np.random.default_rng(seed)
     bound = 1.0 / np.sqrt(hidden_size)
-    return {name: rng.uniform(-bound, bound, size=shape).astype(dtype) for name, shape in shapes.items()}
+    try:
+        return {name: rng.uniform(-bound, bound, size=shape).astype(dtype) for name, shape in shapes.items()}
+    except MemoryError:
+        raise ValueError(f"the sizes given ask for {total} parameters {dict(shapes)}, "
+                         "more than fit in memory") from None
 
 
 class _Parameters:
@@ -74,29 +86,33 @@ class _Parameters:
         """
         return flatten_params(self, self._params)
 
-    def set_flat_params(self, v):
+    def set_flat_params(self, v, *, check_finite=True):
         """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
 
         Parameters
         ----------
         v : array_like
             ``(num_params,)`` real numbers; converted to the model's dtype.
+        check_finite : bool, default True
+            Refuse NaN and inf (as :meth:`load_state_dict`).
 
         Raises
         ------
         ValueError
-            If ``v`` is not 1-D of the right length.
+            If ``v`` is not 1-D of the right length, or holds NaN or inf
+            with ``check_finite``.
         TypeError
             If ``v`` holds booleans, complex numbers, objects or strings.
         """
-        self.load_state_dict(unflatten_params(self, v))
+        check_finite = check.boolean(check_finite, "check_finite")
+        self.load_state_dict(unflatten_params(self, v), check_finite=check_finite)
 
     @property
     def num_params(self):
         """The number of parameter entries (the length of :meth:`get_flat_params`)."""
         return sum(int(np.prod(shape)) for shape in self._shapes.values())
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, *, check_finite=True):
         """Replace the parameters by those in ``state_dict``.
 
         Parameters
@@ -104,19 +120,26 @@ class _Parameters:
         state_dict : mapping of str to array_like
             Exactly the keys of :meth:`state_dict`, each convertible by
             ``np.asarray`` to an array of the same shape holding real floats
-            or integers.  Values are copied and converted to the model's dtype.
+            or integers.  Values are copied and converted to the model's dtype
+            (after the conversion, so a float64 value too large for a float32
+            model counts as inf).
+        check_finite : bool, default True
+            Refuse parameters holding NaN or inf.  With ``False`` they are
+            loaded and propagate through every result, as in PyTorch.
 
         Raises
         ------
         ValueError
-            Listing every missing key, unexpected key and wrong shape; nothing
-            is loaded then.
+            Listing every missing key, unexpected key, wrong shape and (with
+            ``check_finite``) value holding NaN or inf; nothing is loaded
+            then.
         TypeError
             If ``state_dict`` is not a mapping or a value holds booleans,
             complex numbers, objects or strings.
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        check_finite = check.boolean(check_finite, "check_finite")
         problems = []
         missing = [k for k in self._shapes if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in self._shapes]
@@ -131,6 +154,8 @@ class _Parameters:
             arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype, allow_int=True)
             if arr.shape != shape:
                 problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
+            elif check_finite and not np.isfinite(arr).all():
+                problems.append(f"{name!r} must be finite, got NaN or inf (pass check_finite=False to load it)")
             loaded[name] = arr
         if problems:
             raise ValueError(f"load_state_dict: {'; '.join(problems)}")
@@ -270,7 +295,8 @@ class _Recurrent(_Parameters):
 
     # -- argument handling -------------------------------------------------
 
-    def _prepare(self, x, state, lengths):
+    def _prepare(self, x, state, lengths, check_finite):
+        check_finite = check.boolean(check_finite, "check_finite")
         x3, batched = check.sequence(x, self.input_size, self.dtype, self.batch_first)
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
@@ -280,6 +306,14 @@ class _Recurrent(_Parameters):
             h0 = check.state_array(state, "state", num, B, self.hidden_size, batched, self.dtype)
             c0 = None
         lengths = check.lengths_array(lengths, B, T, batched)
+        if check_finite:
+            # Padded steps are never read, so NaN there is allowed.
+            check.finite(x3, "x", check.valid_steps(lengths, T))
+            if c0 is None:
+                check.finite(h0, "state")
+            else:
+                check.finite(h0, "state[0] (h)")
+                check.finite(c0, "state[1] (c)")
         return x3, batched, h0, c0, lengths
 
     def _seq_out(self, y, batched):
@@ -305,8 +339,8 @@ class _Recurrent(_Parameters):
             c = None if c is None else c[:, 0, :]
         return h if c is None else (h, c)
 
-    def _run(self, x, state, lengths, keep):
-        x3, batched, h0, c0, lengths = self._prepare(x, state, lengths)
+    def _run(self, x, state, lengths, keep, check_finite=True):
+        x3, batched, h0, c0, lengths = self._prepare(x, state, lengths, check_finite)
         y, hn, cn, tape = _recurrent.forward(
             self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
             self.bidirectional, self.reset_after, keep, derived=self._derived,
@@ -315,7 +349,7 @@ class _Recurrent(_Parameters):
 
     # -- public API ----------------------------------------------------------
 
-    def __call__(self, x, state=None, lengths=None):
+    def __call__(self, x, state=None, lengths=None, *, check_finite=True):
         """Run the model over a sequence (inference).
 
         Parameters
@@ -330,6 +364,11 @@ class _Recurrent(_Parameters):
         lengths : array_like of int, optional
             ``(B,)`` valid steps of each right-padded sequence, each in
             ``[1, T]``.  ``None`` means all ``T``.
+        check_finite : bool, default True
+            Raise ``ValueError`` if ``x`` holds NaN or inf at a valid step
+            (padded steps are never read and may hold anything) or the state
+            holds any.  With ``False`` no check is made and NaN or inf
+            propagate through the results, as in PyTorch.
 
         Returns
         -------
@@ -339,13 +378,14 @@ class _Recurrent(_Parameters):
         state : ndarray or tuple of ndarray
             Final state, shaped like ``state``.
         """
-        _, batched, y, hn, cn, _ = self._run(x, state, lengths, keep=False)
+        _, batched, y, hn, cn, _ = self._run(x, state, lengths, keep=False, check_finite=check_finite)
         return self._seq_out(y, batched), self._state_out(hn, cn, batched)
 
-    def vjp(self, x, state=None, lengths=None):
+    def vjp(self, x, state=None, lengths=None, *, check_finite=True):
         """Run the model and return a function for its vector-Jacobian product.
 
-        Parameters are as for :meth:`__call__`.
+        Parameters are as for :meth:`__call__`; ``check_finite`` also applies
+        to the pullback's ``dy`` (at valid steps) and ``dstate``.
 
         Returns
         -------
@@ -358,9 +398,12 @@ class _Recurrent(_Parameters):
             state; zeros allowed) and every parameter (a dict keyed like
             :meth:`state_dict`).  For an LSTM ``dstate`` is a tuple
             ``(dh, dc)``; ``None`` anywhere means zeros.  It may be called
-            any number of times.
+            any number of times.  Its keyword ``check_finite`` (default: the
+            setting of this call) refuses NaN or inf in ``dy`` at valid steps
+            (``dy`` at padded steps is ignored) and in ``dstate``.
         """
-        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True)
+        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
+        valid = check.valid_steps(tape.lengths, x3.shape[0])
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
         weights = self._weights()
@@ -371,7 +414,11 @@ class _Recurrent(_Parameters):
         F = self.num_directions * self.hidden_size
         shape = (num, B, self.hidden_size) if batched else (num, self.hidden_size)
 
-        def pullback(dy, dstate=None):
+        check_forward = check_finite
+
+        def pullback(dy, dstate=None, *, check_finite=None):
+            # None: the setting the forward pass was called with.
+            check_finite = check_forward if check_finite is None else check.boolean(check_finite, "check_finite")
             dy3 = self._seq_in(dy, batched, T, B, F, "dy")
             if self._cell == "lstm":
                 dh, dc = (None, None) if dstate is None else _pair(dstate, "dstate")
@@ -380,6 +427,12 @@ class _Recurrent(_Parameters):
             else:
                 dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
                 dcn = None
+            if check_finite:
+                # dy at padded steps multiplies outputs that are constant 0.
+                check.finite(dy3, "dy", valid)
+                check.finite(dhn, "dstate" if dcn is None else "dstate[0] (dh)")
+                if dcn is not None:
+                    check.finite(dcn, "dstate[1] (dc)")
             dx, dh0, dc0, dweights = _recurrent.backward(
                 tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,
                 derived=derived)
@@ -397,7 +450,7 @@ class _Recurrent(_Parameters):
 
         return (self._seq_out(y, batched), self._state_out(hn, cn, batched)), pullback
 
-    def gates(self, x, state=None, lengths=None):
+    def gates(self, x, state=None, lengths=None, *, check_finite=True):
         """Post-activation gate values at every step, layer and direction.
 
         Parameters are as for :meth:`__call__`.
@@ -410,7 +463,7 @@ class _Recurrent(_Parameters):
             LSTM: ``"i" "f" "g" "o"`` and the cell state ``"c"``; GRU:
             ``"r" "z" "n"``.
         """
-        _, batched, _, _, _, tape = self._run(x, state, lengths, keep=True)
+        _, batched, _, _, _, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
         H = self.hidden_size
         out = {}
         for j, name in enumerate(_GATE_NAMES[self._cell]):
@@ -494,9 +547,10 @@ class LSTM(_Recurrent):
         last valid step (ONNX's ``direction="reverse"``); parameters keep
         the names without ``_reverse``.
     clip : float or None, default None
-        Limit every gate pre-activation, and ``c'`` where it enters
-        ``tanh``, to ``[-clip, clip]`` (ONNX's ``clip``; the state ``c'``
-        itself is not clipped).  Gradients are 0 where a value was cut.
+        Limit every gate pre-activation to ``[-clip, clip]`` (ONNX's
+        ``clip``, as onnxruntime computes it: the cell state is not clipped,
+        in the state or inside ``tanh(c')``).  Gradients are 0 where a value
+        was cut.
     peephole : bool, default False
         Peephole connections (Gers & Schmidhuber 2000; ONNX's ``P``): the
         parameters ``weight_peep_l{k}`` (3, H), rows ``p_i, p_f, p_o``, add
@@ -596,7 +650,8 @@ class _Cell(_Parameters):
         peeps = [self._params["weight_peep"]] if self.peephole else None
         return _recurrent.Variant(False, self.clip, self.input_forget, peeps)
 
-    def _prepare(self, x, state):
+    def _prepare(self, x, state, check_finite):
+        check_finite = check.boolean(check_finite, "check_finite")
         arr = check.as_float_array(x, "x", self.dtype)
         if arr.ndim not in (1, 2):
             raise ValueError(f"x must be 2-D (B, I) or 1-D (I,) for one sample, got {arr.ndim}-D with shape {arr.shape}")
@@ -617,6 +672,13 @@ class _Cell(_Parameters):
         else:
             h0 = self._state_in(state, "state", B, batched)
             c0 = None
+        if check_finite:
+            check.finite(x3, "x")
+            if c0 is None:
+                check.finite(h0, "state")
+            else:
+                check.finite(h0, "state[0] (h)")
+                check.finite(c0, "state[1] (c)")
         return x3, batched, h0, c0
 
     def _state_in(self, value, name, B, batched):
@@ -629,15 +691,15 @@ class _Cell(_Parameters):
             return h
         return h, (c[0] if batched else c[0, 0])
 
-    def _forward(self, x, state, keep):
-        x3, batched, h0, c0 = self._prepare(x, state)
+    def _forward(self, x, state, keep, check_finite=True):
+        x3, batched, h0, c0 = self._prepare(x, state, check_finite)
         lengths = np.ones(x3.shape[1], dtype=np.int64)
         _, hn, cn, tape = _recurrent.forward(self._cell, self._weights(), x3, h0, c0, lengths,
                                              1, False, self.reset_after, keep, derived=self._derived,
                                              variant=self._variant())
         return x3, batched, hn, cn, tape
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, *, check_finite=True):
         """Advance the cell one step.
 
         Parameters
@@ -647,17 +709,23 @@ class _Cell(_Parameters):
         state : optional
             ``(B, H)`` (``(H,)`` for one sample); a tuple ``(h, c)`` for an
             LSTM cell.  ``None`` means zeros.
+        check_finite : bool, default True
+            Raise ``ValueError`` if ``x`` or the state holds NaN or inf; with
+            ``False`` they propagate, as in PyTorch.
 
         Returns
         -------
         ndarray or tuple of ndarray
             The new state, shaped like ``state``.
         """
-        _, batched, hn, cn, _ = self._forward(x, state, keep=False)
+        _, batched, hn, cn, _ = self._forward(x, state, keep=False, check_finite=check_finite)
         return self._state_out(hn, cn, batched)
 
-    def vjp(self, x, state=None):
+    def vjp(self, x, state=None, *, check_finite=True):
         """Advance one step and return a function for the vector-Jacobian product.
+
+        Parameters are as for :meth:`__call__`; ``check_finite`` also applies
+        to the pullback's ``dout``.
 
         Returns
         -------
@@ -668,7 +736,7 @@ class _Cell(_Parameters):
             ``<out, dout>`` with respect to ``x``, the state (shaped like it)
             and the parameters (keyed like :meth:`state_dict`).
         """
-        x3, batched, hn, cn, tape = self._forward(x, state, keep=True)
+        x3, batched, hn, cn, tape = self._forward(x, state, keep=True, check_finite=check_finite)
         weights = self._weights()
         derived = self._derived
         B = x3.shape[1]
@@ -682,6 +750,10 @@ class _Cell(_Parameters):
             else:
                 dhn = self._state_in(dout, "dout", B, batched)
                 dcn = None
+            if check_finite:
+                check.finite(dhn, "dout" if dcn is None else "dout[0] (dh)")
+                if dcn is not None:
+                    check.finite(dcn, "dout[1] (dc)")
             dy = np.zeros((1, B, H), dtype=self.dtype)
             dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias,
                                                          derived=derived)

@@ -159,7 +159,8 @@ def from_torch(module):
             "module must be a torch.nn.LSTM, GRU, LSTMCell or GRUCell, "
             f"got {type(module).__module__}.{type(module).__qualname__}"
         )
-    model.load_state_dict(params)
+    # A conversion copies the parameters exactly, NaN and inf included.
+    model.load_state_dict(params, check_finite=False)
     return model
 
 
@@ -336,7 +337,8 @@ def _sync_parameters(slot, names, params):
             _same_bits(a, getattr(model, name)) for name, a in zip(names, arrays)):
         return
     slot.loaded_from = None  # a failed load must not leave a stale record
-    model.load_state_dict(dict(zip(names, arrays)))
+    # As torch.nn: NaN or inf parameters propagate instead of raising.
+    model.load_state_dict(dict(zip(names, arrays)), check_finite=False)
     slot.loaded_from = source
 
 
@@ -399,7 +401,7 @@ class _Run:
     def infer(self, x, h0, c0):
         """The forward pass without a tape (nothing will be differentiated)."""
         y, state = self.model(self.to_padded(x.detach().numpy()), self.state_in(h0, c0),
-                              self.lengths_or_none())
+                              self.lengths_or_none(), check_finite=False)
         return self.outputs(y, state)
 
 
@@ -414,8 +416,10 @@ class _Recurrence(torch.autograd.Function):
     def forward(ctx, run, x, h0, c0, *params):
         # Unused outputs get no zero gradient: fastgates reads None as zeros.
         ctx.set_materialize_grads(False)
+        # check_finite=False, here and in the pullback: NaN propagates as in torch.nn.
         (y, state), pullback = run.model.vjp(run.to_padded(x.detach().numpy()),
-                                             run.state_in(h0, c0), run.lengths_or_none())
+                                             run.state_in(h0, c0), run.lengths_or_none(),
+                                             check_finite=False)
         ctx.run = run
         ctx.pullback = pullback
         return run.outputs(y, state)

@@ -102,43 +102,53 @@ class Linear(_Parameters):
         """The bias, ``(out_features,)`` read-only, or ``None`` without bias."""
         return self._params.get("bias")
 
-    def _input(self, x):
+    def _input(self, x, check_finite):
+        check_finite = check.boolean(check_finite, "check_finite")
         arr = check.as_float_array(x, "x", self.dtype)
-        if np.ndim(x) == 0:  # ascontiguousarray has made a scalar 1-D
+        if arr.ndim == 0:
             raise ValueError("x must have at least one axis, (..., in_features), got a scalar")
         if arr.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have in_features={self.in_features} features in its last axis, got shape {arr.shape}")
+        if check_finite:
+            check.finite(arr, "x")
         return arr
 
     def _apply(self, arr):
-        out = arr @ self._params["weight"].T
-        if "bias" in self._params:
-            out += self._params["bias"]
+        # Overflow gives inf and inf - inf NaN, as IEEE (and PyTorch) say,
+        # without NumPy's warnings: the recurrent kernels give none either.
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr @ self._params["weight"].T
+            if "bias" in self._params:
+                out += self._params["bias"]
         return out
 
-    def __call__(self, x):
+    def __call__(self, x, *, check_finite=True):
         """Apply the layer.
 
         Parameters
         ----------
         x : array_like
             ``(..., in_features)`` real floats, converted to the layer's dtype.
+        check_finite : bool, default True
+            Raise ``ValueError`` if ``x`` holds NaN or inf; with ``False``
+            they propagate.
 
         Returns
         -------
         ndarray
             ``(..., out_features)``.
         """
-        return self._apply(self._input(x))
+        return self._apply(self._input(x, check_finite))
 
-    def vjp(self, x):
+    def vjp(self, x, *, check_finite=True):
         """Apply the layer and return a function for its vector-Jacobian product.
 
         Parameters
         ----------
-        x : array_like
-            As for :meth:`__call__`.
+        x, check_finite :
+            As for :meth:`__call__`; ``check_finite`` also applies to the
+            pullback's ``dout``.
 
         Returns
         -------
@@ -151,7 +161,7 @@ class Linear(_Parameters):
             differentiates the parameters of this call, whatever is loaded
             later, and may be called any number of times.
         """
-        arr = self._input(x)
+        arr = self._input(x, check_finite)
         out = self._apply(arr)
         weight = self._params["weight"]
         with_bias = "bias" in self._params
@@ -159,12 +169,15 @@ class Linear(_Parameters):
 
         def pullback(dout):
             d = check.gradient(dout, "dout", out_shape, self.dtype)
+            if check_finite:
+                check.finite(d, "dout")
             d2 = d.reshape(-1, self.out_features)
             x2 = arr.reshape(-1, self.in_features)
-            dparams = {"weight": d2.T @ x2}
-            if with_bias:
-                dparams["bias"] = d2.sum(axis=0)
-            return d @ weight, dparams
+            with np.errstate(over="ignore", invalid="ignore"):
+                dparams = {"weight": d2.T @ x2}
+                if with_bias:
+                    dparams["bias"] = d2.sum(axis=0)
+                return d @ weight, dparams
 
         return out, pullback
 
@@ -183,7 +196,10 @@ class Linear(_Parameters):
 
 def _prediction(value, name):
     """A floating-point array; float32 and float64 keep their dtype, other floats become float64."""
-    arr = np.asarray(value) if value is not None else None
+    try:
+        arr = np.asarray(value) if value is not None else None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{name} could not be converted to an array of numbers: {exc}") from None
     if arr is None or arr.dtype.kind != "f":
         what = "None" if arr is None else f"dtype {arr.dtype}"
         raise TypeError(f"{name} must hold real floating-point numbers, got {what}")
@@ -222,14 +238,17 @@ def mse_loss(pred, target):
         If the shapes differ or ``pred`` is empty.
     """
     p = _prediction(pred, "pred")
-    t = check.as_float_array(target, "target", np.float64, allow_int=True).reshape(np.shape(target))
+    t = check.as_float_array(target, "target", np.float64, allow_int=True)
     if t.shape != p.shape:
         raise ValueError(f"target must have pred's shape {p.shape}, got {t.shape}")
     if p.size == 0:
         raise ValueError(f"pred must not be empty, got shape {p.shape}")
-    diff = p.astype(np.float64) - t
-    loss = float(np.mean(np.square(diff)))
-    return loss, ((2.0 / p.size) * diff).astype(p.dtype)
+    # Huge or non-finite values follow IEEE arithmetic (inf, NaN), as in
+    # PyTorch, without NumPy's warnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = p.astype(np.float64) - t
+        loss = float(np.mean(np.square(diff)))
+        return loss, ((2.0 / p.size) * diff).astype(p.dtype)
 
 
 def cross_entropy_loss(logits, targets):
@@ -271,7 +290,10 @@ def cross_entropy_loss(logits, targets):
     z = _prediction(logits, "logits")
     if z.ndim == 0:
         raise ValueError("logits must have a class axis, (..., C), got a scalar")
-    t = np.asarray(targets)
+    try:
+        t = np.asarray(targets)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"targets could not be converted to an array of integers: {exc}") from None
     if t.dtype.kind not in "iu":
         raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
     if t.shape != z.shape[:-1]:
@@ -282,16 +304,17 @@ def cross_entropy_loss(logits, targets):
     low, high = t.min(), t.max()
     if low < 0 or high >= classes:
         raise ValueError(f"targets must lie in [0, C) = [0, {classes}), got values from {low} to {high}")
-    rows = np.arange(n)
-    t1 = t.reshape(n).astype(np.intp)
-    shifted = z.reshape(n, classes).astype(np.float64)
-    shifted -= shifted.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=1))
-    loss = float(np.mean(log_norm - shifted[rows, t1]))
-    grad = np.exp(shifted - log_norm[:, None])
-    grad[rows, t1] -= 1.0
-    grad /= n
-    return loss, grad.reshape(z.shape).astype(z.dtype)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # IEEE, as in mse_loss
+        rows = np.arange(n)
+        t1 = t.reshape(n).astype(np.intp)
+        shifted = z.reshape(n, classes).astype(np.float64)
+        shifted -= shifted.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=1))
+        loss = float(np.mean(log_norm - shifted[rows, t1]))
+        grad = np.exp(shifted - log_norm[:, None])
+        grad[rows, t1] -= 1.0
+        grad /= n
+        return loss, grad.reshape(z.shape).astype(z.dtype)
 
 
 _LOSSES = {"mse": mse_loss, "cross_entropy": cross_entropy_loss}
@@ -397,7 +420,7 @@ class Readout:
         out.update({f"head.{name}": value for name, value in self.head.state_dict().items()})
         return out
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, *, check_finite=True):
         """Replace the parameters of ``rnn`` and ``head`` by those in ``state_dict``.
 
         Parameters
@@ -405,18 +428,22 @@ class Readout:
         state_dict : mapping of str to array_like
             Exactly the keys of :meth:`state_dict`, each of the same shape,
             real floats or integers (converted to the model's dtype).
+        check_finite : bool, default True
+            Refuse parameters holding NaN or inf.
 
         Raises
         ------
         ValueError
-            Listing every missing key, unexpected key and wrong shape; nothing
-            is loaded then.
+            Listing every missing key, unexpected key, wrong shape and (with
+            ``check_finite``) value holding NaN or inf; nothing is loaded
+            then.
         TypeError
             If ``state_dict`` is not a mapping or a value holds booleans,
             complex numbers, objects or strings.
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        check_finite = check.boolean(check_finite, "check_finite")
         shapes = self._shapes
         problems = []
         missing = [k for k in shapes if k not in state_dict]
@@ -431,12 +458,17 @@ class Readout:
                 arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype, allow_int=True)
                 if arr.shape != shape:
                     problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
+                elif check_finite and not np.isfinite(arr).all():
+                    problems.append(f"{name!r} must be finite, got NaN or inf "
+                                    "(pass check_finite=False to load it)")
                 loaded[name] = arr
         if problems:
             raise ValueError(f"load_state_dict: {'; '.join(problems)}")
         # Everything is checked: neither load below can fail half-way.
-        self.rnn.load_state_dict({k[4:]: v for k, v in loaded.items() if k.startswith("rnn.")})
-        self.head.load_state_dict({k[5:]: v for k, v in loaded.items() if k.startswith("head.")})
+        self.rnn.load_state_dict({k[4:]: v for k, v in loaded.items() if k.startswith("rnn.")},
+                                 check_finite=False)
+        self.head.load_state_dict({k[5:]: v for k, v in loaded.items() if k.startswith("head.")},
+                                  check_finite=False)
 
     def get_flat_params(self):
         """Return every parameter in one 1-D array (a copy), in :meth:`state_dict` order.
@@ -448,22 +480,26 @@ class Readout:
         """
         return flatten_params(self, self.state_dict())
 
-    def set_flat_params(self, v):
+    def set_flat_params(self, v, *, check_finite=True):
         """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
 
         Parameters
         ----------
         v : array_like
             ``(num_params,)`` real numbers; converted to the model's dtype.
+        check_finite : bool, default True
+            Refuse NaN and inf (as :meth:`load_state_dict`).
 
         Raises
         ------
         ValueError
-            If ``v`` is not 1-D of the right length.
+            If ``v`` is not 1-D of the right length, or holds NaN or inf with
+            ``check_finite``.
         TypeError
             If ``v`` holds booleans, complex numbers, objects or strings.
         """
-        self.load_state_dict(unflatten_params(self, v))
+        check_finite = check.boolean(check_finite, "check_finite")
+        self.load_state_dict(unflatten_params(self, v), check_finite=check_finite)
 
     @property
     def num_params(self):
@@ -492,11 +528,11 @@ class Readout:
             return [(slice(0, H), last), (slice(H, 2 * H), first)]
         return [(slice(0, H), first if self.rnn.reverse else last)]
 
-    def _forward(self, x, state, lengths, keep):
+    def _forward(self, x, state, lengths, keep, check_finite):
         if keep:
-            (y, _), rnn_pullback = self.rnn.vjp(x, state, lengths)
+            (y, _), rnn_pullback = self.rnn.vjp(x, state, lengths, check_finite=check_finite)
         else:
-            (y, _), rnn_pullback = self.rnn(x, state, lengths), None
+            (y, _), rnn_pullback = self.rnn(x, state, lengths, check_finite=check_finite), None
         yt, batched = self._time_major(y)
         T, B, F = yt.shape
         # The rnn has validated lengths against x already.
@@ -512,15 +548,16 @@ class Readout:
             head_in = y
             valid = np.arange(T)[:, None] < lengths[None, :]              # (T, B)
             mask = None if valid.all() else self._from_time_major(valid[:, :, None], batched)[..., 0]
+        # The head reads the rnn's output, checked by the rnn's own checks.
         if keep:
-            out, head_pullback = self.head.vjp(head_in)
+            out, head_pullback = self.head.vjp(head_in, check_finite=False)
         else:
-            out, head_pullback = self.head(head_in), None
+            out, head_pullback = self.head(head_in, check_finite=False), None
         if mask is not None:
             out[~mask] = 0
         return out, (yt.shape, batched, lengths, mask, rnn_pullback, head_pullback)
 
-    def __call__(self, x, state=None, lengths=None):
+    def __call__(self, x, state=None, lengths=None, *, check_finite=True):
         """Run the rnn and the head (inference).
 
         Parameters
@@ -532,6 +569,9 @@ class Readout:
             The rnn's initial state; ``None`` means zeros.
         lengths : array_like of int, optional
             ``(B,)`` valid steps of each right-padded sequence.
+        check_finite : bool, default True
+            Raise ``ValueError`` if ``x`` (at valid steps) or the state holds
+            NaN or inf; with ``False`` they propagate.
 
         Returns
         -------
@@ -541,12 +581,13 @@ class Readout:
             unbatched), exactly 0 at padded steps.  ``O`` is
             ``head.out_features``.
         """
-        return self._forward(x, state, lengths, keep=False)[0]
+        return self._forward(x, state, lengths, keep=False, check_finite=check_finite)[0]
 
-    def vjp(self, x, state=None, lengths=None):
+    def vjp(self, x, state=None, lengths=None, *, check_finite=True):
         """Run the model and return a function for its vector-Jacobian product.
 
-        Parameters are as for :meth:`__call__`.
+        Parameters are as for :meth:`__call__`; ``check_finite`` also applies
+        to the pullback's ``dout`` (except at padded steps, which are ignored).
 
         Returns
         -------
@@ -561,12 +602,14 @@ class Readout:
             is the rnn's: use ``rnn.vjp`` and ``head.vjp`` for it.)
         """
         out, (shape, batched, lengths, mask, rnn_pullback, head_pullback) = self._forward(
-            x, state, lengths, keep=True)
+            x, state, lengths, keep=True, check_finite=check_finite)
         T, B, F = shape
         out_shape = out.shape
 
         def pullback(dout):
             d = check.gradient(dout, "dout", out_shape, self.dtype)
+            if check_finite:
+                check.finite(d if mask is None else np.where(mask[..., None], d, 0), "dout")
             if self.mode == "last":
                 dfeats, dhead = head_pullback(d)
                 dfeats = dfeats.reshape(B, F)
@@ -579,7 +622,7 @@ class Readout:
                 if mask is not None:
                     d = np.where(mask[..., None], d, 0).astype(self.dtype, copy=False)
                 dy, dhead = head_pullback(d)
-            dx, _, drnn = rnn_pullback(dy)
+            dx, _, drnn = rnn_pullback(dy, check_finite=False)
             dparams = {f"rnn.{name}": value for name, value in drnn.items()}
             dparams.update({f"head.{name}": value for name, value in dhead.items()})
             return dx, dparams
@@ -683,7 +726,7 @@ class Adam:
         self._v = np.zeros(n, dtype=self.model.dtype)
         self.steps = 0
 
-    def step(self, grads):
+    def step(self, grads, *, check_finite=True):
         """Update the model's parameters in place with one Adam step.
 
         Parameters
@@ -691,12 +734,18 @@ class Adam:
         grads : mapping of str to array_like
             The gradient of the loss, keyed and shaped like
             ``model.state_dict()`` (the ``dparams`` of a pullback).
+        check_finite : bool, default True
+            Refuse gradients holding NaN or inf, before anything changes
+            (:func:`clip_grad_norm` does not help there: a NaN norm makes
+            every gradient NaN).  With ``False`` they propagate into the
+            moments and parameters, as in ``torch.optim.Adam``.
 
         Raises
         ------
         ValueError
-            If the keys or shapes of ``grads`` do not match the model's
-            (nothing is changed then).
+            If the keys or shapes of ``grads`` do not match the model's, or
+            (with ``check_finite``) a gradient holds NaN or inf; nothing is
+            changed then.
         TypeError
             If ``grads`` is not a mapping or holds non-real values.
         """
@@ -704,20 +753,31 @@ class Adam:
             g = flatten_params(self.model, grads)
         except ValueError as exc:
             raise ValueError(f"grads must match the model's parameters: {exc}") from None
+        check_finite = check.boolean(check_finite, "check_finite")
+        if check_finite and not np.isfinite(g).all():
+            bad = [k for k in self.model._shapes if not np.isfinite(np.asarray(grads[k])).all()]
+            raise ValueError(f"grads must be finite, got NaN or inf in {bad}; "
+                             "pass check_finite=False to apply them anyway")
         beta1, beta2 = self.betas
         p = self.model.get_flat_params()
         if self.weight_decay != 0:
-            g = g + self.weight_decay * p
-        self.steps += 1
-        m, v = self._m, self._v
-        m += (1 - beta1) * (g - m)           # torch: exp_avg.lerp_(grad, 1 - beta1)
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        step_size = self.lr / (1 - beta1 ** self.steps)
-        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** self.steps) + self.eps
-        p -= step_size * (m / denom)
+            with np.errstate(over="ignore", invalid="ignore"):
+                g = g + self.weight_decay * p
+        steps = self.steps + 1
+        # On copies, committed only once the parameters are set, so that a
+        # refused step (an update that overflows) changes nothing.  Overflow
+        # follows IEEE arithmetic without NumPy's warnings.
+        m, v = self._m.copy(), self._v.copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            m += (1 - beta1) * (g - m)           # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v *= beta2
+            v += (1 - beta2) * (g * g)
+            step_size = self.lr / (1 - beta1 ** steps)
+            denom = np.sqrt(v) / math.sqrt(1 - beta2 ** steps) + self.eps
+            p -= step_size * (m / denom)
         # Through set_flat_params, so the model rebuilds what its kernels derive from the weights.
-        self.model.set_flat_params(p)
+        self.model.set_flat_params(p, check_finite=check_finite)
+        self._m, self._v, self.steps = m, v, steps
 
     def __repr__(self):
         return (f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}, "
@@ -766,22 +826,26 @@ def clip_grad_norm(grads, max_norm, *, norm_type=2.0):
         raise ValueError(f"norm_type must be positive, got {p!r}")
     arrays = {}
     for key, value in grads.items():
-        arr = np.asarray(value) if value is not None else np.asarray(np.nan, dtype=object)
+        try:
+            arr = np.asarray(value) if value is not None else np.asarray(np.nan, dtype=object)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f"grads[{key!r}] could not be converted to an array of numbers: {exc}") from None
         if arr.dtype.kind != "f":
             raise TypeError(f"grads[{key!r}] must hold real floating-point numbers, got dtype {arr.dtype}")
         arrays[key] = arr
-    flat = [np.abs(a.astype(np.float64, copy=False)).ravel() for a in arrays.values()]
-    if math.isinf(p):
-        total = max((float(a.max()) for a in flat if a.size), default=0.0)
-    elif p == 2.0:
-        total = math.sqrt(sum(float(a @ a) for a in flat))
-    else:
-        total = sum(float(np.sum(a ** p)) for a in flat) ** (1.0 / p)
-    # As torch, multiply always (by exactly 1.0 when not clipping) so that a
-    # NaN norm spreads to the gradients instead of passing silently.
-    coef = max_norm / (total + 1e-6)
-    coef = coef if coef < 1.0 or math.isnan(coef) else 1.0
-    return {key: a * a.dtype.type(coef) for key, a in arrays.items()}, total
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing norm is inf, as in torch
+        flat = [np.abs(a.astype(np.float64, copy=False)).ravel() for a in arrays.values()]
+        if math.isinf(p):
+            total = max((float(a.max()) for a in flat if a.size), default=0.0)
+        elif p == 2.0:
+            total = math.sqrt(sum(float(a @ a) for a in flat))
+        else:
+            total = sum(float(np.sum(a ** p)) for a in flat) ** (1.0 / p)
+        # As torch, multiply always (by exactly 1.0 when not clipping) so that a
+        # NaN norm spreads to the gradients instead of passing silently.
+        coef = max_norm / (total + 1e-6)
+        coef = coef if coef < 1.0 or math.isnan(coef) else 1.0
+        return {key: a * a.dtype.type(coef) for key, a in arrays.items()}, total
 
 
 # --------------------------------------------------------------------------

@@ -548,3 +548,55 @@ def test_batch_first_matches_time_major(kind):
     yb, state_b = mb(x.transpose(1, 0, 2), None, lengths)
     np.testing.assert_array_equal(yb, y.transpose(1, 0, 2))
     _assert_same(state_b, state)
+
+
+# --------------------------------------------------------------------------
+# issue 6: empty inputs, scalars, lengths kinds, huge sizes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@calls
+@pytest.mark.parametrize("shape, what", [((0, B, I), "T >= 1"), ((T, 0, I), "B >= 1"), ((0, I), "T >= 1")],
+                         ids=str)
+def test_empty_time_or_batch_message(kind, call, shape, what):
+    with pytest.raises(ValueError, match=rf"^x must have at least one .*\({what}\)") as excinfo:
+        run(make(kind), call, np.zeros(shape))
+    check_rejected(excinfo)
+
+
+@kinds
+@pytest.mark.parametrize("x", [np.float64(1.0), 1.0, np.array(1.0)], ids=["np-scalar", "float", "0d"])
+def test_scalar_x_is_rejected_by_rank(kind, x):
+    with raises(ValueError, "x") as excinfo:
+        make(kind)(x)
+    assert "0-D" in str(excinfo.value)
+
+
+@kinds
+@pytest.mark.parametrize(
+    "lengths",
+    [np.array([1, 2, 3], dtype=object), np.array([np.nan, 1.0, 2.0]), [1.0, 2.0, 3.0], [True, False, True],
+     [[1, 2], [3]], np.array(["1", "2", "3"])],
+    ids=["object", "nan", "float-list", "bool-list", "ragged", "str"])
+def test_lengths_must_be_integers(kind, lengths):
+    with pytest.raises((TypeError, ValueError), match=r"(?<![\w.])lengths(?!\w)"):
+        make(kind)(good_x(), None, lengths)
+
+
+@constructors
+@pytest.mark.parametrize("value", [2**31, 10**30, 2**63], ids=str)
+def test_constructor_huge_sizes(ctor, value):
+    with raises(ValueError, "hidden_size"):
+        CONSTRUCTORS[ctor](hidden_size=value)
+
+
+def test_constructor_too_many_parameters():
+    with pytest.raises(ValueError, match="parameters"):
+        fg.LSTM(2**20, 2**20)
+
+
+@kinds
+def test_check_finite_must_be_bool(kind):
+    with raises(TypeError, "check_finite"):
+        make(kind)(good_x(), check_finite="yes")
