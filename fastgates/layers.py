@@ -139,27 +139,44 @@ class _Parameters:
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
-        check_finite = check.boolean(check_finite, "check_finite")
-        problems = []
-        missing = [k for k in self._shapes if k not in state_dict]
-        unexpected = [k for k in state_dict.keys() if k not in self._shapes]
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        loaded = {}
-        for name, shape in self._shapes.items():
-            if name not in state_dict:
-                continue
-            arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype, allow_int=True)
-            if arr.shape != shape:
-                problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
-            elif check_finite and not np.isfinite(arr).all():
-                problems.append(f"{name!r} must be finite, got NaN or inf (pass check_finite=False to load it)")
-            loaded[name] = arr
-        if problems:
-            raise ValueError(f"load_state_dict: {'; '.join(problems)}")
+        loaded = checked_state_dict(self._shapes, state_dict, self.dtype, check_finite)
         self._set_params({name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes})
+
+
+def checked_state_dict(shapes, state_dict, dtype, check_finite):
+    """``state_dict`` checked against ``shapes`` and converted to ``dtype``.
+
+    Every problem is collected (missing and unexpected keys, wrong shapes,
+    with ``check_finite`` NaN or inf) and raised together as one
+    ``ValueError``, so that a caller loads all or nothing.
+
+    Returns
+    -------
+    dict of str to ndarray
+        In the order of ``shapes`` (arrays may be the caller's own: copy
+        before keeping them).
+    """
+    check_finite = check.boolean(check_finite, "check_finite")
+    problems = []
+    missing = [k for k in shapes if k not in state_dict]
+    unexpected = [k for k in state_dict.keys() if k not in shapes]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    loaded = {}
+    for name, shape in shapes.items():
+        if name not in state_dict:
+            continue
+        arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", dtype, allow_int=True)
+        if arr.shape != shape:
+            problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
+        elif check_finite and not np.isfinite(arr).all():
+            problems.append(f"{name!r} must be finite, got NaN or inf (pass check_finite=False to load it)")
+        loaded[name] = arr
+    if problems:
+        raise ValueError(f"load_state_dict: {'; '.join(problems)}")
+    return loaded
 
 
 def flatten_params(model, params):

@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from . import _validate as check
-from .layers import GRU, LSTM, _init_params, _Parameters, flatten_params, unflatten_params
+from .layers import GRU, LSTM, _init_params, _Parameters, checked_state_dict, flatten_params, unflatten_params
 
 __all__ = ["Linear", "Readout", "mse_loss", "cross_entropy_loss", "Adam", "clip_grad_norm",
            "scipy_objective"]
@@ -443,27 +443,7 @@ class Readout:
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
-        check_finite = check.boolean(check_finite, "check_finite")
-        shapes = self._shapes
-        problems = []
-        missing = [k for k in shapes if k not in state_dict]
-        unexpected = [k for k in state_dict.keys() if k not in shapes]
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        loaded = {}
-        for name, shape in shapes.items():
-            if name in state_dict:
-                arr = check.as_float_array(state_dict[name], f"state_dict[{name!r}]", self.dtype, allow_int=True)
-                if arr.shape != shape:
-                    problems.append(f"{name!r} must have shape {shape}, got {arr.shape}")
-                elif check_finite and not np.isfinite(arr).all():
-                    problems.append(f"{name!r} must be finite, got NaN or inf "
-                                    "(pass check_finite=False to load it)")
-                loaded[name] = arr
-        if problems:
-            raise ValueError(f"load_state_dict: {'; '.join(problems)}")
+        loaded = checked_state_dict(self._shapes, state_dict, self.dtype, check_finite)
         # Everything is checked: neither load below can fail half-way.
         self.rnn.load_state_dict({k[4:]: v for k, v in loaded.items() if k.startswith("rnn.")},
                                  check_finite=False)
