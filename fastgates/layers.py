@@ -40,7 +40,38 @@ def _init_params(shapes, hidden_size, dtype, seed):
                          "more than fit in memory") from None
 
 
-class _Parameters:
+class _FlatParams:
+    """``set_flat_params`` and ``num_params`` for any model with ``_shapes``,
+    ``dtype`` and ``load_state_dict`` (layers, cells, ``Linear``, ``Readout``)."""
+
+    def set_flat_params(self, v, *, check_finite=True):
+        """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
+
+        Parameters
+        ----------
+        v : array_like
+            ``(num_params,)`` real numbers; converted to the model's dtype.
+        check_finite : bool, default True
+            Refuse NaN and inf (as :meth:`load_state_dict`).
+
+        Raises
+        ------
+        ValueError
+            If ``v`` is not 1-D of the right length, or holds NaN or inf
+            with ``check_finite``.
+        TypeError
+            If ``v`` holds booleans, complex numbers, objects or strings.
+        """
+        check_finite = check.boolean(check_finite, "check_finite")
+        self.load_state_dict(unflatten_params(self, v), check_finite=check_finite)
+
+    @property
+    def num_params(self):
+        """The number of parameter entries (the length of :meth:`get_flat_params`)."""
+        return sum(int(np.prod(shape)) for shape in self._shapes.values())
+
+
+class _Parameters(_FlatParams):
     """Named parameter arrays with PyTorch's names: shared by layers and cells."""
 
     def _setup_params(self, shapes, seed):
@@ -85,32 +116,6 @@ class _Parameters:
             ``(num_params,)`` in the model's dtype.
         """
         return flatten_params(self, self._params)
-
-    def set_flat_params(self, v, *, check_finite=True):
-        """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
-
-        Parameters
-        ----------
-        v : array_like
-            ``(num_params,)`` real numbers; converted to the model's dtype.
-        check_finite : bool, default True
-            Refuse NaN and inf (as :meth:`load_state_dict`).
-
-        Raises
-        ------
-        ValueError
-            If ``v`` is not 1-D of the right length, or holds NaN or inf
-            with ``check_finite``.
-        TypeError
-            If ``v`` holds booleans, complex numbers, objects or strings.
-        """
-        check_finite = check.boolean(check_finite, "check_finite")
-        self.load_state_dict(unflatten_params(self, v), check_finite=check_finite)
-
-    @property
-    def num_params(self):
-        """The number of parameter entries (the length of :meth:`get_flat_params`)."""
-        return sum(int(np.prod(shape)) for shape in self._shapes.values())
 
     def load_state_dict(self, state_dict, *, check_finite=True):
         """Replace the parameters by those in ``state_dict``.

@@ -38,7 +38,8 @@ import math
 import numpy as np
 
 from . import _validate as check
-from .layers import GRU, LSTM, _init_params, _Parameters, checked_state_dict, flatten_params, unflatten_params
+from .layers import (GRU, LSTM, _FlatParams, _init_params, _Parameters, checked_state_dict,
+                     flatten_params)
 
 __all__ = ["Linear", "Readout", "mse_loss", "cross_entropy_loss", "Adam", "clip_grad_norm",
            "scipy_objective"]
@@ -325,7 +326,7 @@ _LOSSES = {"mse": mse_loss, "cross_entropy": cross_entropy_loss}
 # --------------------------------------------------------------------------
 
 
-class Readout:
+class Readout(_FlatParams):
     """A recurrent layer followed by a :class:`Linear` read-out.
 
     Parameters
@@ -459,32 +460,6 @@ class Readout:
             ``(num_params,)`` in the model's dtype.
         """
         return flatten_params(self, self.state_dict())
-
-    def set_flat_params(self, v, *, check_finite=True):
-        """Set every parameter from one 1-D array laid out as :meth:`get_flat_params`.
-
-        Parameters
-        ----------
-        v : array_like
-            ``(num_params,)`` real numbers; converted to the model's dtype.
-        check_finite : bool, default True
-            Refuse NaN and inf (as :meth:`load_state_dict`).
-
-        Raises
-        ------
-        ValueError
-            If ``v`` is not 1-D of the right length, or holds NaN or inf with
-            ``check_finite``.
-        TypeError
-            If ``v`` holds booleans, complex numbers, objects or strings.
-        """
-        check_finite = check.boolean(check_finite, "check_finite")
-        self.load_state_dict(unflatten_params(self, v), check_finite=check_finite)
-
-    @property
-    def num_params(self):
-        """The number of parameter entries (the length of :meth:`get_flat_params`)."""
-        return self.rnn.num_params + self.head.num_params
 
     # -- forward and backward ------------------------------------------------
 
