@@ -16,48 +16,95 @@ from ._config import jit
 
 
 @jit(parallel=True)
-def matmul(a, b, bias, out, nblocks):
-    """``out = a @ b + bias``, rows split into ``nblocks`` blocks.
+def matmul(a, b, bias, out, block_rows, nparts):
+    """``out = a @ b + bias`` in fixed row blocks.
 
     ``a`` (M, K) C-contiguous, ``b`` (K, N) C- or F-contiguous, ``bias`` (N,)
-    or empty for none, ``out`` (M, N) C-contiguous.
+    or empty for none, ``out`` (M, N) C-contiguous.  Rows are cut into
+    blocks of ``block_rows`` counted from row 0, each block into ``nparts``
+    near-equal parts, one BLAS call per part.  A row's result depends on the
+    call that computes it, so the grid is what makes a product over a slice
+    of whole blocks give the same bits as the product over all rows.  Tasks
+    are ordered part-major, so that the threads share every block.
     """
     M = a.shape[0]
     N = out.shape[1]
-    block = max(1, (M + nblocks - 1) // nblocks)
-    count = (M + block - 1) // block
-    for k in prange(count):
-        r0 = k * block
-        r1 = min(M, r0 + block)
-        np.dot(a[r0:r1], b, out[r0:r1])
+    nblk = (M + block_rows - 1) // block_rows
+    for task in prange(nblk * nparts):
+        part = task // nblk
+        j = task - part * nblk
+        r0 = j * block_rows
+        r1 = min(M, r0 + block_rows)
+        size = (r1 - r0 + nparts - 1) // nparts
+        p0 = r0 + part * size
+        p1 = min(r1, p0 + size)
+        if p0 >= p1:
+            continue
+        np.dot(a[p0:p1], b, out[p0:p1])
         if bias.shape[0] > 0:
-            for r in range(r0, r1):
-                for j in range(N):
-                    out[r, j] += bias[j]
+            for r in range(p0, p1):
+                for c in range(N):
+                    out[r, c] += bias[c]
 
 
 @jit(parallel=True)
-def matmul_tn(a, b, out, nblocks):
-    """``out = a.T @ b``: partial products over row blocks, summed in order.
+def matmul_tn(a, b, out, block_rows, nparts, descending, init):
+    """``out (+)= a.T @ b``, added one row block at a time in a fixed order.
 
     ``a`` (M, P) and ``b`` (M, N) C-contiguous, ``out`` (P, N) C-contiguous.
+    Rows are cut into blocks of ``block_rows`` from row 0; each block's
+    product is added to ``out`` in turn, last block first when
+    ``descending``.  With ``init`` the first block's product overwrites
+    ``out`` (which may hold anything).  The rows of ``out`` are split into
+    ``nparts`` parts, one per task, each running over all blocks.
+
+    A sum over steps that arrive in pieces (gradient checkpointing) is then
+    the same sum, bit for bit, as long as each piece is a run of whole
+    blocks, the pieces come in the same order and ``nparts`` is the same.
     """
     M, P = a.shape
     N = b.shape[1]
-    block = max(1, (M + nblocks - 1) // nblocks)
-    count = (M + block - 1) // block
-    parts = np.empty((count, P, N), dtype=out.dtype)
-    for k in prange(count):
-        r0 = k * block
-        r1 = min(M, r0 + block)
-        np.dot(a[r0:r1].T, b[r0:r1], parts[k])
-    # A fixed summation order, split over the rows of the result.
-    for p in prange(P):
-        for j in range(N):
-            out[p, j] = parts[0, p, j]
-        for k in range(1, count):
-            for j in range(N):
-                out[p, j] += parts[k, p, j]
+    nblk = (M + block_rows - 1) // block_rows
+    psize = (P + nparts - 1) // nparts
+    for part in prange(nparts):
+        q0 = part * psize
+        q1 = min(P, q0 + psize)
+        if q0 >= q1:
+            continue
+        tmp = np.empty((q1 - q0, N), dtype=out.dtype)
+        for jj in range(nblk):
+            j = nblk - 1 - jj if descending else jj
+            r0 = j * block_rows
+            r1 = min(M, r0 + block_rows)
+            lhs = np.ascontiguousarray(a[r0:r1, q0:q1])
+            np.dot(lhs.T, b[r0:r1], tmp)
+            if init and jj == 0:
+                out[q0:q1] = tmp
+            else:
+                for p in range(q1 - q0):
+                    for c in range(N):
+                        out[q0 + p, c] += tmp[p, c]
+
+
+@jit()
+def colsum(a, out, block_rows, descending, init):
+    """``out (+)= a.sum(axis=0)`` over the row blocks of :func:`matmul_tn`, in its order."""
+    M, P = a.shape
+    nblk = (M + block_rows - 1) // block_rows
+    tmp = np.empty(P, dtype=out.dtype)
+    for jj in range(nblk):
+        j = nblk - 1 - jj if descending else jj
+        r0 = j * block_rows
+        r1 = min(M, r0 + block_rows)
+        tmp[:] = a[r0]
+        for r in range(r0 + 1, r1):
+            for p in range(P):
+                tmp[p] += a[r, p]
+        if init and jj == 0:
+            out[:] = tmp
+        else:
+            for p in range(P):
+                out[p] += tmp[p]
 
 
 # Column blocks for the per-step recurrent products.  OpenBLAS repacks the

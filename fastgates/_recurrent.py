@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import _config
-from ._linalg import column_blocks, matmul, matmul_tn
+from ._linalg import colsum, column_blocks, matmul, matmul_tn
 from ._gru import gru_backward, gru_forward
 from ._lstm import lstm_backward, lstm_forward
 
@@ -138,45 +138,222 @@ def _zero_padding(x, lengths):
 # took 22 us on two threads).
 SPLIT_MIN_MACS = 2_000_000
 
+# Every product over the steps of a sequence (the input projection, the
+# gradient with respect to the layer input, the weight and bias gradients)
+# is taken in blocks of whole steps, about this many rows (steps x batch)
+# each: see _Grid.
+ROWS_PER_BLOCK = 1024
 
-def _product_blocks(rows, inner, cols):
-    """Row blocks for a product, set by its size and the pool size only.
 
-    Also points Numba at the threads the product will use: one below
-    SPLIT_MIN_MACS, all of fastgates' threads above.
+def block_steps(batch):
+    """Steps per block of the products over time, for a batch of ``batch``."""
+    return max(1, -(-ROWS_PER_BLOCK // batch))
+
+
+class _Grid:
+    """The fixed blocks of a call's products over time.
+
+    Blocks of :func:`block_steps` steps counted from step 0, each cut into a
+    number of parts that depends on ``T``, ``B`` and the product's other
+    sizes only.  Every row of such a product therefore comes from the same
+    BLAS call whether the product runs over all steps at once or over runs
+    of whole blocks (gradient checkpointing), and sums over steps add the
+    same block products in the same order: checkpointing changes no bit.
     """
-    if rows * inner * cols < SPLIT_MIN_MACS:
-        _config.kernel_threads(1)
-        return 1
-    _config.kernel_threads()
-    return _pool_size()
+
+    def __init__(self, T, B):
+        self.T = T
+        self.B = B
+        self.steps = block_steps(B)
+        self.rows = self.steps * B
+
+    def parts(self, inner, cols, rows):
+        """Parts per block for a product with these sizes over ``rows`` rows.
+
+        A block of at least SPLIT_MIN_MACS multiply-adds is cut into one part
+        per pool thread.  Also points Numba at the threads the call will use
+        (which never changes a result): one below SPLIT_MIN_MACS in all.
+        """
+        _config.kernel_threads(1 if rows * inner * cols < SPLIT_MIN_MACS else None)
+        block = min(self.T, self.steps) * self.B
+        return _pool_size() if block * inner * cols >= SPLIT_MIN_MACS else 1
 
 
-def _input_projection(x, w_ih, bias):
-    T, B, I = x.shape
-    G = w_ih.shape[0]
-    xw = np.empty((T * B, G), dtype=x.dtype)
+def _product(grid, a, b, bias=None):
+    """``a @ b + bias`` for ``a`` (t, B, K), a run of whole blocks; (t, B, N)."""
+    t, B, K = a.shape
+    N = b.shape[1]
+    out = np.empty((t, B, N), dtype=a.dtype)
     if bias is None:
-        bias = _empty1(x.dtype)
-    matmul(x.reshape(T * B, I), w_ih.T, bias, xw, _product_blocks(T * B, I, G))
-    return xw.reshape(T, B, G)
-
-
-def _peephole_grads(dgates, cprev, cs):
-    """``(3, H)`` gradients of ``p_i, p_f, p_o`` from the pre-activation gradients.
-
-    ``p_i`` and ``p_f`` multiply ``c_{t-1}``, ``p_o`` multiplies ``c_t``;
-    padded steps hold zeros in every operand.  Sums over steps and batch in
-    a fixed order (NumPy's pairwise sum over the flattened axis).
-    """
-    T, B, G = dgates.shape
-    H = G // 4
-    d2 = dgates.reshape(T * B, G)
-    out = np.empty((3, H), dtype=dgates.dtype)
-    out[0] = (d2[:, :H] * cprev.reshape(T * B, H)).sum(axis=0)
-    out[1] = (d2[:, H:2 * H] * cprev.reshape(T * B, H)).sum(axis=0)
-    out[2] = (d2[:, 3 * H:] * cs.reshape(T * B, H)).sum(axis=0)
+        bias = _empty1(a.dtype)
+    matmul(a.reshape(t * B, K), b, bias, out.reshape(t * B, N), grid.rows,
+           grid.parts(K, N, t * B))
     return out
+
+
+def _input_bias(cell, weights, k, H, derived):
+    _, _, b_ih, b_hh = weights[k]
+    if b_ih is None:
+        return None
+    if cell == "lstm":
+        return _derive(derived, ("bias", k), np.add, b_ih, b_hh)
+    return _derive(derived, ("bias", k), _gru_input_bias, b_ih, b_hh, H)
+
+
+class _Direction:
+    """One layer-direction of a call: its weights and the kernels' options."""
+
+    def __init__(self, cell, reset_after, weights, k, derived, variant, fast, chunk, clip, H,
+                 dtype, rev):
+        self.cell = cell
+        self.reset_after = reset_after
+        self.k = k
+        self.w_ih, self.w_hh, _, self.b_hh = weights[k]
+        self.bias = _input_bias(cell, weights, k, H, derived)
+        self.derived = derived
+        self.variant = variant
+        self.fast = fast
+        self.chunk = chunk
+        self.clip = clip
+        self.H = H
+        self.dtype = dtype
+        self.rev = rev
+        self.peep = _peep(variant, k, H, dtype) if cell == "lstm" else None
+
+    def _blocks(self, name, make, w):
+        return _derive(self.derived, (name, self.k), make, w)
+
+    def forward(self, xw, h0, c0, lengths, y, ycol, keep):
+        """Run the recurrence over ``xw`` (t, B, G); returns hn, cn, gates, aux, pre."""
+        t, B, G = xw.shape
+        H, dtype = self.H, self.dtype
+        gates = np.empty((t, B, G), dtype=dtype) if keep else _empty3(dtype)
+        aux = np.empty((t, B, H), dtype=dtype) if keep else _empty3(dtype)
+        pre = np.empty((t, B, G), dtype=dtype) if keep and self.clip < np.inf else _empty3(dtype)
+        hn = np.empty((B, H), dtype=dtype)
+        _config.kernel_threads(-(-B // self.chunk))
+        if self.cell == "lstm":
+            cn = np.empty((B, H), dtype=dtype)
+            whh_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
+            lstm_forward(xw, whh_tb, h0, c0, lengths, self.rev, self.chunk, self.fast, y, ycol,
+                         hn, cn, gates, aux, self.peep, self.variant.coupled, self.clip, pre)
+        else:
+            cn = None
+            if self.reset_after:
+                wa_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
+            else:
+                wa_tb = self._blocks("wrz_tb", _transposed_blocks, self.w_hh[: 2 * H])
+            wn_tb = self._blocks("wn_tb", _transposed_blocks, self.w_hh[2 * H:])
+            bhn = _derive(self.derived, ("bhn", self.k), _gru_bhn, self.b_hh, H, dtype)
+            gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, self.rev, self.reset_after,
+                        self.chunk, self.fast, y, ycol, hn, gates, aux, self.clip, pre)
+        return hn, cn, gates, aux, pre
+
+    def backward(self, dy, dycol, dhn, dcn, gates, aux, pre, y, ycol, h0, c0, lengths):
+        """Back-propagate through kept values; returns a :class:`_StepGrads`."""
+        t, B, G = gates.shape
+        H, dtype = self.H, self.dtype
+        g = _StepGrads()
+        g.hprev = np.empty((t, B, H), dtype=dtype)
+        g.dgx = np.empty((t, B, G), dtype=dtype)
+        g.dh0 = np.empty((B, H), dtype=dtype)
+        _config.kernel_threads(-(-B // self.chunk))
+        if self.cell == "lstm":
+            g.dgh = g.dgx
+            g.dc0 = np.empty((B, H), dtype=dtype)
+            whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
+            g.cprev = np.empty((t, B, H), dtype=dtype) if self.peep.shape[0] else _empty3(dtype)
+            g.cs = aux
+            lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths,
+                          self.rev, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
+                          self.peep, self.variant.coupled, self.clip, pre, g.cprev)
+            if not self.peep.shape[0]:
+                g.cprev = None
+        else:
+            g.dgh = np.empty((t, B, G), dtype=dtype)
+            if self.reset_after:
+                wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
+                rhprev = _empty3(dtype)
+            else:
+                wa_b = self._blocks("wrz_b", column_blocks, self.w_hh[: 2 * H])
+                rhprev = g.rhprev = np.empty((t, B, H), dtype=dtype)
+            wn_b = self._blocks("wn_b", column_blocks, self.w_hh[2 * H:])
+            gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, aux, y, ycol, h0, lengths,
+                         self.rev, self.reset_after, self.chunk, g.dgx, g.dgh, g.hprev, rhprev,
+                         g.dh0, self.clip, pre)
+        return g
+
+
+class _StepGrads:
+    """What the backward kernel of one layer-direction gives for a run of steps."""
+
+    dgx = dgh = hprev = dh0 = None
+    dc0 = rhprev = cprev = cs = None
+
+
+class _WeightGrads:
+    """The parameter gradients of one layer-direction, summed block by block.
+
+    Blocks are added last step first for a forward direction and first step
+    first for a backward one: the order in which the backward pass reaches
+    them, so that checkpointed segments add up in the same order.
+    """
+
+    def __init__(self, direction, I, with_bias):
+        self.dir = direction
+        H, dtype = direction.H, direction.dtype
+        G = direction.w_hh.shape[0]
+        self.dw_ih = np.empty((G, I), dtype=dtype)
+        self.dw_hh = np.empty((G, H), dtype=dtype)
+        classic = direction.cell == "gru" and not direction.reset_after
+        self.dw_hn = np.empty((G, H), dtype=dtype) if classic else None
+        self.db_ih = np.empty(G, dtype=dtype) if with_bias else None
+        self.db_hh = np.empty(G, dtype=dtype) if with_bias and direction.cell == "gru" else None
+        peeps = direction.peep is not None and direction.peep.shape[0]
+        self.dpeep = np.empty(3 * H, dtype=dtype) if peeps else None
+        self.first = True
+
+    def add(self, grid, g, layer_in):
+        """Add the gradients of a run of whole blocks: ``g`` a :class:`_StepGrads`."""
+        t, B, G = g.dgx.shape
+        rows = t * B
+        I = layer_in.shape[2]
+        H = self.dir.H
+        init, self.first = self.first, False
+        desc = not self.dir.rev
+        d2 = g.dgx.reshape(rows, G)
+        h2 = g.dgh.reshape(rows, G)
+        matmul_tn(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows, grid.parts(G, I, rows),
+                  desc, init)
+        nparts = grid.parts(G, H, rows)
+        matmul_tn(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
+        if self.dw_hn is not None:
+            # GRU reset_after=False: W_hn acts on r * h, not on h.
+            matmul_tn(h2, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows, nparts, desc, init)
+        if self.db_ih is not None:
+            colsum(d2, self.db_ih, grid.rows, desc, init)
+        if self.db_hh is not None:
+            colsum(h2, self.db_hh, grid.rows, desc, init)
+        if self.dpeep is not None:
+            # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
+            # hold zeros in every operand.
+            cp = g.cprev.reshape(rows, H)
+            prod = np.empty((rows, 3 * H), dtype=d2.dtype)
+            np.multiply(d2[:, :H], cp, out=prod[:, :H])
+            np.multiply(d2[:, H:2 * H], cp, out=prod[:, H:2 * H])
+            np.multiply(d2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
+            colsum(prod, self.dpeep, grid.rows, desc, init)
+
+    def result(self):
+        """``(dW_ih, dW_hh, db_ih, db_hh, dpeep)``."""
+        H = self.dir.H
+        if self.dw_hn is not None:
+            self.dw_hh[2 * H:] = self.dw_hn[2 * H:]
+        db_hh = self.db_hh
+        if self.db_ih is not None and db_hh is None:
+            db_hh = self.db_ih.copy()
+        dpeep = None if self.dpeep is None else self.dpeep.reshape(3, H)
+        return self.dw_ih, self.dw_hh, self.db_ih, db_hh, dpeep
 
 
 def forward(*args, **kwargs):
@@ -185,22 +362,34 @@ def forward(*args, **kwargs):
         return _forward(*args, **kwargs)
 
 
-def backward(*args, **kwargs):
+def backward(tape, *args, **kwargs):
     """Back-propagate; see :func:`_backward` for the arguments."""
     with _config.single_threaded_blas():
-        return _backward(*args, **kwargs)
+        if isinstance(tape, CheckpointTape):
+            return _backward_checkpointed(tape, *args, **kwargs)
+        return _backward(tape, *args, **kwargs)
+
+
+def _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant, fast, chunk):
+    clip = dtype.type(variant.clip)
+    return [_Direction(cell, reset_after, weights, layer * D + d, derived, variant, fast, chunk,
+                       clip, H, dtype, variant.direction_reversed(d)) for d in range(D)]
 
 
 def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-             reset_after=True, keep=False, derived=None, variant=_PLAIN):
+             reset_after=True, keep=False, derived=None, variant=_PLAIN, checkpoint=None):
     """Run the stacked recurrence.
+
+    ``checkpoint``: with ``keep``, an interval in steps (see
+    :func:`checkpoint_interval`); the tape then keeps only the states at
+    segment boundaries (:class:`CheckpointTape`).
 
     Returns
     -------
     y : (T, B, D*H) array
     hn : (L*D, B, H) array
     cn : (L*D, B, H) array or None (GRU)
-    tape : Tape or None
+    tape : Tape, CheckpointTape or None
         Filled when ``keep`` is true.
     """
     T, B, _ = x.shape
@@ -209,53 +398,46 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
     dtype = x.dtype
     chunk = _chunk_size(B)
     fast = _config.fast_activations()
+    grid = _Grid(T, B)
     hn = np.empty_like(h0)
     cn = np.empty_like(c0) if cell == "lstm" else None
-    inputs, outputs, gates_kept, aux_kept, pre_kept = [], [], [], [], []
-    clip = dtype.type(variant.clip)
-    layer_in = _zero_padding(x, lengths)
+    interval = checkpoint_interval(checkpoint, T, B) if keep and checkpoint is not None else None
+    kept = keep and interval is None
+    inputs, outputs, gates_kept, aux_kept, pre_kept, states = [], [], [], [], [], []
+    x = layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
         y = np.empty((T, B, D * H), dtype=dtype)
-        for d in range(D):
-            k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh = weights[k]
-            G = w_hh.shape[0]
-            if b_ih is None:
-                bias = None
-            elif cell == "lstm":
-                bias = _derive(derived, ("bias", k), np.add, b_ih, b_hh)
+        dirs = _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant,
+                           fast, chunk)
+        for d, dr in enumerate(dirs):
+            k = dr.k
+            if interval is None:
+                xw = _product(grid, layer_in, dr.w_ih.T, dr.bias)
+                hk, ck, gates, aux, pre = dr.forward(xw, h0[k], c0[k] if cn is not None else None,
+                                                     lengths, y, d * H, kept)
+                del xw
+                gates_kept.append(gates)
+                aux_kept.append(aux)
+                pre_kept.append(pre)
             else:
-                bias = _derive(derived, ("bias", k), _gru_input_bias, b_ih, b_hh, H)
-            xw = _input_projection(layer_in, w_ih, bias)
-            gates = np.empty((T, B, G), dtype=dtype) if keep else _empty3(dtype)
-            aux = np.empty((T, B, H), dtype=dtype) if keep else _empty3(dtype)
-            pre = np.empty((T, B, G), dtype=dtype) if keep and clip < np.inf else _empty3(dtype)
-            rev = variant.direction_reversed(d)
-            _config.kernel_threads(-(-B // chunk))
-            if cell == "lstm":
-                whh_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
-                peep = _peep(variant, k, H, dtype)
-                lstm_forward(xw, whh_tb, h0[k], c0[k], lengths, rev, chunk, fast, y, d * H,
-                             hn[k], cn[k], gates, aux, peep, variant.coupled, clip, pre)
-            else:
-                if reset_after:
-                    wa_tb = _derive(derived, ("whh_tb", k), _transposed_blocks, w_hh)
-                else:
-                    wa_tb = _derive(derived, ("wrz_tb", k), _transposed_blocks, w_hh[: 2 * H])
-                wn_tb = _derive(derived, ("wn_tb", k), _transposed_blocks, w_hh[2 * H:])
-                bhn = _derive(derived, ("bhn", k), _gru_bhn, b_hh, H, dtype)
-                gru_forward(xw, wa_tb, wn_tb, bhn, h0[k], lengths, rev,
-                            reset_after, chunk, fast, y, d * H, hn[k], gates, aux, clip, pre)
-            gates_kept.append(gates)
-            aux_kept.append(aux)
-            pre_kept.append(pre)
-        inputs.append(layer_in)
-        outputs.append(y)
+                hk, ck, kept_states = _forward_segments(dr, grid, interval, layer_in, h0[k],
+                                                        None if cn is None else c0[k], lengths,
+                                                        y, d * H)
+                states.append(kept_states)
+            hn[k] = hk
+            if cn is not None:
+                cn[k] = ck
+        if kept:
+            inputs.append(layer_in)
+            outputs.append(y)
         layer_in = y
     tape = None
-    if keep:
+    if kept:
         tape = Tape(cell, reset_after, fast, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths,
                     variant, pre_kept)
+    elif keep:
+        tape = CheckpointTape(cell, reset_after, fast, variant, x, h0, c0, lengths, interval,
+                              states)
     return layer_in, hn, cn, tape
 
 
@@ -272,85 +454,248 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
         ``dpeep`` (3, H) with peepholes, else ``None``).
     """
     cell = tape.cell
-    reset_after = tape.reset_after
     D = 2 if bidirectional else 1
     T, B, _ = dy.shape
     H = tape.h0.shape[2]
     dtype = dy.dtype
-    chunk = _chunk_size(B)
-    fast = tape.fast
-    lengths = tape.lengths
-    variant = tape.variant
-    clip = dtype.type(variant.clip)
+    grid = _Grid(T, B)
+    lstm = cell == "lstm"
     dh0 = np.empty_like(tape.h0)
-    dc0 = np.empty_like(tape.c0) if cell == "lstm" else None
+    dc0 = np.empty_like(tape.c0) if lstm else None
     dweights = [None] * (num_layers * D)
     dy_layer = dy
     for layer in reversed(range(num_layers)):
         layer_in = tape.inputs[layer]
-        I = layer_in.shape[2]
-        in2d = layer_in.reshape(T * B, I)
         y = tape.outputs[layer]
         dx = None
-        for d in range(D):
-            k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh = weights[k]
-            G = w_hh.shape[0]
-            _config.kernel_threads(-(-B // chunk))
-            hprev = np.empty((T, B, H), dtype=dtype)
-            dgx = np.empty((T, B, G), dtype=dtype)
-            rev = variant.direction_reversed(d)
-            dpeep = None
-            if cell == "lstm":
-                dgh = dgx
-                hop = hprev
-                whh_b = _derive(derived, ("whh_b", k), column_blocks, w_hh)
-                peep = _peep(variant, k, H, dtype)
-                cprev = np.empty((T, B, H), dtype=dtype) if peep.shape[0] else _empty3(dtype)
-                lstm_backward(dy_layer, d * H, dhn[k], dcn[k], whh_b,
-                              tape.gates[k], tape.aux[k], y, d * H, tape.h0[k], tape.c0[k],
-                              lengths, rev, chunk, fast, dgx, hprev, dh0[k], dc0[k],
-                              peep, variant.coupled, clip, tape.pre[k], cprev)
-                if peep.shape[0]:
-                    dpeep = _peephole_grads(dgx, cprev, tape.aux[k])
-            else:
-                dgh = np.empty((T, B, G), dtype=dtype)
-                if reset_after:
-                    wa_b = _derive(derived, ("whh_b", k), column_blocks, w_hh)
-                    hop = hprev
-                    rhprev = _empty3(dtype)
-                else:
-                    wa_b = _derive(derived, ("wrz_b", k), column_blocks, w_hh[: 2 * H])
-                    hop = rhprev = np.empty((T, B, H), dtype=dtype)
-                wn_b = _derive(derived, ("wn_b", k), column_blocks, w_hh[2 * H:])
-                gru_backward(dy_layer, d * H, dhn[k], wa_b, wn_b, tape.gates[k], tape.aux[k],
-                             y, d * H, tape.h0[k], lengths, rev, reset_after, chunk,
-                             dgx, dgh, hprev, rhprev, dh0[k], clip, tape.pre[k])
-            dgx2 = dgx.reshape(T * B, G)
-            dgh2 = dgh.reshape(T * B, G)
-            dw_ih = np.empty((G, I), dtype=dtype)
-            matmul_tn(dgx2, in2d, dw_ih, _product_blocks(T * B, G, I))
-            dw_hh = np.empty((G, H), dtype=dtype)
-            nblocks = _product_blocks(T * B, G, H)
-            if hop is hprev:
-                matmul_tn(dgh2, hprev.reshape(T * B, H), dw_hh, nblocks)
-            else:
-                # GRU reset_after=False: W_hn acts on r * h, not on h.
-                part = np.empty((G, H), dtype=dtype)
-                matmul_tn(dgh2, hprev.reshape(T * B, H), part, nblocks)
-                dw_hh[: 2 * H] = part[: 2 * H]
-                matmul_tn(dgh2, hop.reshape(T * B, H), part, nblocks)
-                dw_hh[2 * H:] = part[2 * H:]
-            db_ih = db_hh = None
-            if with_bias:
-                db_ih = dgx2.sum(axis=0)
-                db_hh = db_ih.copy() if dgh is dgx else dgh2.sum(axis=0)
-            dweights[k] = (dw_ih, dw_hh, db_ih, db_hh, dpeep)
-            part_dx = np.empty((T * B, I), dtype=dtype)
-            matmul(dgx2, w_ih, _empty1(dtype), part_dx, _product_blocks(T * B, G, I))
+        dirs = _directions(cell, weights, layer, D, H, dtype, tape.reset_after, derived,
+                           tape.variant, tape.fast, _chunk_size(B))
+        for d, dr in enumerate(dirs):
+            k = dr.k
+            g = dr.backward(dy_layer, d * H, dhn[k], dcn[k] if lstm else None, tape.gates[k],
+                            tape.aux[k], tape.pre[k], y, d * H, tape.h0[k],
+                            tape.c0[k] if lstm else None, tape.lengths)
+            acc = _WeightGrads(dr, layer_in.shape[2], with_bias)
+            acc.add(grid, g, layer_in)
+            dweights[k] = acc.result()
+            dh0[k] = g.dh0
+            if lstm:
+                dc0[k] = g.dc0
+            part = _product(grid, g.dgx, dr.w_ih)
+            del g
             if dx is None:
-                dx = part_dx
+                dx = part
             else:
-                dx += part_dx
-        dy_layer = dx.reshape(T, B, I)
+                dx += part
+            del part
+        dy_layer = dx
+        del dx
     return dy_layer, dh0, dc0, dweights
+
+
+# -- gradient checkpointing ----------------------------------------------------
+
+
+def checkpoint_interval(every, T, B):
+    """The checkpoint interval used for a request of ``every`` steps.
+
+    ``every`` rounded up to a whole number of blocks of the products over
+    time (:func:`block_steps`: ``ceil(1024 / B)`` steps), and to at most
+    ``T`` in blocks.
+    """
+    steps = block_steps(B)
+    interval = -(-every // steps) * steps
+    return min(interval, -(-T // steps) * steps)
+
+
+class CheckpointTape:
+    """What a checkpointed forward pass keeps: the states at segment starts.
+
+    ``states[k]`` is ``(h, c)`` for layer-direction ``k``, each
+    ``(nseg, B, H)`` (``c`` None for a GRU): the state each segment of
+    ``interval`` steps starts from, in the direction's reading order (for
+    a backward direction the state after it has read the later steps).
+    """
+
+    def __init__(self, cell, reset_after, fast, variant, x, h0, c0, lengths, interval, states):
+        self.cell = cell
+        self.reset_after = reset_after
+        self.fast = fast
+        self.variant = variant
+        self.x = x                # the input, padded steps zero
+        self.h0 = h0
+        self.c0 = c0
+        self.lengths = lengths
+        self.interval = interval
+        self.states = states
+
+
+def _segments(T, interval):
+    return [(t0, min(T, t0 + interval)) for t0 in range(0, T, interval)]
+
+
+def _local_lengths(lengths, t0, t1):
+    """Valid steps of each sequence within steps ``t0:t1`` (0 to t1 - t0)."""
+    return np.clip(lengths - t0, 0, t1 - t0).astype(np.int64)
+
+
+def _forward_segments(dr, grid, interval, layer_in, h0, c0, lengths, y, ycol):
+    """Run one layer-direction segment by segment, keeping the starting states."""
+    T, B, _ = layer_in.shape
+    segs = _segments(T, interval)
+    hs = np.empty((len(segs), B, dr.H), dtype=dr.dtype)
+    cs = np.empty_like(hs) if c0 is not None else None
+    h, c = h0, c0
+    order = range(len(segs) - 1, -1, -1) if dr.rev else range(len(segs))
+    for s in order:
+        t0, t1 = segs[s]
+        hs[s] = h
+        if cs is not None:
+            cs[s] = c
+        xw = _product(grid, layer_in[t0:t1], dr.w_ih.T, dr.bias)
+        h, c, _, _, _ = dr.forward(xw, h, c, _local_lengths(lengths, t0, t1), y[t0:t1], ycol,
+                                   False)
+        del xw
+    return h, c, (hs, cs)
+
+
+def _segment_input(tape, grid, layers, s, t0, t1):
+    """The input of layer ``len(layers)`` over steps ``t0:t1``, recomputed.
+
+    ``layers`` holds the :class:`_Direction` lists of the layers below.
+    """
+    if not layers:
+        return tape.x[t0:t1]
+    below = _segment_input(tape, grid, layers[:-1], s, t0, t1)
+    dirs = layers[-1]
+    H = dirs[0].H
+    y = np.empty((t1 - t0, grid.B, len(dirs) * H), dtype=below.dtype)
+    local = _local_lengths(tape.lengths, t0, t1)
+    for d, dr in enumerate(dirs):
+        hs, cs = tape.states[dr.k]
+        xw = _product(grid, below, dr.w_ih.T, dr.bias)
+        dr.forward(xw, hs[s], None if cs is None else cs[s], local, y, d * H, False)
+    return y
+
+
+def _backward_checkpointed(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
+                           derived=None):
+    """:func:`_backward` from a :class:`CheckpointTape`.
+
+    Layer by layer from the top, and in each direction segment by segment in
+    the order the backward pass reaches them: recompute the segment from its
+    starting state (its input too, from the layers below, for a stacked
+    model), then run the backward kernel over it.  Every product over time
+    sees the blocks of the un-checkpointed call, in the same order, so the
+    results are the same bits.
+    """
+    cell = tape.cell
+    D = 2 if bidirectional else 1
+    T, B, _ = dy.shape
+    H = tape.h0.shape[2]
+    dtype = dy.dtype
+    grid = _Grid(T, B)
+    lstm = cell == "lstm"
+    segs = _segments(T, tape.interval)
+    dh0 = np.empty_like(tape.h0)
+    dc0 = np.empty_like(tape.c0) if lstm else None
+    dweights = [None] * (num_layers * D)
+    layers = [_directions(cell, weights, layer, D, H, dtype, tape.reset_after, derived,
+                          tape.variant, tape.fast, _chunk_size(B)) for layer in range(num_layers)]
+    dy_layer = dy
+    for layer in reversed(range(num_layers)):
+        I = tape.x.shape[2] if layer == 0 else D * H
+        dx = np.empty((T, B, I), dtype=dtype)
+        for d, dr in enumerate(layers[layer]):
+            k = dr.k
+            hs, cs = tape.states[k]
+            dh = dhn[k]
+            dc = dcn[k] if lstm else None
+            acc = _WeightGrads(dr, I, with_bias)
+            order = range(len(segs)) if dr.rev else range(len(segs) - 1, -1, -1)
+            for s in order:
+                t0, t1 = segs[s]
+                seg_in = _segment_input(tape, grid, layers[:layer], s, t0, t1)
+                local = _local_lengths(tape.lengths, t0, t1)
+                c_start = None if cs is None else cs[s]
+                y = np.empty((t1 - t0, B, H), dtype=dtype)
+                xw = _product(grid, seg_in, dr.w_ih.T, dr.bias)
+                _, _, gates, aux, pre = dr.forward(xw, hs[s], c_start, local, y, 0, True)
+                del xw
+                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, gates, aux, pre, y, 0, hs[s],
+                                c_start, local)
+                dh, dc = g.dh0, g.dc0
+                acc.add(grid, g, seg_in)
+                part = _product(grid, g.dgx, dr.w_ih)
+                del g, gates, aux, pre, y
+                if d == 0:
+                    dx[t0:t1] = part
+                else:
+                    dx[t0:t1] += part
+                del part, seg_in
+            dweights[k] = acc.result()
+            dh0[k] = dh
+            if lstm:
+                dc0[k] = dc
+        dy_layer = dx
+    return dy_layer, dh0, dc0, dweights
+
+
+# -- memory ------------------------------------------------------------------
+
+
+def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=False,
+                    peephole=False, reset_after=True, num_params=0, checkpoint=None,
+                    padded=False):
+    """Bytes of the arrays a ``vjp`` and its pullback allocate (see ``training_memory``).
+
+    Returns ``(kept, peak)``: what the pullback holds between the two calls
+    (the output ``y`` included), and the most allocated at any one time from
+    the start of ``vjp`` to the end of the pullback (its results included).
+    Counted: every array of a size proportional to ``T``; not counted: the
+    caller's ``x`` and ``dy``, and scratch of a fixed size (per-chunk
+    states, BLAS packing), which does not grow with ``T``.
+    """
+    G = (4 if cell == "lstm" else 3) * H
+    N = T * B
+    L = num_layers
+    sizes = [input_size] + [D * H] * (L - 1)
+    pre = G if clip else 0
+    # Per step and row of the backward kernel's results: hprev, dgx, and
+    # for a GRU dgh (and r * h_{t-1} for reset_after=False), with
+    # peepholes c_{t-1}.
+    grads = H + G
+    if cell == "gru":
+        grads += G + (0 if reset_after else H)
+    elif peephole:
+        grads += H
+    extra = 3 * H if peephole and cell == "lstm" else 0   # the peephole products
+    pad = N * input_size if padded else 0
+    small = num_params + 2 * L * D * B * H * 2             # gradients, states
+    if checkpoint is None:
+        kept = pad + L * (N * D * H + D * N * (G + H + pre))
+        peak = kept + N * G                                 # the last input projection
+        for layer in reversed(range(L)):
+            dy_between = N * D * H if layer < L - 1 else 0
+            for d in range(D):
+                dx = sizes[layer] * N if d else 0
+                peak = max(peak, kept + dy_between + dx + N * grads
+                           + max(N * sizes[layer], N * extra))
+        return itemsize * kept, itemsize * (peak + small)
+    interval = checkpoint_interval(checkpoint, T, B)
+    nseg = -(-T // interval)
+    n = min(interval, T) * B
+    states = L * D * nseg * B * H * (2 if cell == "lstm" else 1)
+    kept = pad + N * D * H + states
+    peak = kept + n * G
+    if L > 1:
+        peak = max(peak, kept + N * D * H + n * G)          # a layer's input and output
+    segment = n * (G + H + pre + H)                         # gates, aux, pre, own outputs
+    for layer in reversed(range(L)):
+        dy_between = N * D * H if layer < L - 1 else 0
+        seg_in = n * D * H if layer else 0
+        below = n * (2 * D * H + G) if layer > 1 else (n * G if layer else 0)
+        base = kept + dy_between + N * sizes[layer] + seg_in
+        peak = max(peak, base + below, base + segment + n * G,
+                   base + segment + n * grads + max(n * sizes[layer], n * extra))
+    return itemsize * kept, itemsize * (peak + small)

@@ -361,12 +361,12 @@ class _Recurrent(_Parameters):
             c = None if c is None else c[:, 0, :]
         return h if c is None else (h, c)
 
-    def _run(self, x, state, lengths, keep, check_finite=True):
+    def _run(self, x, state, lengths, keep, check_finite=True, checkpoint=None):
         x3, batched, h0, c0, lengths = self._prepare(x, state, lengths, check_finite)
         y, hn, cn, tape = _recurrent.forward(
             self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
             self.bidirectional, self.reset_after, keep, derived=self._derived,
-            variant=self._variant())
+            variant=self._variant(), checkpoint=checkpoint)
         return x3, batched, y, hn, cn, tape
 
     # -- public API ----------------------------------------------------------
@@ -403,11 +403,23 @@ class _Recurrent(_Parameters):
         _, batched, y, hn, cn, _ = self._run(x, state, lengths, keep=False, check_finite=check_finite)
         return self._seq_out(y, batched), self._state_out(hn, cn, batched)
 
-    def vjp(self, x, state=None, lengths=None, *, check_finite=True):
+    def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None):
         """Run the model and return a function for its vector-Jacobian product.
 
         Parameters are as for :meth:`__call__`; ``check_finite`` also applies
         to the pullback's ``dy`` (at valid steps) and ``dstate``.
+
+        checkpoint : int, optional
+            Gradient checkpointing: keep only the state at the start of every
+            segment of about ``checkpoint`` steps and recompute each segment's
+            gates when the pullback reaches it.  The memory kept between the
+            forward pass and the pullback then grows like ``T / checkpoint``
+            states instead of ``T`` steps of gates; the pullback needs one
+            segment's worth at a time; it costs one more forward pass.  The
+            results are bitwise the same as without.  The interval is rounded
+            up to a whole number of blocks of ``ceil(1024 / B)`` steps (the
+            blocks in which products over time are taken; see
+            ``docs/guarantees.md``).  ``None`` (default) keeps everything.
 
         Returns
         -------
@@ -424,7 +436,10 @@ class _Recurrent(_Parameters):
             setting of this call) refuses NaN or inf in ``dy`` at valid steps
             (``dy`` at padded steps is ignored) and in ``dstate``.
         """
-        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
+        if checkpoint is not None:
+            checkpoint = check.positive_int(checkpoint, "checkpoint")
+        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True,
+                                                 check_finite=check_finite, checkpoint=checkpoint)
         valid = check.valid_steps(tape.lengths, x3.shape[0])
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
@@ -495,6 +510,43 @@ class _Recurrent(_Parameters):
         if not batched:
             out = {name: v[:, :, 0, :] for name, v in out.items()}
         return {name: np.ascontiguousarray(v) for name, v in out.items()}
+
+    def training_memory(self, T, B=1, *, checkpoint=None, padded=False):
+        """Memory of a training step on sequences of ``T`` steps, batch ``B``.
+
+        Counts the arrays that :meth:`vjp` and its pullback allocate whose
+        size grows with ``T`` (tests compare the count with what
+        :mod:`tracemalloc` measures; see ``docs/guarantees.md``).  Not
+        counted: the caller's ``x`` and ``dy``, and scratch of a fixed size
+        (per-chunk states, BLAS packing buffers).
+
+        Parameters
+        ----------
+        T, B : int
+            Steps and batch size.
+        checkpoint : int, optional
+            As for :meth:`vjp`.
+        padded : bool, default False
+            Some sequences are shorter than ``T`` (``lengths``): the input
+            is then copied once, with its padded steps set to zero.
+
+        Returns
+        -------
+        dict
+            ``"kept"``: bytes held between :meth:`vjp` and the pullback, the
+            output ``y`` included; ``"peak"``: the most allocated at any one
+            time during both calls, their results included.
+        """
+        T = check.positive_int(T, "T")
+        B = check.positive_int(B, "B")
+        if checkpoint is not None:
+            checkpoint = check.positive_int(checkpoint, "checkpoint")
+        kept, peak = _recurrent.training_memory(
+            self._cell, T, B, self.input_size, self.hidden_size, self.num_layers,
+            self.num_directions, self.dtype.itemsize, clip=self.clip < np.inf,
+            peephole=self.peephole, reset_after=self.reset_after, num_params=self.num_params,
+            checkpoint=checkpoint, padded=check.boolean(padded, "padded"))
+        return {"kept": kept, "peak": peak}
 
     def __repr__(self):
         args = [str(self.input_size), str(self.hidden_size)]

@@ -483,9 +483,10 @@ class Readout(_FlatParams):
             return [(slice(0, H), last), (slice(H, 2 * H), first)]
         return [(slice(0, H), first if self.rnn.reverse else last)]
 
-    def _forward(self, x, state, lengths, keep, check_finite):
+    def _forward(self, x, state, lengths, keep, check_finite, checkpoint=None):
         if keep:
-            (y, _), rnn_pullback = self.rnn.vjp(x, state, lengths, check_finite=check_finite)
+            (y, _), rnn_pullback = self.rnn.vjp(x, state, lengths, check_finite=check_finite,
+                                                checkpoint=checkpoint)
         else:
             (y, _), rnn_pullback = self.rnn(x, state, lengths, check_finite=check_finite), None
         yt, batched = self._time_major(y)
@@ -538,11 +539,12 @@ class Readout(_FlatParams):
         """
         return self._forward(x, state, lengths, keep=False, check_finite=check_finite)[0]
 
-    def vjp(self, x, state=None, lengths=None, *, check_finite=True):
+    def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None):
         """Run the model and return a function for its vector-Jacobian product.
 
         Parameters are as for :meth:`__call__`; ``check_finite`` also applies
         to the pullback's ``dout`` (except at padded steps, which are ignored).
+        ``checkpoint`` is passed to the rnn's ``vjp`` (gradient checkpointing).
 
         Returns
         -------
@@ -557,7 +559,7 @@ class Readout(_FlatParams):
             is the rnn's: use ``rnn.vjp`` and ``head.vjp`` for it.)
         """
         out, (shape, batched, lengths, mask, rnn_pullback, head_pullback) = self._forward(
-            x, state, lengths, keep=True, check_finite=check_finite)
+            x, state, lengths, keep=True, check_finite=check_finite, checkpoint=checkpoint)
         T, B, F = shape
         out_shape = out.shape
 
@@ -808,19 +810,19 @@ def clip_grad_norm(grads, max_norm, *, norm_type=2.0):
 # --------------------------------------------------------------------------
 
 
-def _runner(model, x, state, lengths):
+def _runner(model, x, state, lengths, checkpoint):
     """A function running ``model.vjp`` on the data, returning (pred, pullback to dparams)."""
     if isinstance(model, Readout):
         def run():
-            out, pullback = model.vjp(x, state, lengths)
+            out, pullback = model.vjp(x, state, lengths, checkpoint=checkpoint)
             return out, lambda d: pullback(d)[1]
     elif isinstance(model, (LSTM, GRU)):
         def run():
-            (y, _), pullback = model.vjp(x, state, lengths)
+            (y, _), pullback = model.vjp(x, state, lengths, checkpoint=checkpoint)
             return y, lambda d: pullback(d)[2]
     elif isinstance(model, Linear):
-        if state is not None or lengths is not None:
-            raise ValueError("state and lengths must be None for a Linear model")
+        if state is not None or lengths is not None or checkpoint is not None:
+            raise ValueError("state, lengths and checkpoint must be None for a Linear model")
 
         def run():
             out, pullback = model.vjp(x)
@@ -830,7 +832,7 @@ def _runner(model, x, state, lengths):
     return run
 
 
-def scipy_objective(model, loss, x, target, *, state=None, lengths=None):
+def scipy_objective(model, loss, x, target, *, state=None, lengths=None, checkpoint=None):
     """The objective ``fun(v) -> (loss, grad)`` of ``scipy.optimize.minimize(..., jac=True)``.
 
     ::
@@ -857,6 +859,9 @@ def scipy_objective(model, loss, x, target, *, state=None, lengths=None):
         Passed to ``loss`` unchanged.
     state, lengths : optional
         Passed to the model.
+    checkpoint : int, optional
+        Gradient checkpointing for long sequences, as for the rnn's ``vjp``
+        (the same gradients, less memory, one more forward pass).
 
     Returns
     -------
@@ -886,7 +891,7 @@ def scipy_objective(model, loss, x, target, *, state=None, lengths=None):
         loss_fn = loss
     else:
         raise TypeError(f"loss must be 'mse', 'cross_entropy' or a callable, got {type(loss).__name__}")
-    run = _runner(model, x, state, lengths)
+    run = _runner(model, x, state, lengths, checkpoint)
 
     def fun(v):
         model.set_flat_params(v)

@@ -27,16 +27,55 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("nblocks", [1, 2, 3])
-def test_matmul_and_matmul_tn_match_numpy(dtype, nblocks):
+@pytest.mark.parametrize("block_rows,nparts", [(37, 1), (37, 2), (10, 1), (10, 3), (1, 2), (100, 4)])
+def test_matmul_and_matmul_tn_match_numpy(dtype, block_rows, nparts):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((37, 9)).astype(dtype)
     b = rng.standard_normal((9, 11)).astype(dtype)
     bias = rng.standard_normal(11).astype(dtype)
-    out = np.empty((37, 11), dtype)
-    _linalg.matmul(a, b.T.copy().T, bias, out, nblocks)     # F-ordered right operand
+    out = np.full((37, 11), np.nan, dtype)
+    _linalg.matmul(a, b.T.copy().T, bias, out, block_rows, nparts)     # F-ordered right operand
     assert_close(out, a.astype(np.float64) @ b + bias, dtype)
     c = rng.standard_normal((37, 5)).astype(dtype)
-    out_tn = np.empty((9, 5), dtype)
-    _linalg.matmul_tn(a, c, out_tn, nblocks)
-    assert_close(out_tn, a.T.astype(np.float64) @ c, dtype)
+    for descending in (False, True):
+        out_tn = np.full((9, 5), np.nan, dtype)
+        _linalg.matmul_tn(a, c, out_tn, block_rows, nparts, descending, True)
+        assert_close(out_tn, a.T.astype(np.float64) @ c, dtype)
+        # init=False adds to what is there.
+        _linalg.matmul_tn(a, c, out_tn, block_rows, nparts, descending, False)
+        assert_close(out_tn, 2 * (a.T.astype(np.float64) @ c), dtype)
+        sums = np.full(9, np.nan, dtype)
+        _linalg.colsum(a, sums, block_rows, descending, True)
+        assert_close(sums, a.astype(np.float64).sum(axis=0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype):
+    # What gradient checkpointing relies on: a product or a sum taken over
+    # consecutive runs of whole blocks, in order, equals the one over all
+    # rows bit for bit (the blocks, not the call, fix every rounding).
+    rng = np.random.default_rng(2)
+    M, K, N, rows = 1000, 48, 300, 64       # 15 blocks and a tail of 40 rows
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    c = rng.standard_normal((M, N)).astype(dtype)
+    runs = [(0, 192), (192, 256), (256, 896), (896, M)]
+    for nparts in (1, 2, 3):
+        whole = np.empty((M, N), dtype)
+        _linalg.matmul(a, b, np.empty(0, dtype), whole, rows, nparts)
+        pieces = np.empty((M, N), dtype)
+        for r0, r1 in runs:
+            _linalg.matmul(a[r0:r1], b, np.empty(0, dtype), pieces[r0:r1], rows, nparts)
+        assert whole.tobytes() == pieces.tobytes()
+        for descending in (False, True):
+            whole_tn = np.empty((K, N), dtype)
+            _linalg.matmul_tn(a, c, whole_tn, rows, nparts, descending, True)
+            whole_sum = np.empty(N, dtype)
+            _linalg.colsum(c, whole_sum, rows, descending, True)
+            tn = np.empty((K, N), dtype)
+            sums = np.empty(N, dtype)
+            for i, (r0, r1) in enumerate(runs[::-1] if descending else runs):
+                _linalg.matmul_tn(a[r0:r1], c[r0:r1], tn, rows, nparts, descending, i == 0)
+                _linalg.colsum(c[r0:r1], sums, rows, descending, i == 0)
+            assert whole_tn.tobytes() == tn.tobytes()
+            assert whole_sum.tobytes() == sums.tobytes()

@@ -566,7 +566,7 @@ def test_scipy_objective_sets_params_and_matches_the_pullback():
         fg.scipy_objective(model, 3, x, target)
     with pytest.raises(TypeError, match="model must be a fastgates Readout, LSTM, GRU or Linear"):
         fg.scipy_objective(fg.GRUCell(I, H), "mse", x[0], target)
-    with pytest.raises(ValueError, match="state and lengths must be None for a Linear"):
+    with pytest.raises(ValueError, match="state, lengths and checkpoint must be None for a Linear"):
         fg.scipy_objective(lin, "mse", x[0], target, lengths=LENGTHS)
 
 
