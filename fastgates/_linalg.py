@@ -10,9 +10,13 @@ thread count in force, so results do not depend on ``set_num_threads``.
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.core.extending import overload
+from numba.np.linalg import ensure_blas
 
 from ._config import jit
+
+ensure_blas()
 
 
 @jit(parallel=True)
@@ -47,23 +51,69 @@ def matmul(a, b, bias, out, block_rows, nparts):
                     out[r, c] += bias[c]
 
 
+def _gemm_external(dtype):
+    return types.ExternalFunction("numba_xxgemm", types.intc(
+        types.char, types.char, types.char, types.intp, types.intp, types.intp,
+        types.CPointer(dtype), types.CPointer(dtype), types.intp, types.CPointer(dtype),
+        types.intp, types.CPointer(dtype), types.CPointer(dtype), types.intp))
+
+
+def gemm_tn(a, b, out, beta):
+    """``out = a.T @ b + beta * out`` by one BLAS call, views welcome."""
+
+
+@overload(gemm_tn, jit_options={"nogil": True})
+def _gemm_tn(a, b, out, beta):
+    """Numba's own BLAS entry (``numba_xxgemm``, SciPy's BLAS, as ``np.dot``).
+
+    ``a`` (R, P) and ``b`` (R, N) may be views whose rows are strided (a
+    column slice): BLAS takes the row stride as the leading dimension, so no
+    copy is made, and ``beta = 1`` adds to ``out`` in the same call.
+    Row-major ``out = a.T b`` is column-major ``out^T = b^T a``.
+    """
+    if a.dtype != b.dtype or a.dtype != out.dtype or a.dtype not in (types.float32, types.float64):
+        return None
+    gemm = _gemm_external(a.dtype)
+    kind = ord("s" if a.dtype == types.float32 else "d")
+    dtype = np.float32 if a.dtype == types.float32 else np.float64
+
+    def impl(a, b, out, beta):
+        R, P = a.shape
+        N = b.shape[1]
+        if R == 0:
+            return
+        item = a.itemsize
+        if (a.strides[1] != item or b.strides[1] != item or out.strides[1] != item):
+            raise ValueError("gemm_tn: rows must be contiguous")
+        coef = np.empty(2, dtype=dtype)
+        coef[0] = 1.0
+        coef[1] = beta
+        r = gemm(kind, ord("N"), ord("T"), N, P, R, coef[0:].ctypes, b.ctypes,
+                 b.strides[0] // item, a.ctypes, a.strides[0] // item, coef[1:].ctypes,
+                 out.ctypes, out.strides[0] // item)
+        if r < 0:
+            raise RuntimeError("BLAS gemm failed")
+
+    return impl
+
+
 @jit(parallel=True)
 def matmul_tn(a, b, out, block_rows, nparts, descending, init):
     """``out (+)= a.T @ b``, added one row block at a time in a fixed order.
 
     ``a`` (M, P) and ``b`` (M, N) C-contiguous, ``out`` (P, N) C-contiguous.
     Rows are cut into blocks of ``block_rows`` from row 0; each block's
-    product is added to ``out`` in turn, last block first when
-    ``descending``.  With ``init`` the first block's product overwrites
-    ``out`` (which may hold anything).  The rows of ``out`` are split into
-    ``nparts`` parts, one per task, each running over all blocks.
+    product is added to ``out`` in turn (one BLAS call with ``beta = 1``),
+    last block first when ``descending``.  With ``init`` the first block's
+    product overwrites ``out`` (which may hold anything).  The rows of
+    ``out`` are split into ``nparts`` parts, one per task, each running over
+    all blocks on its columns of ``a`` in place.
 
     A sum over steps that arrive in pieces (gradient checkpointing) is then
     the same sum, bit for bit, as long as each piece is a run of whole
     blocks, the pieces come in the same order and ``nparts`` is the same.
     """
     M, P = a.shape
-    N = b.shape[1]
     nblk = (M + block_rows - 1) // block_rows
     psize = (P + nparts - 1) // nparts
     for part in prange(nparts):
@@ -71,19 +121,11 @@ def matmul_tn(a, b, out, block_rows, nparts, descending, init):
         q1 = min(P, q0 + psize)
         if q0 >= q1:
             continue
-        tmp = np.empty((q1 - q0, N), dtype=out.dtype)
         for jj in range(nblk):
             j = nblk - 1 - jj if descending else jj
             r0 = j * block_rows
             r1 = min(M, r0 + block_rows)
-            lhs = np.ascontiguousarray(a[r0:r1, q0:q1])
-            np.dot(lhs.T, b[r0:r1], tmp)
-            if init and jj == 0:
-                out[q0:q1] = tmp
-            else:
-                for p in range(q1 - q0):
-                    for c in range(N):
-                        out[q0 + p, c] += tmp[p, c]
+            gemm_tn(a[r0:r1, q0:q1], b[r0:r1], out[q0:q1], 0.0 if init and jj == 0 else 1.0)
 
 
 @jit()
