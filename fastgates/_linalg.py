@@ -16,8 +16,6 @@ from numba.np.linalg import ensure_blas
 
 from ._config import jit
 
-ensure_blas()
-
 
 @jit(parallel=True)
 def matmul(a, b, bias, out, block_rows, nparts):
@@ -73,6 +71,7 @@ def _gemm_tn(a, b, out, beta):
     """
     if a.dtype != b.dtype or a.dtype != out.dtype or a.dtype not in (types.float32, types.float64):
         return None
+    ensure_blas()     # SciPy's BLAS, checked when compiling (importing it costs 0.12 s)
     gemm = _gemm_external(a.dtype)
     kind = ord("s" if a.dtype == types.float32 else "d")
     dtype = np.float32 if a.dtype == types.float32 else np.float64
