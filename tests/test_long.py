@@ -248,3 +248,29 @@ def test_checkpointed_memory_grows_like_T_over_k_plus_k():
         # states (h, c) at each segment start + a segment's gates, cell
         # states, outputs and gradients (4H + H + H + H + 4H + H + ...).
         assert nseg * 2 * H * item <= e <= 3 * nseg * 2 * H * item + 20 * k * H * item + 10_000
+
+
+@pytest.mark.parametrize("mode", ["last", "sequence"])
+def test_readout_and_scipy_objective_pass_checkpoint_through(mode):
+    T, B, I, H = 300, 3, 2, 6
+    saved = _recurrent.ROWS_PER_BLOCK
+    _recurrent.ROWS_PER_BLOCK = 2            # many segments at this size
+    try:
+        rnn = fg.GRU(I, H, dtype=np.float64, seed=0)
+        model = fg.Readout(rnn, fg.Linear(H, 1, dtype=np.float64, seed=1), mode=mode)
+        rng = np.random.default_rng(2)
+        x = rng.standard_normal((T, B, I))
+        lengths = np.array([T, 17, 250])
+        out, pullback = model.vjp(x, lengths=lengths)
+        dout = rng.standard_normal(out.shape)
+        out_ck, pullback_ck = model.vjp(x, lengths=lengths, checkpoint=40)
+        assert_bitwise((out_ck, pullback_ck(dout)), (out, pullback(dout)))
+        target = rng.standard_normal(out.shape)
+        v = model.get_flat_params()
+        plain = fg.scipy_objective(model, "mse", x, target, lengths=lengths)(v)
+        checked = fg.scipy_objective(model, "mse", x, target, lengths=lengths, checkpoint=40)(v)
+        assert plain[0] == checked[0] and plain[1].tobytes() == checked[1].tobytes()
+    finally:
+        _recurrent.ROWS_PER_BLOCK = saved
+    with pytest.raises(ValueError, match="checkpoint must be None for a Linear"):
+        fg.scipy_objective(fg.Linear(2, 1), "mse", np.ones((3, 2)), np.ones((3, 1)), checkpoint=5)
