@@ -370,8 +370,6 @@ def forward(*args, **kwargs):
 def backward(tape, *args, **kwargs):
     """Back-propagate; see :func:`_backward` for the arguments."""
     with _config.single_threaded_blas():
-        if isinstance(tape, CheckpointTape):
-            return _backward_checkpointed(tape, *args, **kwargs)
         return _backward(tape, *args, **kwargs)
 
 
@@ -455,58 +453,6 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
         tape = CheckpointTape(cell, reset_after, fast, variant, x, h0, c0, lengths, interval,
                               states)
     return layer_in, hn, cn, tape
-
-
-def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
-    """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
-
-    Returns
-    -------
-    dx : (T, B, I) array
-    dh0 : (L*D, B, H) array
-    dc0 : (L*D, B, H) array or None (GRU)
-    dweights : list of ``(dW_ih, dW_hh, db_ih, db_hh, dpeep)`` per
-        layer-direction (biases ``None`` when ``with_bias`` is false;
-        ``dpeep`` (3, H) with peepholes, else ``None``).
-    """
-    cell = tape.cell
-    D = 2 if bidirectional else 1
-    T, B, _ = dy.shape
-    H = tape.h0.shape[2]
-    dtype = dy.dtype
-    grid = _Grid(T, B)
-    lstm = cell == "lstm"
-    dh0 = np.empty_like(tape.h0)
-    dc0 = np.empty_like(tape.c0) if lstm else None
-    dweights = [None] * (num_layers * D)
-    dy_layer = dy
-    for layer in reversed(range(num_layers)):
-        layer_in = tape.inputs[layer]
-        y = tape.outputs[layer]
-        dx = None
-        dirs = _directions(cell, weights, layer, D, H, dtype, tape.reset_after, derived,
-                           tape.variant, tape.fast, _chunk_size(B))
-        for d, dr in enumerate(dirs):
-            k = dr.k
-            g = dr.backward(dy_layer, d * H, dhn[k], dcn[k] if lstm else None, tape.gates[k],
-                            tape.aux[k], tape.pre[k], y, d * H, tape.h0[k],
-                            tape.c0[k] if lstm else None, tape.lengths)
-            acc = _WeightGrads(dr, layer_in.shape[2], with_bias)
-            acc.add(grid, g, layer_in)
-            dweights[k] = acc.result()
-            dh0[k] = g.dh0
-            if lstm:
-                dc0[k] = g.dc0
-            part = _product(grid, g.dgx, dr.w_ih)
-            del g
-            if dx is None:
-                dx = part
-            else:
-                dx += part
-            del part
-        dy_layer = dx
-        del dx
-    return dy_layer, dh0, dc0, dweights
 
 
 # -- gradient checkpointing ----------------------------------------------------
@@ -594,67 +540,97 @@ def _segment_input(tape, grid, layers, s, t0, t1):
     return y
 
 
-def _backward_checkpointed(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
-                           derived=None):
-    """:func:`_backward` from a :class:`CheckpointTape`.
+def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
+    """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
 
-    Layer by layer from the top, and in each direction segment by segment in
-    the order the backward pass reaches them: recompute the segment from its
-    starting state (its input too, from the layers below, for a stacked
-    model), then run the backward kernel over it.  Every product over time
-    sees the blocks of the un-checkpointed call, in the same order, so the
-    results are the same bits.
+    Layer by layer from the top, and in each direction over its segments in
+    the order the backward pass reaches them: a :class:`Tape` is one segment
+    holding every step; a :class:`CheckpointTape` recomputes each segment
+    from its starting state (its input too, from the layers below, for a
+    stacked model) before running the backward kernel over it.  Every
+    product over time sees the same blocks, in the same order, either way,
+    so the results are the same bits.
+
+    Returns
+    -------
+    dx : (T, B, I) array
+    dh0 : (L*D, B, H) array
+    dc0 : (L*D, B, H) array or None (GRU)
+    dweights : list of ``(dW_ih, dW_hh, db_ih, db_hh, dpeep)`` per
+        layer-direction (biases ``None`` when ``with_bias`` is false;
+        ``dpeep`` (3, H) with peepholes, else ``None``).
     """
-    cell = tape.cell
     D = 2 if bidirectional else 1
     T, B, _ = dy.shape
     H = tape.h0.shape[2]
-    dtype = dy.dtype
     grid = _Grid(T, B)
-    lstm = cell == "lstm"
-    segs = _segments(T, tape.interval)
+    lstm = tape.cell == "lstm"
+    checkpointed = isinstance(tape, CheckpointTape)
+    segs = _segments(T, tape.interval) if checkpointed else [(0, T)]
     dh0 = np.empty_like(tape.h0)
     dc0 = np.empty_like(tape.c0) if lstm else None
     dweights = [None] * (num_layers * D)
-    layers = [_directions(cell, weights, layer, D, H, dtype, tape.reset_after, derived,
+    layers = [_directions(tape.cell, weights, layer, D, H, dy.dtype, tape.reset_after, derived,
                           tape.variant, tape.fast, _chunk_size(B)) for layer in range(num_layers)]
     dy_layer = dy
     for layer in reversed(range(num_layers)):
-        I = tape.x.shape[2] if layer == 0 else D * H
-        dx = np.empty((T, B, I), dtype=dtype)
+        dx = None
         for d, dr in enumerate(layers[layer]):
             k = dr.k
-            hs, cs = tape.states[k]
             dh = dhn[k]
             dc = dcn[k] if lstm else None
-            acc = _WeightGrads(dr, I, with_bias)
+            acc = None
             order = range(len(segs)) if dr.rev else range(len(segs) - 1, -1, -1)
             for s in order:
                 t0, t1 = segs[s]
-                seg_in = _segment_input(tape, grid, layers[:layer], s, t0, t1)
-                local = _local_lengths(tape.lengths, t0, t1)
-                c_start = None if cs is None else cs[s]
-                y = np.empty((t1 - t0, B, H), dtype=dtype)
-                xw = _product(grid, seg_in, dr.w_ih.T, dr.bias)
-                _, _, gates, aux, pre = dr.forward(xw, hs[s], c_start, local, y, 0, True)
-                del xw
-                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, gates, aux, pre, y, 0, hs[s],
-                                c_start, local)
+                if checkpointed:
+                    seg_in, kept = _recompute(tape, grid, layers, layer, dr, s, t0, t1)
+                else:
+                    seg_in = tape.inputs[layer]
+                    kept = (tape.gates[k], tape.aux[k], tape.pre[k], tape.outputs[layer], d * H,
+                            tape.h0[k], tape.c0[k] if lstm else None, tape.lengths)
+                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, *kept)
+                del kept
                 dh, dc = g.dh0, g.dc0
+                if acc is None:
+                    acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
                 acc.add(grid, g, seg_in)
                 part = _product(grid, g.dgx, dr.w_ih)
-                del g, gates, aux, pre, y
-                if d == 0:
-                    dx[t0:t1] = part
+                del g, seg_in
+                if dx is None and len(segs) == 1:
+                    dx = part
                 else:
-                    dx[t0:t1] += part
-                del part, seg_in
+                    if dx is None:
+                        dx = np.empty((T, B, part.shape[2]), dtype=part.dtype)
+                    if d == 0:
+                        dx[t0:t1] = part
+                    else:
+                        dx[t0:t1] += part
+                del part
             dweights[k] = acc.result()
             dh0[k] = dh
             if lstm:
                 dc0[k] = dc
         dy_layer = dx
+        del dx
     return dy_layer, dh0, dc0, dweights
+
+
+def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
+    """Segment ``s`` of a layer-direction, recomputed from its starting state.
+
+    Returns its input and what :meth:`_Direction.backward` takes after the
+    state gradients: gates, aux, pre, the direction's outputs and their
+    column, the starting state and the lengths within the segment.
+    """
+    seg_in = _segment_input(tape, grid, layers[:layer], s, t0, t1)
+    local = _local_lengths(tape.lengths, t0, t1)
+    hs, cs = tape.states[dr.k]
+    c_start = None if cs is None else cs[s]
+    y = np.empty((t1 - t0, grid.B, dr.H), dtype=seg_in.dtype)
+    xw = _product(grid, seg_in, dr.w_ih.T, dr.bias)
+    _, _, gates, aux, pre = dr.forward(xw, hs[s], c_start, local, y, 0, True)
+    return seg_in, (gates, aux, pre, y, 0, hs[s], c_start, local)
 
 
 # -- memory ------------------------------------------------------------------
@@ -707,11 +683,15 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     if L > 1:
         peak = max(peak, kept + N * D * H + n * G)          # a layer's input and output
     segment = n * (G + H + pre + H)                         # gates, aux, pre, own outputs
+    aux = n * H if cell == "lstm" else 0                    # cell states, kept to the end
     for layer in reversed(range(L)):
         dy_between = N * D * H if layer < L - 1 else 0
         seg_in = n * D * H if layer else 0
         below = n * (2 * D * H + G) if layer > 1 else (n * G if layer else 0)
+        # dx exists from the second segment on.
         base = kept + dy_between + N * sizes[layer] + seg_in
-        peak = max(peak, base + below, base + segment + n * G,
-                   base + segment + n * grads + max(n * sizes[layer], n * extra))
+        peak = max(peak, base + below,
+                   base + segment + n * G,                  # recomputing: with its xw
+                   base + segment + n * grads,              # the backward kernel
+                   base + aux + n * grads + max(n * sizes[layer], n * extra))
     return itemsize * kept, itemsize * (peak + small)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import fastgates as fg
+from _bitwise import assert_bitwise, flat
 
 T, B, I, H = 5, 3, 3, 4
 KINDS = ["lstm", "gru"]
@@ -37,25 +38,6 @@ def make(kind, dtype=np.float64, **kw):
 def make_state(kind, num, rng, dtype=np.float64):
     h = rng.standard_normal((num, B, H)).astype(dtype)
     return (h, rng.standard_normal((num, B, H)).astype(dtype)) if kind == "lstm" else h
-
-
-def flat(result):
-    """Every array in a nested result, in a fixed order."""
-    if isinstance(result, np.ndarray):
-        return [result]
-    if isinstance(result, dict):
-        return [a for k in result for a in flat(result[k])]
-    if isinstance(result, (tuple, list)):
-        return [a for r in result for a in flat(r)]
-    return []
-
-
-def assert_bitwise(a, b):
-    fa, fb = flat(a), flat(b)
-    assert len(fa) == len(fb)
-    for u, v in zip(fa, fb):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert u.tobytes() == v.tobytes()
 
 
 def everything(m, x, state, lengths, dy, dstate=None):

@@ -16,25 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgates as fg
+from _bitwise import assert_bitwise, flat
 from fastgates import _recurrent
-
-
-def flat(result):
-    if isinstance(result, np.ndarray):
-        return [result]
-    if isinstance(result, dict):
-        return [a for k in result for a in flat(result[k])]
-    if isinstance(result, (tuple, list)):
-        return [a for r in result for a in flat(r)]
-    return []
-
-
-def assert_bitwise(a, b):
-    fa, fb = flat(a), flat(b)
-    assert len(fa) == len(fb)
-    for u, v in zip(fa, fb):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert u.tobytes() == v.tobytes()
 
 
 def make(kind, I, H, dtype, **kw):
@@ -226,7 +209,7 @@ def test_training_memory_matches_tracemalloc(kind, kw, checkpoint):
     # few kilobytes here.
     assert abs(kept - estimate["kept"]) <= 0.02 * estimate["kept"] + 20_000
     measured = max(peak_forward, kept + peak_backward)
-    assert abs(measured - estimate["peak"]) <= 0.05 * estimate["peak"] + 50_000
+    assert abs(measured - estimate["peak"]) <= 0.02 * estimate["peak"] + 50_000
 
 
 def test_checkpointed_memory_grows_like_T_over_k_plus_k():
