@@ -57,7 +57,13 @@ def _gemm_external(dtype):
 
 
 def gemm_tn(a, b, out, beta):
-    """``out = a.T @ b + beta * out`` by one BLAS call, views welcome."""
+    """``out = a.T @ b + beta * out`` by one BLAS call, views welcome.
+
+    Compiled code calls the overload below; this body serves Python callers
+    (``NUMBA_DISABLE_JIT=1``).
+    """
+    prod = a.T @ b
+    out[...] = prod if beta == 0 else beta * out + prod
 
 
 @overload(gemm_tn, jit_options={"nogil": True})
