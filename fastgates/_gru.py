@@ -119,8 +119,6 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         nb = b1 - b0
         h = np.empty((nb, H), dtype=xw.dtype)
         acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=xw.dtype)
-        scratch = np.empty((nb, wa_tb.shape[2]), dtype=xw.dtype)
-        scratch_n = np.empty((nb, wn_tb.shape[2]), dtype=xw.dtype)
         rh = np.empty((nb, H), dtype=xw.dtype)
         accn = np.empty((nb, H), dtype=xw.dtype)
         lin = np.empty(H, dtype=xw.dtype)
@@ -129,7 +127,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         h[:] = h0[b0:b1]
         for s in range(T):
             t = T - 1 - s if reverse else s
-            dot_blocked(h, wa_tb, scratch, acc)
+            dot_blocked(h, wa_tb, acc)
             if reset_after and fast and not clipping:
                 _step_fused(acc, xw[t], bhn, h, b0, t, lengths, y[t], ycol,
                             gates, hlin, keep)
@@ -151,7 +149,7 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                 for r in range(nb):
                     for j in range(H):
                         rh[r, j] = acc[r, j] * h[r, j]
-                dot_blocked(rh, wn_tb, scratch_n, accn)
+                dot_blocked(rh, wn_tb, accn)
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -236,8 +234,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         dhz = np.empty((nb, H), dtype=gates.dtype)
         dhrec = np.empty((nb, H), dtype=gates.dtype)
         da = np.empty((nb, wa_b.shape[1]), dtype=gates.dtype)
-        scratch = np.empty((nb, wa_b.shape[2]), dtype=gates.dtype)
-        scratch_n = np.empty((nb, wn_b.shape[2]), dtype=gates.dtype)
         dan = np.empty((nb, H), dtype=gates.dtype)
         drh = np.empty((nb, H), dtype=gates.dtype)
         one_ = one(gates[0, 0, 0])
@@ -305,7 +301,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         rhp[j] = g[j] * hp[j]
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
-                dot_blocked(dan, wn_b, scratch_n, drh)
+                dot_blocked(dan, wn_b, drh)
                 for r in range(nb):
                     b = b0 + r
                     if t >= lengths[b]:
@@ -324,7 +320,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         gx[j] = d_r
                         gh[j] = d_r
                         dhz[r, j] += drh[r, j] * rg
-            dot_blocked(da, wa_b, scratch, dhrec)
+            dot_blocked(da, wa_b, dhrec)
             for r in range(nb):
                 if t < lengths[b0 + r]:
                     for j in range(H):

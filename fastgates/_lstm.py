@@ -238,13 +238,12 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
         h = np.empty((nb, H), dtype=xw.dtype)
         c = np.empty((nb, H), dtype=xw.dtype)
         acc = np.empty((nb, G), dtype=xw.dtype)
-        scratch = np.empty((nb, whh_tb.shape[2]), dtype=xw.dtype)
         tc = np.empty(H, dtype=xw.dtype)
         h[:] = h0[b0:b1]
         c[:] = c0[b0:b1]
         for s in range(T):
             t = T - 1 - s if reverse else s
-            dot_blocked(h, whh_tb, scratch, acc)
+            dot_blocked(h, whh_tb, acc)
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -350,7 +349,6 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         dc = np.empty((nb, H), dtype=gates.dtype)
         dhrec = np.empty((nb, H), dtype=gates.dtype)
         da = np.empty((nb, G), dtype=gates.dtype)
-        scratch = np.empty((nb, whh_b.shape[2]), dtype=gates.dtype)
         tc = np.empty(H, dtype=gates.dtype)
         dh[:] = dhn[b0:b1]
         dc[:] = dcn[b0:b1]
@@ -384,7 +382,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
                     _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
                                dh[r], dc[r], da[r], tc, fast)
                 dgates[t, b, :] = da[r]
-            dot_blocked(da, whh_b, scratch, dhrec)
+            dot_blocked(da, whh_b, dhrec)
             for r in range(nb):
                 # A padded step passes the state's gradient through untouched.
                 if t < lengths[b0 + r]:
