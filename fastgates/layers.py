@@ -406,9 +406,11 @@ class _Recurrent(_Parameters):
     def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None):
         """Run the model and return a function for its vector-Jacobian product.
 
-        Parameters are as for :meth:`__call__`; ``check_finite`` also applies
-        to the pullback's ``dy`` (at valid steps) and ``dstate``.
-
+        Parameters
+        ----------
+        x, state, lengths, check_finite :
+            As for :meth:`__call__`; ``check_finite`` also applies to the
+            pullback's ``dy`` (at valid steps) and ``dstate``.
         checkpoint : int, optional
             Gradient checkpointing: keep only the state at the start of every
             segment of about ``checkpoint`` steps and recompute each segment's
