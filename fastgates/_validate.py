@@ -201,6 +201,21 @@ def lstm_state(state, num, batch, hidden, batched, dtype, name="state"):
     )
 
 
+def integer_array(value, name, expected):
+    """``value`` as an integer array, or a ValueError/TypeError naming ``name``.
+
+    Booleans, floats (even integral ones, and NaN), objects and strings
+    raise ``TypeError`` ("``name`` must be ``expected``, got dtype ...").
+    """
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{name} could not be converted to an array of integers: {exc}") from None
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be {expected}, got dtype {arr.dtype}")
+    return arr
+
+
 def lengths_array(lengths, batch, steps, batched):
     """Check ``lengths`` and return it as an int64 array ``(B,)``.
 
@@ -211,12 +226,7 @@ def lengths_array(lengths, batch, steps, batched):
         return np.full(batch, steps, dtype=np.int64)
     if not batched:
         raise ValueError("lengths must be None for unbatched 2-D x (slice x to the length you want)")
-    try:
-        arr = np.asarray(lengths)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"lengths could not be converted to an array of integers: {exc}") from None
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"lengths must be an array of integers, got dtype {arr.dtype}")
+    arr = integer_array(lengths, "lengths", "an array of integers")
     if arr.shape != (batch,):
         raise ValueError(f"lengths must have shape (B,) = ({batch},), one per sequence, got {arr.shape}")
     low, high = arr.min(), arr.max()

@@ -142,8 +142,6 @@ class _Parameters(_FlatParams):
             If ``state_dict`` is not a mapping or a value holds booleans,
             complex numbers, objects or strings.
         """
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         loaded = checked_state_dict(self._shapes, state_dict, self.dtype, check_finite)
         self._set_params({name: np.array(loaded[name], dtype=self.dtype, copy=True) for name in self._shapes})
 
@@ -161,6 +159,8 @@ def checked_state_dict(shapes, state_dict, dtype, check_finite):
         In the order of ``shapes`` (arrays may be the caller's own: copy
         before keeping them).
     """
+    if not hasattr(state_dict, "keys"):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
     check_finite = check.boolean(check_finite, "check_finite")
     problems = []
     missing = [k for k in shapes if k not in state_dict]

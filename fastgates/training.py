@@ -291,12 +291,7 @@ def cross_entropy_loss(logits, targets):
     z = _prediction(logits, "logits")
     if z.ndim == 0:
         raise ValueError("logits must have a class axis, (..., C), got a scalar")
-    try:
-        t = np.asarray(targets)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"targets could not be converted to an array of integers: {exc}") from None
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
+    t = check.integer_array(targets, "targets", "integer class indices")
     if t.shape != z.shape[:-1]:
         raise ValueError(f"targets must have shape logits.shape[:-1] = {z.shape[:-1]}, got {t.shape}")
     n, classes = t.size, z.shape[-1]
@@ -442,8 +437,6 @@ class Readout(_FlatParams):
             If ``state_dict`` is not a mapping or a value holds booleans,
             complex numbers, objects or strings.
         """
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         loaded = checked_state_dict(self._shapes, state_dict, self.dtype, check_finite)
         # Everything is checked: neither load below can fail half-way.
         self.rnn.load_state_dict({k[4:]: v for k, v in loaded.items() if k.startswith("rnn.")},
