@@ -10,8 +10,10 @@ thread count in force, so results do not depend on ``set_num_threads``.
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
-from numba.core.extending import overload
+from numba.core import cgutils
+from numba.core.extending import intrinsic, overload
 from numba.np.linalg import ensure_blas
 
 from ._config import jit
@@ -173,58 +175,240 @@ def colsum(a, out, block_rows, descending, init):
                 out[p] += tmp[p]
 
 
-# Column blocks for the per-step recurrent products.  OpenBLAS repacks the
-# right-hand operand of every GEMM call, which dominates a product of a few
-# rows by a large weight matrix; below a size threshold it instead runs a
-# small-matrix kernel without packing.  Cutting W into 32-column blocks keeps
-# each call under that threshold.  Measured here, single-threaded float32:
-# (8, 256) x (256, 1024) 35 -> 103 GFLOP/s, (8, 1024) x (1024, 4096)
-# 17 -> 95, (32, 256) x (256, 1024) 70 -> 113; float64 32 -> 54, 17 -> 36.
-# Weights of at most 2^16 entries are already small enough and stay whole:
-# there the extra calls only cost (tiny LSTM (100, 1, 32, 64) inference
-# 0.17 -> 0.36 ms in 32-column blocks; (8, 128) x (128, 512) 115 -> 101).
-# The threshold is on the call's M * N * K (measured: at most 100^3 runs the
-# small kernel, float32 (128, 512) M = 15 108 GFLOP/s, M = 16 55; (256, 32)
-# M = 122 114, M = 123 83; float64 alike, but (128, 512) already slows at
-# M = 15, 0.98e6), so the rows of a product are also cut, into groups of
-# at most SMALL_MNK / (K * width) rows: 2^19, half the threshold, clear of
-# its edge in both dtypes.
-COL_BLOCK = 32
-WHOLE_MAX_ENTRIES = 1 << 16
-SMALL_MNK = 1 << 19
+# The per-step recurrent products: a few rows (a batch chunk, 1 at B = 1) times
+# the whole recurrent weight matrix, at every step.  They are made by a
+# register-blocked kernel written in LLVM IR (:func:`_tile_function`): a tile
+# of MR rows by NV vectors of the result is held in vector registers while the
+# loop runs over K, one fused multiply-add per element and term, in the order
+# k = 0, 1, ...  Numba code cannot keep such accumulators in registers (LLVM
+# leaves them in memory: 16-54 GFLOP/s); OpenBLAS, called per step, repacks
+# the weights at every call unless the call is small, and pays its dispatch
+# at every call.  Measured here, single-threaded, GFLOP/s (OpenBLAS small-
+# matrix kernel on 32-column blocks -> these tiles): float32 (8, 256) x
+# (256, 1024) 102 -> 115, (16, 1024) x (1024, 4096) 95 -> 107, (8, 64) x
+# (64, 512) 111 -> 115; float64 (8, 128) x (128, 512) 55 -> 58; one row,
+# float32 (1, 64) x (64, 256) 0.90 -> 0.62 us, (1, 128) x (128, 512) 4.5 ->
+# 2.4 us.  The results were the same bits as OpenBLAS's small-matrix kernel
+# at every shape measured (it also sums over k in order with one FMA each).
+#
+# The weights are laid out in panels of VECS_PER_PANEL vectors of columns,
+# (npanel, K, P), each contiguous and read front to back, the last panel
+# zero-padded; a tile may span several adjacent panels.
+VECS_PER_PANEL = 4
+_I64 = ir.IntType(64)
+
+
+def lanes(dtype):
+    """Values per 512-bit vector: 16 float32, 8 float64."""
+    return 64 // np.dtype(dtype).itemsize
+
+
+def panel_width(dtype):
+    """Columns per panel of :func:`column_blocks`."""
+    return VECS_PER_PANEL * lanes(dtype)
 
 
 def column_blocks(w):
-    """``w`` (K, N) as (nblk, K, width) column blocks, the last zero-padded.
+    """``w`` (K, N) as (npanel, K, P) column panels, the last zero-padded.
 
-    One block of width N for weights of at most ``WHOLE_MAX_ENTRIES``
-    entries, else blocks of ``COL_BLOCK`` columns.
+    ``P = panel_width(w.dtype)``; the layout :func:`dot_blocked` reads.
     """
     K, N = w.shape
-    width = N if K * N <= WHOLE_MAX_ENTRIES else COL_BLOCK
-    nblk = -(-N // width)
-    out = np.zeros((K, nblk * width), dtype=w.dtype)
+    P = panel_width(w.dtype)
+    npanel = -(-N // P)
+    out = np.zeros((K, npanel * P), dtype=w.dtype)
     out[:, :N] = w
-    return np.ascontiguousarray(out.reshape(K, nblk, width).transpose(1, 0, 2))
+    return np.ascontiguousarray(out.reshape(K, npanel, P).transpose(1, 0, 2))
+
+
+def _tile_function(module, fty, L, MR, NV):
+    """The LLVM function computing one MR x (NV * L) tile of ``a @ w``.
+
+    ``void tile(a, lda, K, w, ldw, pstride, out, ldo, ncols)`` (pointers to
+    the element type, the rest i64): ``out[r, j] = sum_k a[r, k] * w[k, j]``
+    for ``r < MR`` and ``j < min(ncols, NV * L)``, where vector ``v`` of a
+    row of ``w`` starts at ``w + (v // VECS_PER_PANEL) * pstride + k * ldw +
+    (v % VECS_PER_PANEL) * L``.  Accumulators are phi nodes (registers), one
+    ``llvm.fma`` per vector and term; columns past ``ncols`` are computed but
+    not stored.
+    """
+    name = f"fastgates_tile_{fty}_{MR}x{NV}"
+    try:
+        return module.get_global(name)
+    except KeyError:
+        pass
+    vty = ir.VectorType(fty, L)
+    pty = fty.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [pty, _I64, _I64, pty, _I64, _I64,
+                                                               pty, _I64, _I64]), name)
+    fn.linkage = "internal"
+    a, lda, K, w, ldw, pstride, out, ldo, ncols = fn.args
+    for ptr in (a, w, out):
+        ptr.add_attribute("noalias")
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    whole = fn.append_basic_block("whole")
+    part = fn.append_basic_block("part")
+    b = ir.IRBuilder(entry)
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vty, [vty, vty, vty]),
+                                         f"llvm.fma.v{L}{'f32' if L == 16 else 'f64'}")
+    align = 64 // L
+    zero = ir.Constant(vty, None)
+    const = lambda v: ir.Constant(_I64, v)                          # noqa: E731
+    buf = b.alloca(fty, size=const(MR * NV * L))                    # partial tiles only
+    b.cbranch(b.icmp_signed(">", K, const(0)), loop, done)
+
+    b.position_at_end(loop)
+    k = b.phi(_I64)
+    k.add_incoming(const(0), entry)
+    acc = [[b.phi(vty) for _ in range(NV)] for _ in range(MR)]
+    for row in acc:
+        for ph in row:
+            ph.add_incoming(zero, entry)
+    wk = b.gep(w, [b.mul(k, ldw)])
+    wv = []
+    for v in range(NV):
+        off = b.add(b.mul(const(v // VECS_PER_PANEL), pstride), const(v % VECS_PER_PANEL * L))
+        wv.append(b.load(b.bitcast(b.gep(wk, [off]), vty.as_pointer()), align=align))
+    new = []
+    for r in range(MR):
+        ark = b.load(b.gep(a, [b.add(b.mul(const(r), lda), k)]))
+        splat = b.insert_element(ir.Constant(vty, ir.Undefined), ark, ir.Constant(ir.IntType(32), 0))
+        splat = b.shuffle_vector(splat, ir.Constant(vty, ir.Undefined),
+                                 ir.Constant(ir.VectorType(ir.IntType(32), L), None))
+        new.append([b.call(fma, [splat, wv[v], acc[r][v]]) for v in range(NV)])
+    k1 = b.add(k, const(1))
+    k.add_incoming(k1, loop)
+    for r in range(MR):
+        for v in range(NV):
+            acc[r][v].add_incoming(new[r][v], loop)
+    b.cbranch(b.icmp_signed("<", k1, K), loop, done)
+
+    b.position_at_end(done)
+    final = []
+    for r in range(MR):
+        for v in range(NV):
+            ph = b.phi(vty)
+            ph.add_incoming(zero, entry)
+            ph.add_incoming(new[r][v], loop)
+            final.append(ph)
+    b.cbranch(b.icmp_signed(">=", ncols, const(NV * L)), whole, part)
+
+    b.position_at_end(whole)
+    for r in range(MR):
+        orow = b.gep(out, [b.mul(const(r), ldo)])
+        for v in range(NV):
+            b.store(final[r * NV + v], b.bitcast(b.gep(orow, [const(v * L)]), vty.as_pointer()),
+                    align=align)
+    b.ret_void()
+
+    b.position_at_end(part)
+    for i, val in enumerate(final):
+        b.store(val, b.bitcast(b.gep(buf, [const(i * L)]), vty.as_pointer()), align=align)
+    for r in range(MR):
+        orow = b.gep(out, [b.mul(const(r), ldo)])
+        with cgutils.for_range(b, ncols) as j:
+            b.store(b.load(b.gep(buf, [b.add(const(r * NV * L), j.index)])), b.gep(orow, [j.index]))
+    b.ret_void()
+    return fn
+
+
+def _make_tile(MR, NV):
+    """An intrinsic ``tile(a, aoff, lda, K, w, woff, ldw, pstride, out, ooff, ldo, ncols)``.
+
+    Offsets and strides in elements; calls :func:`_tile_function` for the
+    arrays' dtype.
+    """
+    @intrinsic
+    def tile(typingctx, a, aoff, lda, K, w, woff, ldw, pstride, out, ooff, ldo, ncols):
+        arrays = (a, w, out)
+        if not all(isinstance(x, types.Array) for x in arrays):
+            return None
+        if not (a.dtype == w.dtype == out.dtype and a.dtype in (types.float32, types.float64)):
+            return None
+        ints = (aoff, lda, K, woff, ldw, pstride, ooff, ldo, ncols)
+        if not all(isinstance(x, types.Integer) for x in ints):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a_, aoff_, lda_, K_, w_, woff_, ldw_, ps_, out_, ooff_, ldo_, nc_ = args
+            dtype = sig.args[0].dtype
+            fn = _tile_function(builder.module, context.get_value_type(dtype),
+                                16 if dtype == types.float32 else 8, MR, NV)
+
+            def ptr(aty, arr, off):
+                data = context.make_array(aty)(context, builder, arr).data
+                return builder.gep(data, [off])
+
+            builder.call(fn, [ptr(sig.args[0], a_, aoff_), lda_, K_, ptr(sig.args[4], w_, woff_),
+                              ldw_, ps_, ptr(sig.args[8], out_, ooff_), ldo_, nc_])
+            return context.get_dummy_value()
+
+        return types.void(a, types.intp, types.intp, types.intp, w, types.intp, types.intp,
+                          types.intp, out, types.intp, types.intp, types.intp), codegen
+
+    return tile
+
+
+# Tiles: 4 rows x 4 vectors (16 accumulators) and, for the last rows of a
+# product, 1-3 rows; a single row takes up to 16 vectors at once (4 panels):
+# its loop is bound by the latency of each accumulator's FMAs, not by loads
+# (measured float32 (1, 64) x (64, 256): 4 vectors 0.69 us, 16 vectors 0.62).
+_tile_4x4 = _make_tile(4, 4)
+_tile_3x4 = _make_tile(3, 4)
+_tile_2x4 = _make_tile(2, 4)
+_tile_1x4 = _make_tile(1, 4)
+_tile_1x8 = _make_tile(1, 8)
+_tile_1x12 = _make_tile(1, 12)
+_tile_1x16 = _make_tile(1, 16)
 
 
 @jit()
 def dot_blocked(a, wb, out):
     """``out = a @ W`` with ``W`` given as :func:`column_blocks` ``wb``.
 
-    ``a`` (M, K) C-contiguous, ``out`` (M, N) C-contiguous.  Each block's
-    product is written into its columns of ``out`` by one BLAS call (measured
-    against ``np.dot`` into a scratch array then copied, single-threaded
-    float32: (8, 64) x (64, 512) 6.7 -> 4.9 us, (32, 128) x (128, 512) 44 ->
-    37 us, (8, 256) x (256, 1024) in 32 blocks 45 -> 42 us; float64 alike).
+    ``a`` (M, K) and ``out`` (M, N) with contiguous rows, not overlapping,
+    ``N`` at most the panels' width.  A row of the result is the same
+    whatever ``M`` (each element is its own sum over ``k`` in order).
     """
     M, K = a.shape
     N = out.shape[1]
-    bs = wb.shape[2]
-    rows = max(1, SMALL_MNK // (K * bs))
-    for p in range(wb.shape[0]):
-        c0 = p * bs
-        n = min(N, c0 + bs) - c0
-        for r0 in range(0, M, rows):
-            r1 = min(M, r0 + rows)
-            gemm_nn(a[r0:r1], wb[p][:, :n], out[r0:r1, c0:c0 + n], 0.0)
+    npanel, _, P = wb.shape
+    item = a.itemsize
+    if a.strides[1] != item or out.strides[1] != item:
+        raise ValueError("dot_blocked: rows must be contiguous")
+    if wb.shape[1] != K or N > npanel * P or out.shape[0] != M:
+        raise ValueError("dot_blocked: shapes do not match")
+    lda = a.strides[0] // item
+    ldo = out.strides[0] // item
+    ps = K * P
+    if M == 1:
+        p = 0
+        while p < npanel:
+            n = min(npanel - p, 4)
+            c0 = p * P
+            if n == 4:
+                _tile_1x16(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+            elif n == 3:
+                _tile_1x12(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+            elif n == 2:
+                _tile_1x8(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+            else:
+                _tile_1x4(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+            p += n
+        return
+    for p in range(npanel):
+        c0 = p * P
+        r0 = 0
+        while r0 < M:
+            n = min(M - r0, 4)
+            if n == 4:
+                _tile_4x4(a, r0 * lda, lda, K, wb, p * ps, P, ps, out, r0 * ldo + c0, ldo, N - c0)
+            elif n == 3:
+                _tile_3x4(a, r0 * lda, lda, K, wb, p * ps, P, ps, out, r0 * ldo + c0, ldo, N - c0)
+            elif n == 2:
+                _tile_2x4(a, r0 * lda, lda, K, wb, p * ps, P, ps, out, r0 * ldo + c0, ldo, N - c0)
+            else:
+                _tile_1x4(a, r0 * lda, lda, K, wb, p * ps, P, ps, out, r0 * ldo + c0, ldo, N - c0)
+            r0 += n

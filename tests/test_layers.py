@@ -42,34 +42,6 @@ def test_load_state_dict_refreshes_derived_weights(kind):
     np.testing.assert_array_equal(g0[0], g0_again[0])
 
 
-@pytest.mark.parametrize("kind", FACTORIES)
-def test_blocked_recurrent_products_give_the_same_answers(kind, monkeypatch):
-    # Small test models keep W_hh whole; force the 32-column blocks (with a
-    # padded last block: 4*37 and 3*37 are not multiples of 32) and compare.
-    from _tolerances import assert_close
-    from fastgates import _linalg
-
-    def make():
-        cls = fg.LSTM if kind == "lstm" else fg.GRU
-        extra = {} if kind == "lstm" else {"reset_after": kind == "gru"}
-        return cls(6, 37, 2, bidirectional=True, dtype=np.float64, seed=4, **extra)
-
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((7, 3, 6))
-    lengths = np.array([7, 2, 5])
-    runs = []
-    for whole in (_linalg.WHOLE_MAX_ENTRIES, 0):
-        monkeypatch.setattr(_linalg, "WHOLE_MAX_ENTRIES", whole)
-        m = make()
-        (y, state), pullback = m.vjp(x, None, lengths)
-        runs.append((y, pullback(np.ones_like(y))))
-    (y0, (dx0, ds0, dp0)), (y1, (dx1, ds1, dp1)) = runs
-    assert_close(y1, y0, np.float64)
-    assert_close(dx1, dx0, np.float64)
-    for name in dp0:
-        assert_close(dp1[name], dp0[name], np.float64, err_msg=name)
-
-
 MODELS = {
     "lstm_bi_2": lambda: fg.LSTM(3, 4, 2, bidirectional=True, dtype=np.float64, seed=1),
     "lstm_peephole": lambda: fg.LSTM(3, 4, peephole=True, dtype=np.float32, seed=1),

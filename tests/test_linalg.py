@@ -8,15 +8,16 @@ from fastgates import _linalg
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (2, 64, 100), (4, 300, 300), (2, 257, 1000),
-                                   (20, 128, 512), (70, 300, 300)])  # row groups too
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (2, 64, 100), (4, 300, 300), (1, 257, 1000),
+                                   (20, 128, 512), (7, 300, 300), (1, 64, 256), (1, 64, 192),
+                                   (5, 1, 1)])
 def test_dot_blocked_matches_numpy(dtype, M, K, N):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(dtype)
     w = rng.standard_normal((K, N)).astype(dtype)
     wb = _linalg.column_blocks(w)
-    width = N if K * N <= _linalg.WHOLE_MAX_ENTRIES else _linalg.COL_BLOCK
-    assert wb.shape == (-(-N // width), K, width)
+    P = _linalg.panel_width(dtype)
+    assert wb.shape == (-(-N // P), K, P)
     out = np.full((M, N), np.nan, dtype=dtype)
     _linalg.dot_blocked(a, wb, out)
     # A sum of K rounded products: bound the error by K ulps of sum |a_k w_k|
@@ -24,6 +25,39 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
     exact = a.astype(np.float64) @ w.astype(np.float64)
     bound = K * np.finfo(dtype).eps * (np.abs(a).astype(np.float64) @ np.abs(w).astype(np.float64))
     assert np.all(np.abs(out - exact) <= bound)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 40, 64, 100, 200, 300, 520])
+def test_dot_blocked_rows_do_not_depend_on_the_other_rows(dtype, N):
+    # One row alone (the B = 1 tiles, spanning up to four panels) and the
+    # same row among 2-9 others (4-row tiles and the 1-3 rows left over)
+    # give the same bits; a product written into columns of a wider array
+    # leaves the other columns alone.
+    rng = np.random.default_rng(3)
+    K = 37
+    w = rng.standard_normal((K, N)).astype(dtype)
+    wb = _linalg.column_blocks(w)
+    a = rng.standard_normal((9, K)).astype(dtype)
+    alone = np.empty((9, N), dtype)
+    for r in range(9):
+        _linalg.dot_blocked(a[r:r + 1], wb, alone[r:r + 1])
+    for M in range(2, 10):
+        wide = np.full((M, N + 7), np.nan, dtype)
+        _linalg.dot_blocked(a[:M], wb, wide[:, 3:3 + N])
+        assert wide[:, 3:3 + N].tobytes() == alone[:M].tobytes(), M
+        assert np.isnan(wide[:, :3]).all() and np.isnan(wide[:, 3 + N:]).all()
+
+
+def test_dot_blocked_refuses_what_it_cannot_compute():
+    a = np.ones((2, 8))
+    wb = _linalg.column_blocks(np.ones((8, 10)))
+    with pytest.raises(ValueError, match="shapes"):
+        _linalg.dot_blocked(a, wb, np.empty((2, 10 + wb.shape[0] * wb.shape[2])))
+    with pytest.raises(ValueError, match="shapes"):
+        _linalg.dot_blocked(np.ones((2, 9)), wb, np.empty((2, 10)))
+    with pytest.raises(ValueError, match="contiguous"):
+        _linalg.dot_blocked(np.ones((8, 2)).T, wb, np.empty((2, 10)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
