@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import _config
-from ._linalg import colsum, column_blocks, matmul, matmul_tn
+from ._linalg import colsum, column_blocks, matmul, matmul_tn, project, project_parallel
 from ._gru import gru_backward, gru_forward
 from ._lstm import lstm_backward, lstm_forward
 
@@ -58,12 +58,18 @@ def _gru_bhn(b_hh, H, dtype):
     return np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
 
 
+# Empty placeholders for the kernels' optional arrays, made once per dtype
+# (a tiny call passes several).
+_EMPTY = {(np.dtype(t), n): np.empty((0,) * n, dtype=t) for t in (np.float32, np.float64)
+          for n in (1, 3)}
+
+
 def _empty3(dtype):
-    return np.empty((0, 0, 0), dtype=dtype)
+    return _EMPTY[dtype, 3]
 
 
 def _empty1(dtype):
-    return np.empty(0, dtype=dtype)
+    return _EMPTY[dtype, 1]
 
 
 def _peep(variant, k, H, dtype):
@@ -125,7 +131,7 @@ def _zero_padding(x, lengths):
     Layers above the first read outputs, which are already 0 there.
     """
     T = x.shape[0]
-    if lengths.min() == T:
+    if lengths.shape[0] == 1 and lengths[0] == T or lengths.min() == T:
         return x
     x = x.copy()
     for b, n in enumerate(lengths):
@@ -179,14 +185,12 @@ class _Grid:
         return _pool_size() if block * inner * cols >= SPLIT_MIN_MACS else 1
 
 
-def _product(grid, a, b, bias=None):
-    """``a @ b + bias`` for ``a`` (t, B, K), a run of whole blocks; (t, B, N)."""
+def _product(grid, a, b):
+    """``a @ b`` by BLAS for ``a`` (t, B, K), a run of whole blocks; (t, B, N)."""
     t, B, K = a.shape
     N = b.shape[1]
     out = np.empty((t, B, N), dtype=a.dtype)
-    if bias is None:
-        bias = _empty1(a.dtype)
-    matmul(a.reshape(t * B, K), b, bias, out.reshape(t * B, N), grid.rows,
+    matmul(a.reshape(t * B, K), b, _empty1(a.dtype), out.reshape(t * B, N), grid.rows,
            grid.parts(K, N, t * B))
     return out
 
@@ -222,6 +226,26 @@ class _Direction:
 
     def _blocks(self, name, make, w):
         return _derive(self.derived, (name, self.k), make, w)
+
+    def project(self, grid, a):
+        """The input projection ``a W_ih^T + b`` of ``a`` (t, B, I), a run of whole blocks.
+
+        Made by the register tiles of :mod:`~fastgates._linalg`, not BLAS:
+        every row is its own sum, so the result does not depend on how the
+        rows are cut (checkpointed segments give the same bits).
+        """
+        t, B, K = a.shape
+        G = self.w_ih.shape[0]
+        out = np.empty((t, B, G), dtype=a.dtype)
+        wb = self._blocks("wih_tb", _transposed_blocks, self.w_ih)
+        bias = _empty1(a.dtype) if self.bias is None else self.bias
+        a2, out2 = a.reshape(t * B, K), out.reshape(t * B, G)
+        nparts = grid.parts(K, G, t * B)
+        if nparts == 1:
+            project(a2, wb, bias, out2)
+        else:
+            project_parallel(a2, wb, bias, out2, nparts)
+        return out
 
     def forward(self, xw, h0, c0, lengths, y, ycol, keep, hn=None, cn=None):
         """Run the recurrence over ``xw`` (t, B, G); returns hn, cn, gates, aux, pre.
@@ -362,9 +386,12 @@ class _WeightGrads:
 
 
 def forward(*args, **kwargs):
-    """Run the stacked recurrence; see :func:`_forward` for the arguments."""
-    with _config.single_threaded_blas():
-        return _forward(*args, **kwargs)
+    """Run the stacked recurrence; see :func:`_forward` for the arguments.
+
+    The forward pass makes no BLAS call (its products are the register tiles
+    of :mod:`~fastgates._linalg`), so it needs no BLAS thread setting.
+    """
+    return _forward(*args, **kwargs)
 
 
 def backward(tape, *args, **kwargs):
@@ -425,7 +452,7 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
         for d, dr in enumerate(dirs):
             k = dr.k
             if interval is None:
-                xw = _product(grid, layer_in, dr.w_ih.T, dr.bias)
+                xw = dr.project(grid, layer_in)
                 _, _, gates, aux, pre = dr.forward(
                     xw, h0[k], None if cn is None else c0[k], lengths, y, d * H, kept,
                     hn[k], None if cn is None else cn[k])
@@ -514,7 +541,7 @@ def _forward_segments(dr, grid, interval, layer_in, h0, c0, lengths, y, ycol):
         hs[s] = h
         if cs is not None:
             cs[s] = c
-        xw = _product(grid, layer_in[t0:t1], dr.w_ih.T, dr.bias)
+        xw = dr.project(grid, layer_in[t0:t1])
         h, c, _, _, _ = dr.forward(xw, h, c, _local_lengths(lengths, t0, t1), y[t0:t1], ycol,
                                    False)
         del xw
@@ -535,7 +562,7 @@ def _segment_input(tape, grid, layers, s, t0, t1):
     local = _local_lengths(tape.lengths, t0, t1)
     for d, dr in enumerate(dirs):
         hs, cs = tape.states[dr.k]
-        xw = _product(grid, below, dr.w_ih.T, dr.bias)
+        xw = dr.project(grid, below)
         dr.forward(xw, hs[s], None if cs is None else cs[s], local, y, d * H, False)
     return y
 
@@ -628,7 +655,7 @@ def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
     hs, cs = tape.states[dr.k]
     c_start = None if cs is None else cs[s]
     y = np.empty((t1 - t0, grid.B, dr.H), dtype=seg_in.dtype)
-    xw = _product(grid, seg_in, dr.w_ih.T, dr.bias)
+    xw = dr.project(grid, seg_in)
     _, _, gates, aux, pre = dr.forward(xw, hs[s], c_start, local, y, 0, True)
     return seg_in, (gates, aux, pre, y, 0, hs[s], c_start, local)
 

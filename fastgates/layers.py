@@ -311,9 +311,13 @@ class _Recurrent(_Parameters):
                 for layer in range(self.num_layers) for d in range(self.num_directions)]
 
     def _weights(self):
-        p = self._params
-        return [(p["weight_ih" + s], p["weight_hh" + s], p.get("bias_ih" + s), p.get("bias_hh" + s))
+        weights = self._derived.get("weights")
+        if weights is None:
+            p = self._params
+            weights = self._derived["weights"] = [
+                (p["weight_ih" + s], p["weight_hh" + s], p.get("bias_ih" + s), p.get("bias_hh" + s))
                 for s in self._suffixes()]
+        return weights
 
     # -- argument handling -------------------------------------------------
 
@@ -327,13 +331,16 @@ class _Recurrent(_Parameters):
         else:
             h0 = check.state_array(state, "state", num, B, self.hidden_size, batched, self.dtype)
             c0 = None
+        given = lengths is not None
         lengths = check.lengths_array(lengths, B, T, batched)
         if check_finite:
             # Padded steps are never read, so NaN there is allowed.
-            check.finite(x3, "x", check.valid_steps(lengths, T))
-            if c0 is None:
+            check.finite(x3, "x", check.valid_steps(lengths, T) if given else None)
+            # A state of None is zeros made here (about 3 us a check saved
+            # in a tiny call).
+            if state is not None and c0 is None:
                 check.finite(h0, "state")
-            else:
+            elif state is not None:
                 check.finite(h0, "state[0] (h)")
                 check.finite(c0, "state[1] (c)")
         return x3, batched, h0, c0, lengths

@@ -24,6 +24,7 @@ import pytest
 
 import fastgates as fg
 from _bitwise import assert_bitwise, flat
+from _tolerances import assert_close
 
 T, B, I, H = 5, 3, 3, 4
 KINDS = ["lstm", "gru"]
@@ -339,16 +340,24 @@ def test_exploding_values_saturate_cleanly(kind, dtype, weight_scale, x_value):
         assert np.isfinite(a).all()
 
 
-def test_inf_minus_inf_gives_nan_as_ieee_says():
-    # The limit of the guarantee above: a pre-activation that is the sum of
-    # +inf and -inf is NaN, in fastgates as in PyTorch; check_finite cannot
-    # see it coming, since x and the weights are finite.
-    m = fg.LSTM(2, 1, bias=False, dtype=np.float32, seed=0)
+@pytest.mark.parametrize("dtype,big", [(np.float32, 1e30), (np.float64, 1e300)])
+def test_products_that_overflow_with_both_signs_follow_the_order_of_the_sum(dtype, big):
+    # The limit of the guarantee above: x and the weights are finite, but
+    # x_0 w_0 overflows to +-inf and x_1 w_1 to the other sign, so
+    # check_finite cannot see it coming.  The input projection sums over the
+    # inputs in order with fused multiply-adds (as PyTorch's float32 LSTM
+    # does, measured): the first product rounds to +-inf, the second is
+    # added exactly to it, and the pre-activation is that first infinity,
+    # not NaN.  With every gate saturated, y is tanh(1) (all gates 1, g = 1)
+    # or 0 (gates 0, g = -1).
+    m = fg.LSTM(2, 1, bias=False, dtype=dtype, seed=0)
     d = m.state_dict()
-    d["weight_ih_l0"] = np.full((4, 2), 1e30, np.float32)
+    d["weight_ih_l0"] = np.full((4, 2), big, dtype)
     m.load_state_dict(d)
-    x = np.array([[[1e30, -1e30]]], np.float32)
-    assert np.isnan(m(x)[0]).all()
+    y_pos = m(np.array([[[big, -big]]], dtype))[0]
+    y_neg = m(np.array([[[-big, big]]], dtype))[0]
+    assert_close(y_pos, np.full((1, 1, 1), np.tanh(1.0)), dtype)
+    assert np.all(y_neg == 0)
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,19 @@ from _tolerances import assert_close
 from fastgates import _linalg
 
 
+def assert_product(out, a, w, bias=0.0):
+    """``out`` is ``a @ w + bias`` within the rounding of a sum of K products.
+
+    Bound: (K + 1) ulps of ``sum |a_k w_k| + |bias|`` (the model-level
+    tolerances assume short sums, and single entries cancel).
+    """
+    K = a.shape[1]
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    exact = a64 @ w64 + bias
+    scale = np.abs(a64) @ np.abs(w64) + np.abs(bias)
+    assert np.all(np.abs(out - exact) <= (K + 1) * np.finfo(out.dtype).eps * scale)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("M,K,N", [(1, 5, 3), (3, 7, 32), (2, 64, 100), (4, 300, 300), (1, 257, 1000),
                                    (20, 128, 512), (7, 300, 300), (1, 64, 256), (1, 64, 192),
@@ -20,20 +33,16 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
     assert wb.shape == (-(-N // P), K, P)
     out = np.full((M, N), np.nan, dtype=dtype)
     _linalg.dot_blocked(a, wb, out)
-    # A sum of K rounded products: bound the error by K ulps of sum |a_k w_k|
-    # (the model-level tolerances assume short sums).
-    exact = a.astype(np.float64) @ w.astype(np.float64)
-    bound = K * np.finfo(dtype).eps * (np.abs(a).astype(np.float64) @ np.abs(w).astype(np.float64))
-    assert np.all(np.abs(out - exact) <= bound)
+    assert_product(out, a, w)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N", [1, 40, 64, 100, 200, 300, 520])
 def test_dot_blocked_rows_do_not_depend_on_the_other_rows(dtype, N):
-    # One row alone (the B = 1 tiles, spanning up to four panels) and the
-    # same row among 2-9 others (4-row tiles and the 1-3 rows left over)
-    # give the same bits; a product written into columns of a wider array
-    # leaves the other columns alone.
+    # One row alone and the same row among 2-9 others (4-row tiles and the
+    # 1-3 rows left over) give the same bits; a
+    # product written into columns of a wider array leaves the other
+    # columns alone.
     rng = np.random.default_rng(3)
     K = 37
     w = rng.standard_normal((K, N)).astype(dtype)
@@ -113,3 +122,30 @@ def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype):
                 _linalg.colsum(c[r0:r1], sums, rows, descending, i == 0)
             assert whole_tn.tobytes() == tn.tobytes()
             assert whole_sum.tobytes() == sums.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_project_adds_the_bias_and_any_split_gives_the_same_bits(dtype):
+    # The input projection: x W^T + b by the register tiles.  Rows are
+    # independent sums, so however the rows are cut between threads (or into
+    # checkpointed segments) the bits are the same.
+    rng = np.random.default_rng(4)
+    M, K, N = 203, 40, 150
+    a = rng.standard_normal((M, K)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    wb = _linalg.column_blocks(w)
+    out = np.full((M, N), np.nan, dtype)
+    _linalg.project(a, wb, bias, out)
+    assert_product(out, a, w, bias.astype(np.float64))
+    no_bias = np.full((M, N), np.nan, dtype)
+    _linalg.project(a, wb, np.empty(0, dtype), no_bias)
+    assert_product(no_bias, a, w)
+    for nparts in (1, 2, 3, 7):
+        split = np.full((M, N), np.nan, dtype)
+        _linalg.project_parallel(a, wb, bias, split, nparts)
+        assert split.tobytes() == out.tobytes(), nparts
+    pieces = np.full((M, N), np.nan, dtype)
+    for r0, r1 in ((0, 1), (1, 64), (64, 203)):
+        _linalg.project(a[r0:r1], wb, bias, pieces[r0:r1])
+    assert pieces.tobytes() == out.tobytes()
