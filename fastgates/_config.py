@@ -7,8 +7,10 @@ per function.
 Threads
 -------
 Two thread pools can run fastgates' work: Numba's (the ``prange`` loops over
-batch chunks) and the BLAS behind NumPy and SciPy (the large matrix products
-and the per-step recurrent products called from compiled code).  Left alone
+batch chunks) and the BLAS behind NumPy and SciPy (the backward pass's
+products over time, called from compiled code; the products inside the
+recurrences and the input projection are fastgates' own, see
+:mod:`fastgates._linalg`).  Left alone
 they oversubscribe the cores: a compiled kernel running on ``n`` Numba threads
 that each call a multi-threaded BLAS would ask for ``n * n`` threads, and
 OpenBLAS threads that busy-wait beside Numba's slow a kernel down by an order

@@ -1,5 +1,11 @@
 """Compiled matrix products split across Numba's threads.
 
+Two engines.  The per-step recurrent products (forward and backward) and
+the input projection are register tiles written here in LLVM IR
+(:func:`dot_blocked`, :func:`project`).  The backward pass's products over
+time (``dx`` and the weight gradients) are OpenBLAS calls (:func:`matmul`,
+:func:`matmul_tn`).
+
 All BLAS calls in fastgates are single-threaded and made from compiled code;
 the parallelism is Numba's alone.  A multi-threaded BLAS beside Numba's pool
 oversubscribes the cores, and OpenBLAS threads keep spinning after a product,
