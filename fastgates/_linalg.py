@@ -74,12 +74,6 @@ def gemm_tn(a, b, out, beta):
     out[...] = prod if beta == 0 else beta * out + prod
 
 
-def gemm_nn(a, b, out, beta):
-    """``out = a @ b + beta * out`` by one BLAS call, views welcome (see :func:`gemm_tn`)."""
-    prod = a @ b
-    out[...] = prod if beta == 0 else beta * out + prod
-
-
 def _gemm_impl(a, b, out, transposed):
     """Numba's own BLAS entry (``numba_xxgemm``, SciPy's BLAS, as ``np.dot``).
 
@@ -122,11 +116,6 @@ def _gemm_impl(a, b, out, transposed):
 @overload(gemm_tn, jit_options={"nogil": True})
 def _gemm_tn(a, b, out, beta):
     return _gemm_impl(a, b, out, True)
-
-
-@overload(gemm_nn, jit_options={"nogil": True})
-def _gemm_nn(a, b, out, beta):
-    return _gemm_impl(a, b, out, False)
 
 
 @jit(parallel=True)
