@@ -25,6 +25,15 @@ from numba.np.linalg import ensure_blas
 from ._config import jit
 
 
+@jit()
+def _add_bias(out, bias):
+    """``out += bias`` row by row: ``out`` (M, N), ``bias`` (N,)."""
+    N = out.shape[1]
+    for r in range(out.shape[0]):
+        for c in range(N):
+            out[r, c] += bias[c]
+
+
 @jit(parallel=True)
 def matmul(a, b, bias, out, block_rows, nparts):
     """``out = a @ b + bias`` in fixed row blocks.
@@ -38,7 +47,6 @@ def matmul(a, b, bias, out, block_rows, nparts):
     are ordered part-major, so that the threads share every block.
     """
     M = a.shape[0]
-    N = out.shape[1]
     nblk = (M + block_rows - 1) // block_rows
     for task in prange(nblk * nparts):
         part = task // nblk
@@ -52,9 +60,7 @@ def matmul(a, b, bias, out, block_rows, nparts):
             continue
         np.dot(a[p0:p1], b, out[p0:p1])
         if bias.shape[0] > 0:
-            for r in range(p0, p1):
-                for c in range(N):
-                    out[r, c] += bias[c]
+            _add_bias(out[p0:p1], bias)
 
 
 def _gemm_external(dtype):
@@ -419,14 +425,6 @@ def dot_blocked(a, wb, out):
                 else:
                     _tile_1x4(a, ao, lda, K, wb, p * ps, P, ps, out, oo, ldo, N - c0)
                 r0 += n
-
-
-@jit()
-def _add_bias(out, bias):
-    N = out.shape[1]
-    for r in range(out.shape[0]):
-        for c in range(N):
-            out[r, c] += bias[c]
 
 
 @jit()
