@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import _config
-from ._linalg import colsum, column_blocks, matmul, matmul_tn, project, project_parallel
+from ._linalg import colsum, column_blocks, matmul, project, project_parallel, weight_product
 from ._gru import gru_backward, gru_forward
 from ._lstm import lstm_backward, lstm_forward
 
@@ -352,13 +352,13 @@ class _WeightGrads:
         desc = not self.dir.rev
         d2 = g.dgx.reshape(rows, G)
         h2 = g.dgh.reshape(rows, G)
-        matmul_tn(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows, grid.parts(G, I, rows),
+        weight_product(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows, grid.parts(G, I, rows),
                   desc, init)
         nparts = grid.parts(G, H, rows)
-        matmul_tn(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
+        weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
         if self.dw_hn is not None:
             # GRU reset_after=False: W_hn acts on r * h, not on h.
-            matmul_tn(h2, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows, nparts, desc, init)
+            weight_product(h2, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows, nparts, desc, init)
         if self.db_ih is not None:
             colsum(d2, self.db_ih, grid.rows, desc, init)
         if self.db_hh is not None:

@@ -95,10 +95,11 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
         """
         import numpy as np, fastgates as fg
         from fastgates import _gru, _linalg
-        m = fg.GRU(2, 3, dtype=np.float64, seed=0)
-        (y, s), pullback = m.vjp(np.ones((4, 2, 2)))
+        m = fg.GRU(32, 3, dtype=np.float64, seed=0)     # dW_ih by the tiles, dW_hh by BLAS
+        (y, s), pullback = m.vjp(np.ones((4, 2, 32)))
         pullback(y)
-        kernels = [_gru.gru_forward, _gru.gru_backward, _linalg.matmul, _linalg.matmul_tn]
+        kernels = [_gru.gru_forward, _gru.gru_backward, _linalg.matmul, _linalg.matmul_tn,
+                   _linalg.weight_grad]
         print(sum(sum(k.stats.cache_misses.values()) for k in kernels),
               sum(sum(k.stats.cache_hits.values()) for k in kernels))
         """

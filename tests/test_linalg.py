@@ -93,10 +93,61 @@ def test_matmul_and_matmul_tn_match_numpy(dtype, block_rows, nparts):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype):
+@pytest.mark.parametrize("M,G,I,block_rows", [(37, 9, 5, 10), (37, 9, 64, 10), (250, 13, 1100, 100),
+                                              (300, 12, 70, 1024), (64, 4, 200, 7), (1, 3, 33, 5)])
+def test_weight_grad_matches_numpy_and_adds_when_asked(dtype, M, G, I, block_rows):
+    # The tiles of the weight gradients: rows of the result in tiles of 1-4,
+    # whole panels of columns read in place and a partial one copied, several
+    # passes per block when I is wide (1100 columns), several blocks.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((M, G)).astype(dtype)
+    b = rng.standard_normal((M, I)).astype(dtype)
+    for descending in (False, True):
+        out = np.full((G, I), np.nan, dtype)
+        _linalg.weight_grad(a, b, out, block_rows, 2, descending, True)
+        assert_product(out, a.T, b)
+        _linalg.weight_grad(a, b, out, block_rows, 2, descending, False)
+        assert_product(out, np.hstack([a.T, a.T]), np.vstack([b, b]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_refuses_what_it_cannot_compute(dtype):
+    a = np.ones((6, 8), dtype)
+    with pytest.raises(ValueError, match="shapes"):
+        _linalg.weight_grad(a, np.ones((6, 70), dtype), np.empty((8, 71), dtype), 4, 1, False, True)
+    with pytest.raises(ValueError, match="shapes"):
+        _linalg.weight_grad(a, np.ones((5, 70), dtype), np.empty((8, 70), dtype), 4, 1, False, True)
+    with pytest.raises(ValueError, match="contiguous"):
+        _linalg.weight_grad(a, np.ones((70, 6), dtype).T, np.empty((8, 70), dtype), 4, 1, False, True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_product_takes_the_tiles_where_they_are_faster(dtype):
+    # One whole panel of columns and a result of at most 4 MB: the tiles;
+    # narrower (a partial panel copied at every pass) or larger: OpenBLAS.
+    rng = np.random.default_rng(6)
+    P = _linalg.panel_width(dtype)
+    item = np.dtype(dtype).itemsize
+    big = _linalg.WGRAD_TILE_MAX_BYTES // (item * P) + 4
+    for G, I, engine in [(8, P, _linalg.weight_grad), (8, P - 1, _linalg.matmul_tn),
+                         (big, P, _linalg.matmul_tn), (big - 8, P, _linalg.weight_grad)]:
+        a = rng.standard_normal((50, G)).astype(dtype)
+        b = rng.standard_normal((50, I)).astype(dtype)
+        out = np.empty((G, I), dtype)
+        ref = np.empty((G, I), dtype)
+        _linalg.weight_product(a, b, out, 16, 2, True, True)
+        engine(a, b, ref, 16, 2, True, True)
+        assert out.tobytes() == ref.tobytes(), (G, I)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("product_tn", ["matmul_tn", "weight_grad"])
+def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype, product_tn):
     # What gradient checkpointing relies on: a product or a sum taken over
     # consecutive runs of whole blocks, in order, equals the one over all
-    # rows bit for bit (the blocks, not the call, fix every rounding).
+    # rows bit for bit (the blocks, not the call, fix every rounding).  The
+    # tiles' weight gradients are also the same bits whatever nparts.
+    matmul_tn = getattr(_linalg, product_tn)
     rng = np.random.default_rng(2)
     M, K, N, rows = 1000, 48, 300, 64       # 15 blocks and a tail of 40 rows
     a = rng.standard_normal((M, K)).astype(dtype)
@@ -112,16 +163,20 @@ def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype):
         assert whole.tobytes() == pieces.tobytes()
         for descending in (False, True):
             whole_tn = np.empty((K, N), dtype)
-            _linalg.matmul_tn(a, c, whole_tn, rows, nparts, descending, True)
+            matmul_tn(a, c, whole_tn, rows, nparts, descending, True)
             whole_sum = np.empty(N, dtype)
             _linalg.colsum(c, whole_sum, rows, descending, True)
             tn = np.empty((K, N), dtype)
             sums = np.empty(N, dtype)
             for i, (r0, r1) in enumerate(runs[::-1] if descending else runs):
-                _linalg.matmul_tn(a[r0:r1], c[r0:r1], tn, rows, nparts, descending, i == 0)
+                matmul_tn(a[r0:r1], c[r0:r1], tn, rows, nparts, descending, i == 0)
                 _linalg.colsum(c[r0:r1], sums, rows, descending, i == 0)
             assert whole_tn.tobytes() == tn.tobytes()
             assert whole_sum.tobytes() == sums.tobytes()
+            if product_tn == "weight_grad":
+                one = np.empty((K, N), dtype)
+                matmul_tn(a, c, one, rows, 1, descending, True)
+                assert one.tobytes() == whole_tn.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
