@@ -1,10 +1,13 @@
 """Compiled matrix products split across Numba's threads.
 
-Two engines.  The per-step recurrent products (forward and backward) and
-the input projection are register tiles written here in LLVM IR
-(:func:`dot_blocked`, :func:`project`).  The backward pass's products over
-time (``dx`` and the weight gradients) are OpenBLAS calls (:func:`matmul`,
-:func:`matmul_tn`).
+Two engines.  Register tiles written here in LLVM IR make the per-step
+recurrent products (forward and backward), the input projection
+(:func:`dot_blocked`, :func:`project`) and, at the shapes where they are
+faster, the backward pass's products over time: ``dx`` (``project`` again)
+and the weight gradients (:func:`weight_grad`).  OpenBLAS makes the rest
+(:func:`matmul`, :func:`matmul_tn`): inputs narrower than a panel of the
+tiles and weight gradients too large for the caches (:func:`weight_product`
+chooses by shape).
 
 All BLAS calls in fastgates are single-threaded and made from compiled code;
 the parallelism is Numba's alone.  A multi-threaded BLAS beside Numba's pool
