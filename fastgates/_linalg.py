@@ -29,6 +29,16 @@ from ._config import jit
 
 
 @jit()
+def _rows_contiguous(a):
+    """Whether the rows of 2-d ``a`` are contiguous (any stride when one column).
+
+    NumPy leaves the stride of a length-1 axis free in a contiguous array
+    (an input of one feature, ``x[:, :, None]``), so it is not looked at.
+    """
+    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+
+
+@jit()
 def _add_bias(out, bias):
     """``out += bias`` row by row: ``out`` (M, N), ``bias`` (N,)."""
     N = out.shape[1]
@@ -414,7 +424,7 @@ def dot_blocked(a, wb, out):
     N = out.shape[1]
     npanel, _, P = wb.shape
     item = a.itemsize
-    if a.strides[1] != item or out.strides[1] != item:
+    if not (_rows_contiguous(a) and _rows_contiguous(out)):
         raise ValueError("dot_blocked: rows must be contiguous")
     if wb.shape[1] != K or N > npanel * P or out.shape[0] != M:
         raise ValueError("dot_blocked: shapes do not match")
@@ -601,7 +611,7 @@ def weight_grad(a, b, out, block_rows, nparts, descending, init):
     """
     M, G = a.shape
     item = a.itemsize
-    if a.strides[1] != item or b.strides[1] != item or out.strides[1] != item:
+    if not (_rows_contiguous(a) and _rows_contiguous(b) and _rows_contiguous(out)):
         raise ValueError("weight_grad: rows must be contiguous")
     if b.shape[0] != M or out.shape[0] != G or out.shape[1] != b.shape[1]:
         raise ValueError("weight_grad: shapes do not match")

@@ -7,11 +7,13 @@ Notation (PyTorch's, gate order i, f, g, o; ``G = 4H``)::
     c_t = f ⊙ c_{t-1} + i ⊙ g
     h_t = o ⊙ tanh(c_t)
 
-The input part ``W_ih x_t + b_ih + b_hh`` of every step is one matrix product
-done before the kernel (``xw``); the kernels run only what is sequential: the
-recurrent product ``h_{t-1} W_hh^T`` and the element-wise gate update.  The
-weight gradients are matrix products after the backward kernel, over all steps
-at once, from the pre-activation gradients it stores.
+The input part ``W_ih x_t + b_ih + b_hh`` of every step is either one matrix
+product done before the kernel (``xw``) or made inside it, a block of steps
+at a time, by each chunk for its own rows (``x``, ``wih_tb``): then it is
+read back from the cache instead of from memory.  Either way each row is
+the same sum (the register tiles of :mod:`~fastgates._linalg`), so the bits
+do not change.  The weight gradients are matrix products after the backward
+kernel, over all steps at once, from the pre-activation gradients it stores.
 
 Parallelism: the batch is cut into fixed-size chunks, one ``prange``
 iteration each, and the whole time loop runs inside a chunk, so threads never
@@ -29,7 +31,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked
+from ._linalg import dot_blocked, project
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -186,14 +188,24 @@ def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fas
 
 
 @jit(parallel=True)
-def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn, cn, gates, cs,
-                 peep, coupled, clip, pre):
+def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y,
+                 ycol, hn, cn, gates, cs, peep, coupled, clip, pre):
     """Run the recurrence of one layer-direction.
 
     Parameters
     ----------
-    xw : (T, B, 4H) array
-        ``x W_ih^T + b_ih + b_hh`` for every step.
+    x : (T, B, I) array
+        The layer's input, when ``xw`` is empty: each chunk then makes
+        ``x W_ih^T + b_ih + b_hh`` itself, ``block`` steps at a time (all
+        its rows of those steps at once when the chunk is the whole batch).
+    wih_tb : (npanel, I, P) array
+        ``W_ih`` transposed, in column blocks (used with ``x``).
+    bias : (4H,) array or empty
+        ``b_ih + b_hh`` (used with ``x``).
+    block : int
+        Steps per block of the input projection (used with ``x``).
+    xw : (T, B, 4H) array or (0, 0, 0) array
+        ``x W_ih^T + b_ih + b_hh`` for every step, made before; empty: from ``x``.
     whh_tb : (nblk, H, COL_BLOCK) array
         ``W_hh`` transposed, in column blocks (:func:`~fastgates._linalg.column_blocks`).
     h0, c0 : (B, H) arrays
@@ -224,8 +236,11 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
         Pre-activations (before clipping), kept for the backward pass when
         clipping.
     """
-    T, B, G = xw.shape
-    H = G // 4
+    fused = xw.shape[0] == 0
+    T = x.shape[0] if fused else xw.shape[0]
+    B, H = h0.shape
+    G = 4 * H
+    I = x.shape[2]
     keep = gates.shape[0] > 0
     keep_pre = pre.shape[0] > 0
     nopre = np.empty(0, dtype=pre.dtype)
@@ -235,17 +250,30 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
-        h = np.empty((nb, H), dtype=xw.dtype)
-        c = np.empty((nb, H), dtype=xw.dtype)
-        acc = np.empty((nb, G), dtype=xw.dtype)
-        tc = np.empty(H, dtype=xw.dtype)
+        h = np.empty((nb, H), dtype=h0.dtype)
+        c = np.empty((nb, H), dtype=h0.dtype)
+        acc = np.empty((nb, G), dtype=h0.dtype)
+        tc = np.empty(H, dtype=h0.dtype)
+        xwb = np.empty((block if fused else 0, nb, G), dtype=h0.dtype)
         h[:] = h0[b0:b1]
         c[:] = c0[b0:b1]
+        t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
+            if fused and s % block == 0:
+                # The next block of steps, t_lo .. t_lo + n - 1 in time order.
+                n = min(block, T - s)
+                t_lo = T - s - n if reverse else s
+                if nb == B:
+                    project(x[t_lo:t_lo + n].reshape(n * B, I), wih_tb, bias,
+                            xwb[:n].reshape(n * B, G))
+                else:
+                    for q in range(n):
+                        project(x[t_lo + q, b0:b1], wih_tb, bias, xwb[q])
             dot_blocked(h, whh_tb, acc)
             for r in range(nb):
                 b = b0 + r
+                xwr = xwb[t - t_lo, r] if fused else xw[t, b]
                 if t >= lengths[b]:
                     y[t, b, ycol:ycol + H] = 0.0
                     if keep:
@@ -253,10 +281,10 @@ def lstm_forward(xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y, ycol, hn,
                         cs[t, b, :] = 0.0
                     continue
                 if variant:
-                    _cell_step_variant(acc[r], xw[t, b], c[r], h[r], peep, coupled, clip,
+                    _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
                                        pre[t, b] if keep_pre else nopre, fast)
                 else:
-                    _cell_step(acc[r], xw[t, b], c[r], h[r], tc, fast)
+                    _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
                 y[t, b, ycol:ycol + H] = h[r]
                 if keep:
                     gates[t, b, :] = acc[r]

@@ -8,9 +8,11 @@ are ``None`` in a model without bias.
 
 The large, non-sequential matrix products (the input projection of all steps,
 the weight gradients, the gradient with respect to the layer input) are one
-product each over all steps (:mod:`fastgates._linalg`); the recurrence runs in
-the per-direction kernels.  Everything runs on Numba's threads with a
-single-threaded BLAS (see :mod:`fastgates._config`).
+product each over all steps, in fixed blocks of steps (:mod:`fastgates._linalg`);
+the recurrence runs in the per-direction kernels, and the LSTM kernel makes
+its input projection itself, a block of steps at a time, where that keeps
+it in the cache (:meth:`_Direction.fused`).  Everything runs on Numba's
+threads with a single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
 import numba
@@ -144,6 +146,13 @@ def _zero_padding(x, lengths):
 # one costs about as much as the product (measured: (100, 32) x (32, 256)
 # took 22 us on two threads).
 SPLIT_MIN_MACS = 2_000_000
+
+# The LSTM kernel makes the input projection itself, about this many bytes
+# of it at a time per chunk (a block of steps), where chunks have at least
+# this many rows (fewer rows per call would read the whole W_ih for little
+# work) or the batch is one chunk: see _Direction.fused.
+PROJECT_BLOCK_BYTES = 1 << 18
+PROJECT_MIN_ROWS = 8
 
 # Every product over the steps of a sequence (the input projection, the
 # gradient with respect to the layer input, the weight and bias gradients)
@@ -282,13 +291,33 @@ class _Direction:
             project_parallel(a2, wb, _empty1(dg.dtype), out2, nparts)
         return out
 
-    def forward(self, xw, h0, c0, lengths, y, ycol, keep, hn=None, cn=None):
-        """Run the recurrence over ``xw`` (t, B, G); returns hn, cn, gates, aux, pre.
+    def fused(self, t, B, I):
+        """Whether the LSTM kernel makes the input projection itself (see :func:`lstm_forward`).
 
-        ``hn``, ``cn``: (B, H) arrays for the final state, else new ones.
+        Where each chunk has at least PROJECT_MIN_ROWS rows, or the whole
+        batch is one chunk and the projection would not be split between
+        threads anyway.  The projection is then written and read back in
+        the cache instead of through memory: float32 LSTM inference 2-8%
+        faster from B = 16 up (measured, (100, 64, 128, 128) 1 thread 20.2
+        -> 18.5 ms), the same bits.
         """
-        t, B, G = xw.shape
+        if self.cell != "lstm":
+            return False
+        if B <= self.chunk:
+            return t * B * I * self.w_hh.shape[0] < SPLIT_MIN_MACS
+        return self.chunk >= PROJECT_MIN_ROWS
+
+    def forward(self, grid, a, h0, c0, lengths, y, ycol, keep, hn=None, cn=None):
+        """Run the recurrence over the layer input ``a`` (t, B, I), a run of whole blocks.
+
+        Returns hn, cn, gates, aux, pre.  ``hn``, ``cn``: (B, H) arrays for
+        the final state, else new ones.
+        """
+        t, B, I = a.shape
         H, dtype = self.H, self.dtype
+        G = self.w_hh.shape[0]
+        fused = self.fused(t, B, I)
+        xw = _empty3(dtype) if fused else self.project(grid, a)
         gates = np.empty((t, B, G), dtype=dtype) if keep else _empty3(dtype)
         aux = np.empty((t, B, H), dtype=dtype) if keep else _empty3(dtype)
         pre = np.empty((t, B, G), dtype=dtype) if keep and self.clip < np.inf else _empty3(dtype)
@@ -299,8 +328,17 @@ class _Direction:
             if cn is None:
                 cn = np.empty((B, H), dtype=dtype)
             whh_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
-            lstm_forward(xw, whh_tb, h0, c0, lengths, self.rev, self.chunk, self.fast, y, ycol,
-                         hn, cn, gates, aux, self.peep, self.variant.coupled, self.clip, pre)
+            if fused:
+                x = np.ascontiguousarray(a)
+                wih_tb = self._blocks("wih_tb", _transposed_blocks, self.w_ih)
+                bias = _empty1(dtype) if self.bias is None else self.bias
+                rows = min(B, self.chunk) * G * dtype.itemsize
+                block = max(1, min(t, PROJECT_BLOCK_BYTES // rows))
+            else:
+                x, wih_tb, bias, block = _empty3(dtype), _empty3(dtype), _empty1(dtype), 1
+            lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, self.rev,
+                         self.chunk, self.fast, y, ycol, hn, cn, gates, aux, self.peep,
+                         self.variant.coupled, self.clip, pre)
         else:
             cn = None
             if self.reset_after:
@@ -487,11 +525,9 @@ def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
         for d, dr in enumerate(dirs):
             k = dr.k
             if interval is None:
-                xw = dr.project(grid, layer_in)
                 _, _, gates, aux, pre = dr.forward(
-                    xw, h0[k], None if cn is None else c0[k], lengths, y, d * H, kept,
+                    grid, layer_in, h0[k], None if cn is None else c0[k], lengths, y, d * H, kept,
                     hn[k], None if cn is None else cn[k])
-                del xw
                 gates_kept.append(gates)
                 aux_kept.append(aux)
                 pre_kept.append(pre)
@@ -576,10 +612,8 @@ def _forward_segments(dr, grid, interval, layer_in, h0, c0, lengths, y, ycol):
         hs[s] = h
         if cs is not None:
             cs[s] = c
-        xw = dr.project(grid, layer_in[t0:t1])
-        h, c, _, _, _ = dr.forward(xw, h, c, _local_lengths(lengths, t0, t1), y[t0:t1], ycol,
-                                   False)
-        del xw
+        h, c, _, _, _ = dr.forward(grid, layer_in[t0:t1], h, c, _local_lengths(lengths, t0, t1),
+                                   y[t0:t1], ycol, False)
     return h, c, (hs, cs)
 
 
@@ -597,8 +631,7 @@ def _segment_input(tape, grid, layers, s, t0, t1):
     local = _local_lengths(tape.lengths, t0, t1)
     for d, dr in enumerate(dirs):
         hs, cs = tape.states[dr.k]
-        xw = dr.project(grid, below)
-        dr.forward(xw, hs[s], None if cs is None else cs[s], local, y, d * H, False)
+        dr.forward(grid, below, hs[s], None if cs is None else cs[s], local, y, d * H, False)
     return y
 
 
@@ -690,8 +723,7 @@ def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
     hs, cs = tape.states[dr.k]
     c_start = None if cs is None else cs[s]
     y = np.empty((t1 - t0, grid.B, dr.H), dtype=seg_in.dtype)
-    xw = dr.project(grid, seg_in)
-    _, _, gates, aux, pre = dr.forward(xw, hs[s], c_start, local, y, 0, True)
+    _, _, gates, aux, pre = dr.forward(grid, seg_in, hs[s], c_start, local, y, 0, True)
     return seg_in, (gates, aux, pre, y, 0, hs[s], c_start, local)
 
 

@@ -272,6 +272,23 @@ def test_awkward_arrays_give_bitwise_the_same_answers(kind, dtype, how):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_one_feature_inputs_with_any_stride_on_that_axis(kind, batch):
+    # NumPy calls an array C-contiguous whatever the stride of a length-1
+    # axis (x[:, :, None] of a series gives one): the kernels must not read
+    # that stride (the demo's one-feature input once made the LSTM kernel
+    # refuse its rows).  B = 16 makes chunks of 8 rows, B = 1 one chunk.
+    rng = np.random.default_rng(12)
+    m = (fg.LSTM if kind == "lstm" else fg.GRU)(1, H, dtype=np.float64, seed=0)
+    x = rng.standard_normal((6, batch, 1))
+    odd = np.lib.stride_tricks.as_strided(x, strides=x.strides[:2] + (12345 * 8,))
+    assert odd.flags.c_contiguous and odd.strides[2] != 8
+    dy = rng.standard_normal((6, batch, H))
+    want = everything(m, x, None, None, dy, None)
+    assert_bitwise(everything(m, odd, None, None, dy, None), want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_cells_and_readout_accept_awkward_arrays(kind):
     rng = np.random.default_rng(6)
     cell = (fg.LSTMCell if kind == "lstm" else fg.GRUCell)(I, H, dtype=np.float64, seed=0)
