@@ -610,7 +610,6 @@ def weight_grad(a, b, out, block_rows, nparts, descending, init):
     in one call or in runs of whole blocks (gradient checkpointing).
     """
     M, G = a.shape
-    item = a.itemsize
     if not (_rows_contiguous(a) and _rows_contiguous(b) and _rows_contiguous(out)):
         raise ValueError("weight_grad: rows must be contiguous")
     if b.shape[0] != M or out.shape[0] != G or out.shape[1] != b.shape[1]:
