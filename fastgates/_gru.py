@@ -11,7 +11,8 @@ Notation (PyTorch's, gate order r, z, n; ``G = 3H``)::
 ``h_t`` is evaluated exactly in this form, so ``z = 1`` returns ``h_{t-1}``
 bit for bit.  The input part of every step (``xw``: ``x W_ih^T + b_ih`` plus
 ``b_hr``, ``b_hz`` in the r and z columns) is one matrix product done before
-the kernel; ``b_hn`` stays apart because it sits inside the reset.
+the kernel or made inside it, a block of steps at a time, as in
+:mod:`fastgates._lstm`; ``b_hn`` stays apart because it sits inside the reset.
 
 With ``reset_after=False`` the n-part of the recurrent product needs ``r``,
 so a step makes two products: ``h [W_hr; W_hz]^T`` and then
@@ -24,18 +25,19 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked
+from ._linalg import dot_blocked, project
 from ._lstm import _clip, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
 
 @jit()
-def _step_fused(acc, xwt, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
+def _step_fused(acc, xwt, xoff, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
     """The element-wise part of a ``reset_after`` step, fast activations.
 
     Every row of the chunk in one pass over the units, each value kept in
     registers from the gate sums to ``h``; the same expressions, in the same
-    order, as the general path in :func:`gru_forward`.
+    order, as the general path in :func:`gru_forward`.  Row ``b`` of the
+    batch reads ``xwt[b - xoff]``.
     """
     nb, H = h.shape
     one_ = one(h[0, 0])
@@ -48,7 +50,7 @@ def _step_fused(acc, xwt, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
                 hlin[t, b, :] = 0.0
             continue
         a = acc[r]
-        x = xwt[b]
+        x = xwt[b - xoff]
         hr = h[r]
         yb = yt[b, ycol:ycol + H]
         if keep:
@@ -77,14 +79,19 @@ def _step_fused(acc, xwt, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, keep):
 
 
 @jit(parallel=True)
-def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk, fast,
-                y, ycol, hn, gates, hlin, clip, pre):
+def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after,
+                chunk, fast, y, ycol, hn, gates, hlin, clip, pre):
     """Run the recurrence of one layer-direction.
 
     Parameters
     ----------
-    xw : (T, B, 3H) array
-        Input projection with ``b_ih`` and ``b_hr``, ``b_hz`` added.
+    x, wih_tb, bias, block :
+        The layer input and what projects it, used when ``xw`` is empty:
+        as in :func:`fastgates._lstm.lstm_forward` (``bias`` with ``b_ih``
+        and ``b_hr``, ``b_hz``).
+    xw : (T, B, 3H) array or (0, 0, 0) array
+        Input projection with ``b_ih`` and ``b_hr``, ``b_hz`` added, made
+        before; empty: from ``x``.
     wa_tb : column blocks of ``W_hh^T`` (H, 3H) (``reset_after``) or of its
         r and z columns (H, 2H) only (:func:`~fastgates._linalg.column_blocks`).
     wn_tb : column blocks of ``W_hn^T`` (H, H); used only when
@@ -107,8 +114,11 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         Pre-activations before clipping, kept for the backward pass when
         clipping.
     """
-    T, B, G = xw.shape
-    H = G // 3
+    fused = xw.shape[0] == 0
+    T = x.shape[0] if fused else xw.shape[0]
+    B, H = h0.shape
+    G = 3 * H
+    I = x.shape[2]
     keep = gates.shape[0] > 0
     keep_pre = pre.shape[0] > 0
     clipping = clip < np.inf
@@ -117,28 +127,44 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
-        h = np.empty((nb, H), dtype=xw.dtype)
-        acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=xw.dtype)
-        rh = np.empty((nb, H), dtype=xw.dtype)
-        accn = np.empty((nb, H), dtype=xw.dtype)
-        lin = np.empty(H, dtype=xw.dtype)
-        n = np.empty(H, dtype=xw.dtype)
-        one_ = one(xw[0, 0, 0])
+        dtype = h0.dtype
+        h = np.empty((nb, H), dtype=dtype)
+        acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=dtype)
+        rh = np.empty((nb, H), dtype=dtype)
+        accn = np.empty((nb, H), dtype=dtype)
+        lin = np.empty(H, dtype=dtype)
+        n = np.empty(H, dtype=dtype)
+        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        one_ = one(h0[0, 0])
         h[:] = h0[b0:b1]
+        t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
+            if fused and s % block == 0:
+                # The next block of steps, t_lo .. t_lo + m - 1 in time order.
+                m = min(block, T - s)
+                t_lo = T - s - m if reverse else s
+                if nb == B:
+                    project(x[t_lo:t_lo + m].reshape(m * B, I), wih_tb, bias,
+                            xwb[:m].reshape(m * B, G))
+                else:
+                    for q in range(m):
+                        project(x[t_lo + q, b0:b1], wih_tb, bias, xwb[q])
+            # the step's projection: row b of the batch is xt[b - xoff]
+            xt = xwb[t - t_lo] if fused else xw[t]
+            xoff = b0 if fused else 0
             dot_blocked(h, wa_tb, acc)
             if reset_after and fast and not clipping:
-                _step_fused(acc, xw[t], bhn, h, b0, t, lengths, y[t], ycol,
+                _step_fused(acc, xt, xoff, bhn, h, b0, t, lengths, y[t], ycol,
                             gates, hlin, keep)
                 continue
             # r and z of every row (padded rows too: harmless, and the
             # reset-before product below needs r for the whole chunk).
             for r in range(nb):
                 a = acc[r]
-                x = xw[t, b0 + r]
+                xr = xt[b0 + r - xoff]
                 for j in range(2 * H):
-                    a[j] += x[j]
+                    a[j] += xr[j]
                 if clipping:
                     if keep_pre:
                         pre[t, b0 + r, : 2 * H] = a[: 2 * H]
@@ -161,15 +187,15 @@ def gru_forward(xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after, chunk,
                         pre[t, b, :] = 0.0
                     continue
                 a = acc[r]
-                x = xw[t, b]
+                xr = xt[b - xoff]
                 if reset_after:
                     for j in range(H):
                         lin[j] = a[2 * H + j] + bhn[j]
-                        n[j] = x[2 * H + j] + a[j] * lin[j]
+                        n[j] = xr[2 * H + j] + a[j] * lin[j]
                 else:
                     for j in range(H):
                         lin[j] = accn[r, j] + bhn[j]
-                        n[j] = x[2 * H + j] + lin[j]
+                        n[j] = xr[2 * H + j] + lin[j]
                 if clipping:
                     if keep_pre:
                         pre[t, b, 2 * H:] = n
