@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked, project
+from ._linalg import dot_blocked, project_steps
 from ._lstm import _clip, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
@@ -118,7 +118,6 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
     T = x.shape[0] if fused else xw.shape[0]
     B, H = h0.shape
     G = 3 * H
-    I = x.shape[2]
     keep = gates.shape[0] > 0
     keep_pre = pre.shape[0] > 0
     clipping = clip < np.inf
@@ -141,15 +140,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
         for s in range(T):
             t = T - 1 - s if reverse else s
             if fused and s % block == 0:
-                # The next block of steps, t_lo .. t_lo + m - 1 in time order.
-                m = min(block, T - s)
-                t_lo = T - s - m if reverse else s
-                if nb == B:
-                    project(x[t_lo:t_lo + m].reshape(m * B, I), wih_tb, bias,
-                            xwb[:m].reshape(m * B, G))
-                else:
-                    for q in range(m):
-                        project(x[t_lo + q, b0:b1], wih_tb, bias, xwb[q])
+                t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
             # the step's projection: row b of the batch is xt[b - xoff]
             xt = xwb[t - t_lo] if fused else xw[t]
             xoff = b0 if fused else 0

@@ -479,6 +479,29 @@ def project(a, wb, bias, out):
         _add_bias(out, bias)
 
 
+@jit()
+def project_steps(x, s, reverse, b0, b1, wb, bias, out):
+    """The input projection of the next block of steps of one batch chunk.
+
+    ``x`` (T, B, I) is a layer's input; the block is the next
+    ``out.shape[0]`` steps (fewer at the end) in the order a recurrence
+    reads them from its ``s``-th step (``T - 1 - s`` back when
+    ``reverse``), rows ``b0:b1``.  ``out`` (block, b1 - b0, N) receives
+    them in time order; returns the first step of the block, in time.  A
+    chunk that is the whole batch projects the block in one call.
+    """
+    T, B, I = x.shape
+    N = out.shape[2]
+    n = min(out.shape[0], T - s)
+    t_lo = T - s - n if reverse else s
+    if b1 - b0 == B:
+        project(x[t_lo:t_lo + n].reshape(n * B, I), wb, bias, out[:n].reshape(n * B, N))
+    else:
+        for q in range(n):
+            project(x[t_lo + q, b0:b1], wb, bias, out[q])
+    return t_lo
+
+
 @jit(parallel=True)
 def project_parallel(a, wb, bias, out, nparts):
     """:func:`project` with the rows cut into ``nparts`` parts, one task each."""

@@ -31,7 +31,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked, project
+from ._linalg import dot_blocked, project_steps
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -240,7 +240,6 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
     T = x.shape[0] if fused else xw.shape[0]
     B, H = h0.shape
     G = 4 * H
-    I = x.shape[2]
     keep = gates.shape[0] > 0
     keep_pre = pre.shape[0] > 0
     nopre = np.empty(0, dtype=pre.dtype)
@@ -261,15 +260,7 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         for s in range(T):
             t = T - 1 - s if reverse else s
             if fused and s % block == 0:
-                # The next block of steps, t_lo .. t_lo + n - 1 in time order.
-                n = min(block, T - s)
-                t_lo = T - s - n if reverse else s
-                if nb == B:
-                    project(x[t_lo:t_lo + n].reshape(n * B, I), wih_tb, bias,
-                            xwb[:n].reshape(n * B, G))
-                else:
-                    for q in range(n):
-                        project(x[t_lo + q, b0:b1], wih_tb, bias, xwb[q])
+                t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
             dot_blocked(h, whh_tb, acc)
             for r in range(nb):
                 b = b0 + r
