@@ -9,9 +9,9 @@ are ``None`` in a model without bias.
 The large, non-sequential matrix products (the input projection of all steps,
 the weight gradients, the gradient with respect to the layer input) are one
 product each over all steps, in fixed blocks of steps (:mod:`fastgates._linalg`);
-the recurrence runs in the per-direction kernels, and the LSTM kernel makes
-its input projection itself, a block of steps at a time, where that keeps
-it in the cache (:meth:`_Direction.fused`).  Everything runs on Numba's
+the recurrence runs in the per-direction kernels, which make their input
+projection themselves, a block of steps at a time, where that keeps it in
+the cache (:meth:`_Direction.fused`).  Everything runs on Numba's
 threads with a single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
@@ -147,7 +147,7 @@ def _zero_padding(x, lengths):
 # took 22 us on two threads).
 SPLIT_MIN_MACS = 2_000_000
 
-# The LSTM kernel makes the input projection itself, about this many bytes
+# The kernels make the input projection themselves, about this many bytes
 # of it at a time per chunk (a block of steps), where chunks have at least
 # this many rows (fewer rows per call would read the whole W_ih for little
 # work) or the batch is one chunk: see _Direction.fused.
@@ -219,7 +219,8 @@ def _input_grad_tiles(G, I, dtype):
     1024), where a panel of ``W_ih`` (1 MB) outgrows the L2 cache.
     """
     P = panel_width(dtype)
-    return I >= P and (np.dtype(dtype).itemsize == 4 or G * P * np.dtype(dtype).itemsize <= 1 << 19)
+    item = np.dtype(dtype).itemsize
+    return I >= P and (item == 4 or G * P * item <= 1 << 19)
 
 
 def _input_bias(cell, weights, k, H, derived):
@@ -300,10 +301,11 @@ class _Direction:
 
         Where ``W_ih`` is at most PROJECT_MAX_WEIGHT_BYTES and each chunk
         has at least PROJECT_MIN_ROWS rows, or the whole batch is one chunk
-        and the projection would not be split between threads anyway.  The projection is then written and read back in
-        the cache instead of through memory: float32 LSTM inference 2-8%
-        faster from B = 16 up (measured, (100, 64, 128, 128) 1 thread 20.2
-        -> 18.5 ms), the same bits.
+        and the projection would not be split between threads anyway.  The
+        projection is then written and read back in the cache instead of
+        through memory: float32 LSTM inference 2-8% faster from B = 16 up
+        (measured, (100, 64, 128, 128) 1 thread 20.2 -> 18.5 ms), the same
+        bits.
         """
         G = self.w_hh.shape[0]
         if I * G * self.dtype.itemsize > PROJECT_MAX_WEIGHT_BYTES:
@@ -326,7 +328,8 @@ class _Direction:
             x = np.ascontiguousarray(a)
             wih_tb = self._blocks("wih_tb", _transposed_blocks, self.w_ih)
             bias = _empty1(dtype) if self.bias is None else self.bias
-            block = max(1, min(t, PROJECT_BLOCK_BYTES // (min(B, self.chunk) * G * dtype.itemsize)))
+            step_bytes = min(B, self.chunk) * G * dtype.itemsize
+            block = max(1, min(t, PROJECT_BLOCK_BYTES // step_bytes))
         else:
             xw = self.project(grid, a)
             x, wih_tb, bias, block = _empty3(dtype), _empty3(dtype), _empty1(dtype), 1
@@ -430,8 +433,8 @@ class _WeightGrads:
         desc = not self.dir.rev
         d2 = g.dgx.reshape(rows, G)
         h2 = g.dgh.reshape(rows, G)
-        weight_product(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows, grid.parts(G, I, rows),
-                  desc, init)
+        weight_product(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows,
+                       grid.parts(G, I, rows), desc, init)
         nparts = grid.parts(G, H, rows)
         weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
         if self.dw_hn is not None:

@@ -118,7 +118,8 @@ def test_weight_grad_refuses_what_it_cannot_compute(dtype):
     with pytest.raises(ValueError, match="shapes"):
         _linalg.weight_grad(a, np.ones((5, 70), dtype), np.empty((8, 70), dtype), 4, 1, False, True)
     with pytest.raises(ValueError, match="contiguous"):
-        _linalg.weight_grad(a, np.ones((70, 6), dtype).T, np.empty((8, 70), dtype), 4, 1, False, True)
+        _linalg.weight_grad(a, np.ones((70, 6), dtype).T, np.empty((8, 70), dtype), 4, 1, False,
+                            True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
