@@ -552,8 +552,7 @@ def weight_product(a, b, out, block_rows, nparts, descending, init):
     float64 ``out`` of 6-8 MB 0.8x.
     """
     G, I = out.shape
-    item = out.itemsize
-    if I >= _PANEL_BYTES // item and G * I * item <= WGRAD_TILE_MAX_BYTES:
+    if I >= panel_width(out.dtype) and G * I * out.itemsize <= WGRAD_TILE_MAX_BYTES:
         weight_grad(a, b, out, block_rows, nparts, descending, init)
     else:
         matmul_tn(a, b, out, block_rows, nparts, descending, init)
@@ -615,7 +614,6 @@ def _weight_grad_part(a, b, out, q0, q1, block_rows, descending, init):
                     for r in range(n):
                         for c in range(rem):
                             out[g0 + r, nfull * P + c] += last[r, c]
-
 
 
 @jit(parallel=True)
