@@ -21,7 +21,6 @@ limited to one thread (:func:`_claim_blas`, :func:`single_threaded_blas`),
 and splits the work across Numba's threads only.
 """
 
-import contextlib
 import operator
 import os
 import threading
@@ -153,33 +152,39 @@ _blas_users = 0
 _blas_saved = []
 
 
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Run the body with the BLAS that compiled code calls limited to one thread.
+class single_threaded_blas:
+    """Context: run the body with the BLAS that compiled code calls limited to one thread.
 
     SciPy's BLAS is set to one thread at the first call (see
     :func:`_claim_blas`), so this normally changes nothing.  If it has been
     set otherwise since, it is set to one thread here and the user's
-    setting is restored when the last concurrent caller leaves.
+    setting is restored when the last concurrent caller leaves.  (A class:
+    about 0.5 us less per call than a generator-based context manager.)
     """
-    global _blas_users, _blas_saved
-    libs = _blas_libraries()
-    with _lock:
-        if _blas_users == 0:
-            _blas_saved = [lib.get_num_threads() for lib in libs]
-            for lib, n in zip(libs, _blas_saved):
-                if n != 1:
-                    lib.set_num_threads(1)
-        _blas_users += 1
-    try:
-        yield
-    finally:
+
+    __slots__ = ("libs",)
+
+    def __enter__(self):
+        global _blas_users, _blas_saved
+        self.libs = libs = _blas_libraries()
+        with _lock:
+            if _blas_users == 0:
+                _blas_saved = [lib.get_num_threads() for lib in libs]
+                for lib, n in zip(libs, _blas_saved):
+                    if n != 1:
+                        lib.set_num_threads(1)
+            _blas_users += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _blas_users
         with _lock:
             _blas_users -= 1
             if _blas_users == 0:
-                for lib, n in zip(libs, _blas_saved):
+                for lib, n in zip(self.libs, _blas_saved):
                     if n != 1:
                         lib.set_num_threads(n)
+        return False
 
 
 _numba_threads = threading.local()

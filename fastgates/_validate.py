@@ -1,7 +1,8 @@
-"""Argument checking and normalisation, in pure Python.
+"""Argument checking and normalisation.
 
 Every public entry point passes its arguments through here before any compiled
-code runs.  A check either returns a C-contiguous array of the model's dtype
+code runs.  The checks are Python, but for the scan for NaN and inf, which is
+compiled (:func:`all_finite`).  A check either returns a C-contiguous array of the model's dtype
 (a copy when the input needs converting; the caller's array is never written
 to) or raises ``TypeError`` (wrong kind of value) or ``ValueError`` (wrong
 shape, size or range) with a message naming the argument, what was given and
@@ -11,6 +12,8 @@ what was expected.
 import operator
 
 import numpy as np
+
+from ._config import jit
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -116,6 +119,8 @@ def finite(arr, name, valid=None):
     valid : (T, B) bool ndarray, optional
         The steps that are read; NaN or inf elsewhere (padding) is allowed.
     """
+    if arr.flags.c_contiguous and arr.dtype in FLOAT_DTYPES and all_finite(arr.reshape(-1)):
+        return
     ok = np.isfinite(arr)
     if ok.all():
         return
@@ -130,6 +135,20 @@ def finite(arr, name, valid=None):
         f"{name} must be finite, got {what}{at} (values beyond the model dtype's range count as inf); "
         "pass check_finite=False to let NaN and inf propagate"
     )
+
+
+@jit()
+def all_finite(a):
+    """Whether the 1-D array ``a`` holds no NaN and no inf.
+
+    One vectorised pass without a temporary: ``v - v`` is 0 for a finite
+    ``v`` and NaN otherwise.  Measured against ``np.isfinite(a).all()``:
+    32 values 0.4 against 1.4 us, 819,200 values 37 against 66 us.
+    """
+    ok = True
+    for i in range(a.shape[0]):
+        ok &= (a[i] - a[i]) == 0
+    return ok
 
 
 def valid_steps(lengths, steps):
@@ -225,7 +244,9 @@ def lengths_array(lengths, batch, steps, batched):
     and NaN), objects and strings raise ``TypeError``.
     """
     if lengths is None:
-        return np.full(batch, steps, dtype=np.int64)
+        arr = np.empty(batch, dtype=np.int64)
+        arr.fill(steps)             # np.full costs 0.5 us more in a tiny call
+        return arr
     if not batched:
         raise ValueError("lengths must be None for unbatched 2-D x (slice x to the length you want)")
     arr = integer_array(lengths, "lengths", "an array of integers")

@@ -303,12 +303,20 @@ class _Recurrent(_Parameters):
         return shapes
 
     def _variant(self):
-        peeps = [self._params["weight_peep" + s] for s in self._suffixes()] if self.peephole else None
-        return _recurrent.Variant(self.reverse, self.clip, self.input_forget, peeps)
+        variant = self._derived.get("variant")
+        if variant is None:
+            peeps = [self._params["weight_peep" + s] for s in self._suffixes()] if self.peephole else None
+            variant = self._derived["variant"] = _recurrent.Variant(
+                self.reverse, self.clip, self.input_forget, peeps)
+        return variant
 
     def _suffixes(self):
-        return [f"_l{layer}" + ("_reverse" if d == 1 else "")
+        suffixes = self._derived.get("suffixes")
+        if suffixes is None:
+            suffixes = self._derived["suffixes"] = [
+                f"_l{layer}" + ("_reverse" if d == 1 else "")
                 for layer in range(self.num_layers) for d in range(self.num_directions)]
+        return suffixes
 
     def _weights(self):
         weights = self._derived.get("weights")
@@ -449,7 +457,7 @@ class _Recurrent(_Parameters):
             checkpoint = check.positive_int(checkpoint, "checkpoint")
         x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True,
                                                  check_finite=check_finite, checkpoint=checkpoint)
-        valid = check.valid_steps(tape.lengths, x3.shape[0])
+        valid = None if lengths is None else check.valid_steps(tape.lengths, x3.shape[0])
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
         weights = self._weights()
@@ -471,13 +479,16 @@ class _Recurrent(_Parameters):
                 dhn = check.gradient(dh, "dstate[0] (dh)", shape, self.dtype).reshape(num, B, -1)
                 dcn = check.gradient(dc, "dstate[1] (dc)", shape, self.dtype).reshape(num, B, -1)
             else:
+                dh, dc = dstate, None
                 dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
                 dcn = None
             if check_finite:
-                # dy at padded steps multiplies outputs that are constant 0.
+                # dy at padded steps multiplies outputs that are constant 0;
+                # a dstate part of None is zeros made here, not checked.
                 check.finite(dy3, "dy", valid)
-                check.finite(dhn, "dstate" if dcn is None else "dstate[0] (dh)")
-                if dcn is not None:
+                if dh is not None:
+                    check.finite(dhn, "dstate" if dcn is None else "dstate[0] (dh)")
+                if dc is not None:
                     check.finite(dcn, "dstate[1] (dc)")
             dx, dh0, dc0, dweights = _recurrent.backward(
                 tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,

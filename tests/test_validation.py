@@ -9,6 +9,9 @@ import os
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import fastgates as fg
 
@@ -600,3 +603,31 @@ def test_constructor_too_many_parameters():
 def test_check_finite_must_be_bool(kind):
     with raises(TypeError, "check_finite"):
         make(kind)(good_x(), check_finite="yes")
+
+
+# -- the compiled scan behind check_finite ----------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_finite_scan_agrees_with_numpy(data, dtype):
+    from fastgates._validate import all_finite
+
+    width = 32 if dtype == np.float32 else 64
+    arr = data.draw(hnp.arrays(dtype, st.integers(0, 200),
+                               elements=st.floats(width=width, allow_nan=True, allow_infinity=True)))
+    arr.flags.writeable = data.draw(st.booleans())
+    assert all_finite(arr) == bool(np.isfinite(arr).all())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_finite_scan_finds_one_bad_value_anywhere(dtype, bad):
+    from fastgates._validate import all_finite
+
+    big = np.finfo(dtype).max
+    arr = np.array([big, -big, np.finfo(dtype).tiny, 0.0] * 9, dtype=dtype)
+    assert all_finite(arr)
+    for k in range(arr.size):
+        planted = arr.copy()
+        planted[k] = bad
+        assert not all_finite(planted)
