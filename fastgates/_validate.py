@@ -1,12 +1,12 @@
 """Argument checking and normalisation.
 
-Every public entry point passes its arguments through here before any compiled
-code runs.  The checks are Python, but for the scan for NaN and inf, which is
-compiled (:func:`all_finite`).  A check either returns a C-contiguous array of the model's dtype
-(a copy when the input needs converting; the caller's array is never written
-to) or raises ``TypeError`` (wrong kind of value) or ``ValueError`` (wrong
-shape, size or range) with a message naming the argument, what was given and
-what was expected.
+Every public entry point passes its arguments through here before any kernel
+runs.  The checks are Python but for the scan for NaN and inf
+(:func:`all_finite`, compiled).  A check either returns a C-contiguous array of
+the model's dtype (a copy when the input needs converting; the caller's array
+is never written to) or raises ``TypeError`` (wrong kind of value) or
+``ValueError`` (wrong shape, size or range) with a message naming the
+argument, what was given and what was expected.
 """
 
 import operator

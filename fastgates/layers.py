@@ -311,9 +311,12 @@ class _Recurrent(_Parameters):
         return variant
 
     def _suffixes(self):
-        suffixes = self._derived.get("suffixes")
+        # Kept on the model (the layer count and directions never change);
+        # not in _derived, which the constructor has not made yet when it
+        # asks for the peephole parameters' names.
+        suffixes = self.__dict__.get("_suffix_list")
         if suffixes is None:
-            suffixes = self._derived["suffixes"] = [
+            suffixes = self._suffix_list = [
                 f"_l{layer}" + ("_reverse" if d == 1 else "")
                 for layer in range(self.num_layers) for d in range(self.num_directions)]
         return suffixes
