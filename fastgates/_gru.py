@@ -207,7 +207,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
 
 @jit(parallel=True)
 def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
-                 reverse, reset_after, chunk, dgx, dgh, hprev, rhprev, dh0, clip, pre):
+                 reverse, reset_after, chunk, dgx, hprev, rhprev, dh0, clip, pre):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -225,10 +225,11 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         As in the forward pass.
     dgx : (T, B, 3H) array, output
         Gradient with respect to the input projection ``W_ih x + b_ih``.
-    dgh : (T, B, 3H) array, output
-        Gradient with respect to the recurrent projection ``W_hh h + b_hh``
-        (with ``reset_after=False``, its n part is taken with respect to
-        ``W_hn (r ⊙ h) + b_hn``).
+        The gradient with respect to the recurrent projection ``W_hh h +
+        b_hh`` is not stored: its r and z parts are those of ``dgx``, its n
+        part is ``dgx``'s times ``r`` (``reset_after``; the caller makes it
+        in place once ``dgx`` is used) or, with ``reset_after=False``, taken
+        with respect to ``W_hn (r ⊙ h) + b_hn``, ``dgx``'s own.
     hprev : (T, B, H) array, output
         ``h_{t-1}`` of every valid step (zero at padded steps).
     rhprev : (T, B, H) array or (0, 0, 0) array, output
@@ -265,7 +266,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     da[r, :] = 0.0
                     dan[r, :] = 0.0
                     dgx[t, b, :] = 0.0
-                    dgh[t, b, :] = 0.0
                     hprev[t, b, :] = 0.0
                     if not reset_after:
                         rhprev[t, b, :] = 0.0
@@ -280,7 +280,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 g = gates[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
                 gx = dgx[t, b]
-                gh = dgh[t, b]
                 lin = hlin[t, b]
                 dar = da[r]
                 for j in range(H):
@@ -297,7 +296,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     dan[r, j] = dn
                     dar[H + j] = daz
                     gx[H + j] = daz
-                    gh[H + j] = daz
                     gx[2 * H + j] = dn
                 if reset_after:
                     for j in range(H):
@@ -309,12 +307,9 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         dar[j] = d_r
                         dar[2 * H + j] = dn * rg
                         gx[j] = d_r
-                        gh[j] = d_r
-                        gh[2 * H + j] = dn * rg
                 else:
                     rhp = rhprev[t, b]
                     for j in range(H):
-                        gh[2 * H + j] = dan[r, j]
                         rhp[j] = g[j] * hp[j]
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
@@ -326,7 +321,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     g = gates[t, b]
                     hp = hprev[t, b]
                     gx = dgx[t, b]
-                    gh = dgh[t, b]
                     dar = da[r]
                     for j in range(H):
                         rg = g[j]
@@ -335,7 +329,6 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                             d_r *= _inside(pre[t, b, j], clip)
                         dar[j] = d_r
                         gx[j] = d_r
-                        gh[j] = d_r
                         dhz[r, j] += drh[r, j] * rg
             dot_blocked(da, wa_b, dhrec)
             for r in range(nb):

@@ -388,7 +388,10 @@ class _Direction:
             if not self.peep.shape[0]:
                 g.cprev = None
         else:
-            g.dgh = np.empty((t, B, G), dtype=dtype)
+            # The recurrent side's gradient is made from dgx in place, once
+            # dgx has served the input side (_WeightGrads.add_recurrent).
+            g.dgh = g.dgx
+            g.gates = gates
             if self.reset_after:
                 wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
                 rhprev = _empty3(dtype)
@@ -397,7 +400,7 @@ class _Direction:
                 rhprev = g.rhprev = np.empty((t, B, H), dtype=dtype)
             wn_b = self._blocks("wn_b", column_blocks, self.w_hh[2 * H:])
             gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, aux, y, ycol, h0, lengths,
-                         self.rev, self.reset_after, self.chunk, g.dgx, g.dgh, g.hprev, rhprev,
+                         self.rev, self.reset_after, self.chunk, g.dgx, g.hprev, rhprev,
                          g.dh0, self.clip, pre)
         return g
 
@@ -406,7 +409,7 @@ class _StepGrads:
     """What the backward kernel of one layer-direction gives for a run of steps."""
 
     dgx = dgh = hprev = dh0 = None
-    dc0 = rhprev = cprev = cs = None
+    dc0 = rhprev = cprev = cs = gates = None
 
 
 class _WeightGrads:
@@ -431,30 +434,49 @@ class _WeightGrads:
         self.dpeep = np.empty(3 * H, dtype=dtype) if peeps else None
         self.first = True
 
-    def add(self, grid, g, layer_in):
-        """Add the gradients of a run of whole blocks: ``g`` a :class:`_StepGrads`."""
+    def add_input(self, grid, g, layer_in):
+        """Add the input side's gradients of a run of whole blocks (``dW_ih``, ``b_ih``).
+
+        ``g`` a :class:`_StepGrads`, ``layer_in`` the blocks' layer input.
+        """
         t, B, G = g.dgx.shape
         rows = t * B
         I = layer_in.shape[2]
+        desc = not self.dir.rev
+        d2 = g.dgx.reshape(rows, G)
+        weight_product(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows,
+                       grid.parts(G, I, rows), desc, self.first)
+        if self.db_ih is not None:
+            colsum(d2, self.db_ih, grid.rows, desc, self.first)
+
+    def add_recurrent(self, grid, g):
+        """Add the recurrent side's gradients of the same blocks; after :meth:`add_input`.
+
+        For a GRU with ``reset_after`` this turns ``g.dgx`` into the
+        recurrent side's gradient in place (its n part times ``r``, the
+        kernel's own product), so ``g.dgx`` must have served the input side
+        (``dW_ih``, ``b_ih``, ``dx``) first.
+        """
+        t, B, G = g.dgx.shape
+        rows = t * B
         H = self.dir.H
         init, self.first = self.first, False
         desc = not self.dir.rev
-        d2 = g.dgx.reshape(rows, G)
+        if self.dir.cell == "gru" and self.dir.reset_after:
+            dn = g.dgx[:, :, 2 * H:]
+            np.multiply(dn, g.gates[:, :, :H], out=dn)
         h2 = g.dgh.reshape(rows, G)
-        weight_product(d2, layer_in.reshape(rows, I), self.dw_ih, grid.rows,
-                       grid.parts(G, I, rows), desc, init)
         nparts = grid.parts(G, H, rows)
         weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
         if self.dw_hn is not None:
             # GRU reset_after=False: W_hn acts on r * h, not on h.
             weight_product(h2, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows, nparts, desc, init)
-        if self.db_ih is not None:
-            colsum(d2, self.db_ih, grid.rows, desc, init)
         if self.db_hh is not None:
             colsum(h2, self.db_hh, grid.rows, desc, init)
         if self.dpeep is not None:
             # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
             # hold zeros in every operand.
+            d2 = g.dgx.reshape(rows, G)
             cp = g.cprev.reshape(rows, H)
             prod = np.empty((rows, 3 * H), dtype=d2.dtype)
             np.multiply(d2[:, :H], cp, out=prod[:, :H])
@@ -705,8 +727,9 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                 dh, dc = g.dh0, g.dc0
                 if acc is None:
                     acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
-                acc.add(grid, g, seg_in)
+                acc.add_input(grid, g, seg_in)
                 part = dr.input_grad(grid, g.dgx)
+                acc.add_recurrent(grid, g)
                 del g, seg_in
                 if dx is None and len(segs) == 1:
                     dx = part
@@ -764,11 +787,11 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     sizes = [input_size] + [D * H] * (L - 1)
     pre = G if clip else 0
     # Per step and row of the backward kernel's results: hprev, dgx, and
-    # for a GRU dgh (and r * h_{t-1} for reset_after=False), with
-    # peepholes c_{t-1}.
+    # for a GRU with reset_after=False r * h_{t-1}, with peepholes c_{t-1}
+    # (a GRU's recurrent-side gradient is made in dgx's place).
     grads = H + G
     if cell == "gru":
-        grads += G + (0 if reset_after else H)
+        grads += 0 if reset_after else H
     elif peephole:
         grads += H
     extra = 3 * H if peephole and cell == "lstm" else 0   # the peephole products
