@@ -377,7 +377,6 @@ class _Direction:
         g.dh0 = np.empty((B, H), dtype=dtype)
         _config.kernel_threads(-(-B // self.chunk))
         if self.cell == "lstm":
-            g.dgh = g.dgx
             g.dc0 = np.empty((B, H), dtype=dtype)
             whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
             g.cprev = np.empty((t, B, H), dtype=dtype) if self.peep.shape[0] else _empty3(dtype)
@@ -390,7 +389,6 @@ class _Direction:
         else:
             # The recurrent side's gradient is made from dgx in place, once
             # dgx has served the input side (_WeightGrads.add_recurrent).
-            g.dgh = g.dgx
             g.gates = gates
             if self.reset_after:
                 wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
@@ -408,7 +406,7 @@ class _Direction:
 class _StepGrads:
     """What the backward kernel of one layer-direction gives for a run of steps."""
 
-    dgx = dgh = hprev = dh0 = None
+    dgx = hprev = dh0 = None
     dc0 = rhprev = cprev = cs = gates = None
 
 
@@ -465,7 +463,7 @@ class _WeightGrads:
         if self.dir.cell == "gru" and self.dir.reset_after:
             dn = g.dgx[:, :, 2 * H:]
             np.multiply(dn, g.gates[:, :, :H], out=dn)
-        h2 = g.dgh.reshape(rows, G)
+        h2 = g.dgx.reshape(rows, G)          # now the recurrent side's gradient
         nparts = grid.parts(G, H, rows)
         weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
         if self.dw_hn is not None:
@@ -476,12 +474,11 @@ class _WeightGrads:
         if self.dpeep is not None:
             # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
             # hold zeros in every operand.
-            d2 = g.dgx.reshape(rows, G)
             cp = g.cprev.reshape(rows, H)
-            prod = np.empty((rows, 3 * H), dtype=d2.dtype)
-            np.multiply(d2[:, :H], cp, out=prod[:, :H])
-            np.multiply(d2[:, H:2 * H], cp, out=prod[:, H:2 * H])
-            np.multiply(d2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
+            prod = np.empty((rows, 3 * H), dtype=h2.dtype)
+            np.multiply(h2[:, :H], cp, out=prod[:, :H])
+            np.multiply(h2[:, H:2 * H], cp, out=prod[:, H:2 * H])
+            np.multiply(h2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
             colsum(prod, self.dpeep, grid.rows, desc, init)
 
     def result(self):
