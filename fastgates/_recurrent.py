@@ -425,7 +425,8 @@ class _WeightGrads:
         self.dw_ih = np.empty((G, I), dtype=dtype)
         self.dw_hh = np.empty((G, H), dtype=dtype)
         classic = direction.cell == "gru" and not direction.reset_after
-        self.dw_hn = np.empty((G, H), dtype=dtype) if classic else None
+        # GRU reset_after=False: W_hn's gradient, (H, H), from the n part.
+        self.dw_hn = np.empty((H, H), dtype=dtype) if classic else None
         self.db_ih = np.empty(G, dtype=dtype) if with_bias else None
         self.db_hh = np.empty(G, dtype=dtype) if with_bias and direction.cell == "gru" else None
         peeps = direction.peep is not None and direction.peep.shape[0]
@@ -467,8 +468,12 @@ class _WeightGrads:
         nparts = grid.parts(G, H, rows)
         weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
         if self.dw_hn is not None:
-            # GRU reset_after=False: W_hn acts on r * h, not on h.
-            weight_product(h2, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows, nparts, desc, init)
+            # GRU reset_after=False: W_hn acts on r * h, not on h; only the
+            # n part's product is needed (a copy of those columns: the
+            # product over all 3H rows cost twice its size more).
+            dn = np.ascontiguousarray(h2[:, 2 * H:])
+            weight_product(dn, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows,
+                           grid.parts(H, H, rows), desc, init)
         if self.db_hh is not None:
             colsum(h2, self.db_hh, grid.rows, desc, init)
         if self.dpeep is not None:
@@ -485,7 +490,7 @@ class _WeightGrads:
         """``(dW_ih, dW_hh, db_ih, db_hh, dpeep)``."""
         H = self.dir.H
         if self.dw_hn is not None:
-            self.dw_hh[2 * H:] = self.dw_hn[2 * H:]
+            self.dw_hh[2 * H:] = self.dw_hn
         db_hh = self.db_hh
         if self.db_ih is not None and db_hh is None:
             db_hh = self.db_ih.copy()
@@ -791,7 +796,11 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
         grads += 0 if reset_after else H
     elif peephole:
         grads += H
-    extra = 3 * H if peephole and cell == "lstm" else 0   # the peephole products
+    # Made after dx (which then exists): the peephole products, or a
+    # classic GRU's n part copied for W_hn's gradient.
+    extra = 3 * H if peephole and cell == "lstm" else 0
+    if cell == "gru" and not reset_after:
+        extra = H
     pad = N * input_size if padded else 0
     small = num_params + 2 * L * D * B * H * 2             # gradients, states
     if checkpoint is None:
@@ -802,7 +811,7 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
             for d in range(D):
                 dx = sizes[layer] * N if d else 0
                 peak = max(peak, kept + dy_between + dx + N * grads
-                           + max(N * sizes[layer], N * extra))
+                           + N * (sizes[layer] + extra))
         return itemsize * kept, itemsize * (peak + small)
     interval = checkpoint_interval(checkpoint, T, B)
     nseg = -(-T // interval)
@@ -823,5 +832,5 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
         peak = max(peak, base + below,
                    base + segment + n * G,                  # recomputing: with its xw
                    base + segment + n * grads,              # the backward kernel
-                   base + aux + n * grads + max(n * sizes[layer], n * extra))
+                   base + aux + n * grads + n * (sizes[layer] + extra))
     return itemsize * kept, itemsize * (peak + small)
