@@ -256,13 +256,9 @@ class _Direction:
         self.G = self.w_hh.shape[0]
         self.clipping = bool(clip < np.inf)
         self.project_fits = self.w_ih.size * dtype.itemsize <= PROJECT_MAX_WEIGHT_BYTES
-        self._memo = {}
 
     def _blocks(self, name, make, w):
-        value = self._memo.get(name)
-        if value is None:
-            value = self._memo[name] = _derive(self.derived, (name, self.k), make, w)
-        return value
+        return _derive(self.derived, (name, self.k), make, w)
 
     def project(self, grid, a):
         """The input projection ``a W_ih^T + b`` of ``a`` (t, B, I), a run of whole blocks.
@@ -330,7 +326,7 @@ class _Direction:
         """
         t, B, I = a.shape
         H, dtype = self.H, self.dtype
-        G = self.w_hh.shape[0]
+        G = self.G
         if self.fused(t, B, I):
             xw = _empty3(dtype)
             x = np.ascontiguousarray(a)
