@@ -260,6 +260,13 @@ def _tile_function(module, fty, L, MR, NV, acc=False, kstride=False):
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [pty, _I64, _I64, _I64, pty, _I64,
                                                                _I64, pty, _I64, _I64]), name)
     fn.linkage = "internal"
+    if MR == 1 and not acc:
+        # Called, not inlined: with all eight one-row widths inlined into
+        # dot_blocked, float32 (1, 64) x (64, 256) ran 3-5% slower a step
+        # than with the four it had before; called, as fast (measured).  The
+        # multi-row tiles stay inlined: called, float64 (1600, 64) x (64,
+        # 512) took 11-16% longer.
+        fn.attributes.add("noinline")
     a, lda, ka, K, w, ldw, pstride, out, ldo, ncols = fn.args
     for ptr in (a, w, out):
         ptr.add_attribute("noalias")
@@ -397,12 +404,24 @@ def _make_tile(MR, NV, acc=False, kstride=False):
 # of float32 (64, 256) in 0.62 us, about 100 GB/s; software prefetching and
 # visiting the panels in alternating order every other step, so that the
 # last ones read are still in L1, measured no faster inside the recurrence).
+# A last panel with at most half its columns in use takes the 2-vector tiles,
+# and a single row only as many vectors (rounded up to even) as it needs:
+# float32 (1, 128) x (128, 32), the backward product of an LSTM with H = 32
+# at B = 1, 0.31 -> 0.15 us (the 4-vector tile read twice the weights it
+# used).  Each column's sum is the same either way.
 _tile_4x4 = _make_tile(4, 4)
 _tile_3x4 = _make_tile(3, 4)
 _tile_2x4 = _make_tile(2, 4)
 _tile_1x4 = _make_tile(1, 4)
+_tile_4x2 = _make_tile(4, 2)
+_tile_3x2 = _make_tile(3, 2)
+_tile_2x2 = _make_tile(2, 2)
+_tile_1x2 = _make_tile(1, 2)
+_tile_1x6 = _make_tile(1, 6)
 _tile_1x8 = _make_tile(1, 8)
+_tile_1x10 = _make_tile(1, 10)
 _tile_1x12 = _make_tile(1, 12)
+_tile_1x14 = _make_tile(1, 14)
 _tile_1x16 = _make_tile(1, 16)
 
 
@@ -432,30 +451,43 @@ def dot_blocked(a, wb, out):
     ldo = out.strides[0] // item
     ps = K * P
     if M == 1:
+        L = P // VECS_PER_PANEL
         for j in range((npanel + 3) // 4):
             p = 4 * j
-            n = min(npanel - p, 4)
             c0 = p * P
-            if n == 4:
-                _tile_1x16(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
-            elif n == 3:
-                _tile_1x12(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
-            elif n == 2:
-                _tile_1x8(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+            wo = p * ps
+            nc = N - c0                     # columns wanted, in vectors of L
+            if nc > 14 * L:
+                _tile_1x16(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 12 * L:
+                _tile_1x14(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 10 * L:
+                _tile_1x12(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 8 * L:
+                _tile_1x10(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 6 * L:
+                _tile_1x8(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 4 * L:
+                _tile_1x6(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
+            elif nc > 2 * L:
+                _tile_1x4(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
             else:
-                _tile_1x4(a, 0, lda, K, wb, p * ps, P, ps, out, c0, ldo, N - c0)
+                _tile_1x2(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
         return
     rows = max(4, _PASS_BYTES // (K * item) // 4 * 4)
     for q0 in range(0, M, rows):
         q1 = min(M, q0 + rows)
         for p in range(npanel):
             c0 = p * P
+            half = N - c0 <= P // 2
             r0 = q0
             while r0 < q1:
                 n = min(q1 - r0, 4)
                 ao = r0 * lda
                 oo = r0 * ldo + c0
-                if n == 4:
+                if half:
+                    _rows_tile_half(n, a, ao, lda, K, wb, p * ps, P, ps, out, oo, ldo, N - c0)
+                elif n == 4:
                     _tile_4x4(a, ao, lda, K, wb, p * ps, P, ps, out, oo, ldo, N - c0)
                 elif n == 3:
                     _tile_3x4(a, ao, lda, K, wb, p * ps, P, ps, out, oo, ldo, N - c0)
@@ -464,6 +496,19 @@ def dot_blocked(a, wb, out):
                 else:
                     _tile_1x4(a, ao, lda, K, wb, p * ps, P, ps, out, oo, ldo, N - c0)
                 r0 += n
+
+
+@jit()
+def _rows_tile_half(n, a, ao, lda, K, wb, wo, P, ps, out, oo, ldo, ncols):
+    """``n`` <= 4 rows by the first two vectors of a panel (see :func:`dot_blocked`)."""
+    if n == 4:
+        _tile_4x2(a, ao, lda, K, wb, wo, P, ps, out, oo, ldo, ncols)
+    elif n == 3:
+        _tile_3x2(a, ao, lda, K, wb, wo, P, ps, out, oo, ldo, ncols)
+    elif n == 2:
+        _tile_2x2(a, ao, lda, K, wb, wo, P, ps, out, oo, ldo, ncols)
+    else:
+        _tile_1x2(a, ao, lda, K, wb, wo, P, ps, out, oo, ldo, ncols)
 
 
 @jit()

@@ -37,10 +37,12 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N", [1, 40, 64, 100, 200, 300, 520])
+@pytest.mark.parametrize("N", [1, 40, 64, 96, 100, 128, 200, 300, 520])
 def test_dot_blocked_rows_do_not_depend_on_the_other_rows(dtype, N):
     # One row alone and the same row among 2-9 others (4-row tiles and the
-    # 1-3 rows left over) give the same bits; a
+    # 1-3 rows left over) give the same bits, whichever tile widths the
+    # widths N take (one row: 2-16 vectors; last panels at most half used:
+    # the 2-vector tiles); a
     # product written into columns of a wider array leaves the other
     # columns alone.
     rng = np.random.default_rng(3)
