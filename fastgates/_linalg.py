@@ -153,19 +153,25 @@ def matmul_tn(a, b, out, block_rows, nparts, descending, init):
     the same sum, bit for bit, as long as each piece is a run of whole
     blocks, the pieces come in the same order and ``nparts`` is the same.
     """
-    M, P = a.shape
-    nblk = (M + block_rows - 1) // block_rows
+    P = a.shape[1]
     psize = (P + nparts - 1) // nparts
     for part in prange(nparts):
         q0 = part * psize
         q1 = min(P, q0 + psize)
-        if q0 >= q1:
-            continue
-        for jj in range(nblk):
-            j = nblk - 1 - jj if descending else jj
-            r0 = j * block_rows
-            r1 = min(M, r0 + block_rows)
-            gemm_tn(a[r0:r1, q0:q1], b[r0:r1], out[q0:q1], 0.0 if init and jj == 0 else 1.0)
+        if q0 < q1:
+            _matmul_tn_part(a, b, out, q0, q1, block_rows, descending, init)
+
+
+@jit()
+def _matmul_tn_part(a, b, out, q0, q1, block_rows, descending, init):
+    """Rows ``q0:q1`` of :func:`matmul_tn`'s ``out``."""
+    M = a.shape[0]
+    nblk = (M + block_rows - 1) // block_rows
+    for jj in range(nblk):
+        j = nblk - 1 - jj if descending else jj
+        r0 = j * block_rows
+        r1 = min(M, r0 + block_rows)
+        gemm_tn(a[r0:r1, q0:q1], b[r0:r1], out[q0:q1], 0.0 if init and jj == 0 else 1.0)
 
 
 @jit()
@@ -588,19 +594,100 @@ WGRAD_TILE_MAX_BYTES = 4 << 20
 def weight_product(a, b, out, block_rows, nparts, descending, init):
     """``out (+)= a.T @ b`` in :func:`matmul_tn`'s blocks, by the faster engine.
 
-    :func:`weight_grad` (the tiles) when ``b`` has at least one whole panel
-    of columns and ``out`` at most :data:`WGRAD_TILE_MAX_BYTES`, else
-    :func:`matmul_tn` (OpenBLAS).  The choice depends on the shapes only, so
-    runs of whole blocks (gradient checkpointing) take the same engine as
-    one call.  Measured single-threaded against OpenBLAS: float32 with
-    ``b`` 32 columns wide, 0.4-0.7x (a partial panel is copied each pass);
-    float64 ``out`` of 6-8 MB 0.8x.
+    :func:`weight_grad` (the tiles) where :func:`weight_product_tiles` says
+    so, else :func:`matmul_tn` (OpenBLAS).  The choice depends on the
+    shapes only, so runs of whole blocks (gradient checkpointing) take the
+    same engine as one call.
     """
     G, I = out.shape
-    if I >= panel_width(out.dtype) and G * I * out.itemsize <= WGRAD_TILE_MAX_BYTES:
+    if weight_product_tiles(G, I, out.dtype):
         weight_grad(a, b, out, block_rows, nparts, descending, init)
     else:
         matmul_tn(a, b, out, block_rows, nparts, descending, init)
+
+
+def weight_product_tiles(G, I, dtype):
+    """Whether :func:`weight_product` takes the tiles for an ``out`` (G, I).
+
+    When ``b`` has at least one whole panel of columns and ``out`` is at
+    most :data:`WGRAD_TILE_MAX_BYTES`.  Measured single-threaded against
+    OpenBLAS: float32 with ``b`` 32 columns wide, 0.4-0.7x (a partial panel
+    is copied each pass); float64 ``out`` of 6-8 MB 0.8x.
+    """
+    dtype = np.dtype(dtype)
+    return I >= panel_width(dtype) and G * I * dtype.itemsize <= WGRAD_TILE_MAX_BYTES
+
+
+@jit()
+def weight_product_part(a, b, out, part, nparts, tiles, block_rows, descending, init):
+    """Part ``part`` of ``nparts`` of :func:`weight_product`, ``tiles`` its engine.
+
+    The rows of ``out`` that part computes in :func:`weight_grad` or
+    :func:`matmul_tn`, by the same code: the same bits.
+    """
+    G = out.shape[0]
+    if tiles:
+        size = ((G + nparts - 1) // nparts + 3) // 4 * 4
+    else:
+        size = (G + nparts - 1) // nparts
+    q0 = part * size
+    q1 = min(G, q0 + size)
+    if q0 < q1:
+        if tiles:
+            _weight_grad_part(a, b, out, q0, q1, block_rows, descending, init)
+        else:
+            _matmul_tn_part(a, b, out, q0, q1, block_rows, descending, init)
+
+
+@jit()
+def _matmul_blocks(a, b, out, block_rows):
+    """:func:`matmul` with one part per block and no bias, on one thread."""
+    M = a.shape[0]
+    for r0 in range(0, M, block_rows):
+        r1 = min(M, r0 + block_rows)
+        np.dot(a[r0:r1], b, out[r0:r1])
+
+
+# The products of the backward pass of one layer-direction (LSTM): kinds of
+# work in products_side_by_side's table.
+WORK_DW_IH, WORK_DW_HH, WORK_DX, WORK_DB = 0, 1, 2, 3
+
+
+@jit(parallel=True)
+def products_side_by_side(dg, x, hp, w_ih, wb_ih, dw_ih, dw_hh, db, dx, work, nlanes,
+                          block_rows, descending, init):
+    """The products of an LSTM's backward pass after its kernel, side by side.
+
+    ``dg`` (M, G) the pre-activation gradients, ``x`` (M, I) the layer
+    input, ``hp`` (M, H) the states ``h_{t-1}``, ``w_ih`` (G, I) and, for
+    the tiles, ``wb_ih`` its :func:`column_blocks`.  ``work`` (n, 5) int64:
+    one row per piece of work, ``(lane, kind, part, nparts, tiles)``, kind
+    one of WORK_DW_IH (``dw_ih (+)= dg^T x``), WORK_DW_HH (``dw_hh (+)= dg^T
+    hp``), WORK_DX (``dx = dg w_ih``), WORK_DB (``db (+)= sum of dg's
+    rows``).  Each lane, one task, does its rows of ``work`` in turn.  Each
+    piece is the code the product runs on its own (:func:`weight_product_part`,
+    :func:`project` or :func:`matmul` in one part, :func:`colsum`), so the
+    results are the same bits as one product after another.
+    """
+    for lane in prange(nlanes):
+        for u in range(work.shape[0]):
+            if work[u, 0] != lane:
+                continue
+            kind = work[u, 1]
+            tiles = work[u, 4] == 1
+            if kind == WORK_DW_IH:
+                weight_product_part(dg, x, dw_ih, work[u, 2], work[u, 3], tiles, block_rows,
+                                    descending, init)
+            elif kind == WORK_DW_HH:
+                weight_product_part(dg, hp, dw_hh, work[u, 2], work[u, 3], tiles, block_rows,
+                                    descending, init)
+            elif kind == WORK_DX:
+                if tiles:
+                    project(dg, wb_ih, np.empty(0, dtype=dg.dtype), dx)
+                else:
+                    _matmul_blocks(dg, w_ih, dx, block_rows)
+            else:
+                colsum(dg, db, block_rows, descending, init)
 
 
 @jit()

@@ -19,8 +19,9 @@ import numba
 import numpy as np
 
 from . import _config
-from ._linalg import (colsum, column_blocks, matmul, panel_width, project, project_parallel,
-                      weight_product)
+from ._linalg import (WORK_DB, WORK_DW_HH, WORK_DW_IH, WORK_DX, colsum, column_blocks, matmul,
+                      panel_width, products_side_by_side, project, project_parallel,
+                      weight_product, weight_product_tiles)
 from ._gru import gru_backward, gru_forward
 from ._lstm import lstm_backward, lstm_forward
 
@@ -256,6 +257,7 @@ class _Direction:
         self.G = self.w_hh.shape[0]
         self.clipping = bool(clip < np.inf)
         self.project_fits = self.w_ih.size * dtype.itemsize <= PROJECT_MAX_WEIGHT_BYTES
+        self.plans = {}             # _WeightGrads.add_side_by_side's, by shape and threads
 
     def _blocks(self, name, make, w):
         return _derive(self.derived, (name, self.k), make, w)
@@ -444,6 +446,74 @@ class _WeightGrads:
         if self.db_ih is not None:
             colsum(d2, self.db_ih, grid.rows, desc, self.first)
 
+    def add_side_by_side(self, grid, g, layer_in):
+        """All the products of :meth:`add_input`, :meth:`add_recurrent` and
+        :meth:`_Direction.input_grad` at once, where that pays; returns the
+        input gradient, or None when it did nothing.
+
+        For an LSTM (whose recurrent side uses ``g.dgx`` as it is) when
+        fastgates runs on two or more threads and the input side's products
+        are each too small to be split (below SPLIT_MIN_MACS): then they
+        would run one after another on one thread.  Here they and the parts
+        of ``dW_hh`` run side by side, shared out between the threads by
+        their sizes (:func:`~fastgates._linalg.products_side_by_side`), each
+        by the code it runs on its own: the same bits.
+        """
+        dr = self.dir
+        if dr.cell != "lstm":
+            return None
+        t, B, G = g.dgx.shape
+        I = layer_in.shape[2]
+        key = (grid.T, t, B, I, _config.get_num_threads())
+        plan = dr.plans.get(key)
+        if plan is None:
+            plan = dr.plans[key] = self._plan(grid, t * B, I)
+        if plan is False:
+            return None
+        work, nlanes, dx_tiles = plan
+        rows = t * B
+        H = dr.H
+        dtype = dr.dtype
+        desc = not dr.rev
+        init, self.first = self.first, False
+        dx = np.empty((t, B, I), dtype=dtype)
+        wb = dr._blocks("wih_b", column_blocks, dr.w_ih) if dx_tiles else _empty3(dtype)
+        d2 = g.dgx.reshape(rows, G)
+        db = _empty1(dtype) if self.db_ih is None else self.db_ih
+        _config.kernel_threads(nlanes)
+        products_side_by_side(d2, layer_in.reshape(rows, I), g.hprev.reshape(rows, H), dr.w_ih,
+                              wb, self.dw_ih, self.dw_hh, db, dx.reshape(rows, I), work, nlanes,
+                              grid.rows, desc, init)
+        if self.dpeep is not None:
+            self._add_peepholes(grid, g, d2, desc, init)
+        return dx
+
+    def _plan(self, grid, rows, I):
+        """The work table of :meth:`add_side_by_side` for ``rows`` rows, else False."""
+        dr = self.dir
+        threads = _config.get_num_threads()
+        G, H, dtype = dr.G, dr.H, dr.dtype
+        if threads < 2 or grid.parts(G, I, rows) != 1:
+            return False
+        nhh = grid.parts(G, H, rows)
+        tiles_ih = weight_product_tiles(G, I, dtype)
+        tiles_hh = weight_product_tiles(G, H, dtype)
+        dx_tiles = _input_grad_tiles(G, I, dtype)
+        # (kind, part, nparts, tiles, multiply-adds)
+        pieces = [(WORK_DW_IH, 0, 1, tiles_ih, rows * G * I), (WORK_DX, 0, 1, dx_tiles, rows * G * I)]
+        pieces += [(WORK_DW_HH, p, nhh, tiles_hh, rows * G * H // nhh) for p in range(nhh)]
+        if self.db_ih is not None:
+            pieces.append((WORK_DB, 0, 1, False, rows * G))
+        # the largest first, each to the lane with the least so far
+        nlanes = min(threads, len(pieces))
+        load = [0] * nlanes
+        work = np.zeros((len(pieces), 5), dtype=np.int64)
+        for u, (kind, part, nparts, tiles, macs) in enumerate(sorted(pieces, key=lambda w: -w[4])):
+            lane = load.index(min(load))
+            load[lane] += macs
+            work[u] = lane, kind, part, nparts, tiles
+        return work, nlanes, dx_tiles
+
     def add_recurrent(self, grid, g):
         """Add the recurrent side's gradients of the same blocks; after :meth:`add_input`.
 
@@ -473,14 +543,20 @@ class _WeightGrads:
         if self.db_hh is not None:
             colsum(h2, self.db_hh, grid.rows, desc, init)
         if self.dpeep is not None:
-            # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
-            # hold zeros in every operand.
-            cp = g.cprev.reshape(rows, H)
-            prod = np.empty((rows, 3 * H), dtype=h2.dtype)
-            np.multiply(h2[:, :H], cp, out=prod[:, :H])
-            np.multiply(h2[:, H:2 * H], cp, out=prod[:, H:2 * H])
-            np.multiply(h2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
-            colsum(prod, self.dpeep, grid.rows, desc, init)
+            self._add_peepholes(grid, g, h2, desc, init)
+
+    def _add_peepholes(self, grid, g, h2, desc, init):
+        """Add the peephole weights' gradients; ``h2`` (rows, 4H) the LSTM's ``dgx``."""
+        # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
+        # hold zeros in every operand.
+        rows = h2.shape[0]
+        H = self.dir.H
+        cp = g.cprev.reshape(rows, H)
+        prod = np.empty((rows, 3 * H), dtype=h2.dtype)
+        np.multiply(h2[:, :H], cp, out=prod[:, :H])
+        np.multiply(h2[:, H:2 * H], cp, out=prod[:, H:2 * H])
+        np.multiply(h2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
+        colsum(prod, self.dpeep, grid.rows, desc, init)
 
     def result(self):
         """``(dW_ih, dW_hh, db_ih, db_hh, dpeep)``."""
@@ -725,9 +801,11 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                 dh, dc = g.dh0, g.dc0
                 if acc is None:
                     acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
-                acc.add_input(grid, g, seg_in)
-                part = dr.input_grad(grid, g.dgx)
-                acc.add_recurrent(grid, g)
+                part = acc.add_side_by_side(grid, g, seg_in)
+                if part is None:
+                    acc.add_input(grid, g, seg_in)
+                    part = dr.input_grad(grid, g.dgx)
+                    acc.add_recurrent(grid, g)
                 del g, seg_in
                 if dx is None and len(segs) == 1:
                     dx = part

@@ -463,6 +463,40 @@ def test_gradients_depend_on_the_pool_size_only_for_split_products(determinism_r
                 assert determinism_runs[pool][key] == value, (pool, key)
 
 
+def test_backward_products_side_by_side_give_the_bits_of_one_thread():
+    # On two or more threads an LSTM's small backward products run side by
+    # side (_WeightGrads.add_side_by_side); on one, one after another.  The
+    # gradients are the same bits, with peepholes, without biases, stacked
+    # and bidirectional, checkpointed, with lengths, tiles or OpenBLAS.
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs a pool of two threads")
+    rng = np.random.default_rng(12)
+    threads = fg.get_num_threads()
+    cases = [dict(shape=(100, 1, 32, 64)), dict(shape=(300, 1, 8, 32), peephole=True),
+             dict(shape=(9, 5, 70, 64), num_layers=2, bidirectional=True, checkpoint=4),
+             dict(shape=(20, 3, 6, 16), bias=False, lengths=True, dtype=np.float64)]
+    try:
+        for case in cases:
+            T, B, I, H = case.pop("shape")
+            lengths = np.arange(B) % T + 1 if case.pop("lengths", False) else None
+            checkpoint = case.pop("checkpoint", None)
+            dtype = case.pop("dtype", np.float32)
+            m = fg.LSTM(I, H, dtype=dtype, seed=4, **case)
+            x = rng.standard_normal((T, B, I)).astype(dtype)
+            grads = []
+            for n in (1, 2):
+                fg.set_num_threads(n)
+                (y, s), pullback = m.vjp(x, lengths=lengths, checkpoint=checkpoint)
+                grads.append(pullback(np.cos(y)))
+            assert_bitwise(grads[0], grads[1])
+            plans = [p for k, dirs in m._derived.items() if isinstance(k, tuple)
+                     and k[0] == "directions" for d in dirs for p in d.plans.values()]
+            assert any(p is not False for p in plans), (T, B, I, H)
+    finally:
+        fg.set_num_threads(threads)
+
+
 def test_call_order_does_not_matter():
     rng = np.random.default_rng(8)
     jobs = []

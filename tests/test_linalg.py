@@ -144,6 +144,48 @@ def test_weight_product_takes_the_tiles_where_they_are_faster(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,G,I,H", [(100, 256, 32, 64), (37, 128, 8, 32), (45, 256, 70, 64),
+                                     (20, 96, 3, 24)])
+def test_products_side_by_side_give_the_bits_of_one_after_another(dtype, M, G, I, H):
+    # Any sharing of the work between lanes, any split of dW_hh, either
+    # engine: the bits of weight_product, project/matmul and colsum run one
+    # after another, and both the overwriting and the adding form.
+    rng = np.random.default_rng(8)
+    dg = rng.standard_normal((M, G)).astype(dtype)
+    x = rng.standard_normal((M, I)).astype(dtype)
+    hp = rng.standard_normal((M, H)).astype(dtype)
+    w_ih = rng.standard_normal((G, I)).astype(dtype)
+    wb = _linalg.column_blocks(w_ih)
+    empty = np.empty(0, dtype)
+    for init in (True, False):
+        start = [rng.standard_normal(shape).astype(dtype) for shape in ((G, I), (G, H), (G,))]
+        ref = [a.copy() for a in start]
+        ref_dx = np.empty((M, I), dtype)
+        for nhh in (1, 2, 3):
+            for lanes, tiles in ((1, (0, 0, 0)), (2, (1, 1, 1)), (3, (1, 0, 1)), (2, (0, 1, 0))):
+                if tiles[0] and I < _linalg.panel_width(dtype) or tiles[1] and H < _linalg.panel_width(dtype):
+                    continue
+                ref = [a.copy() for a in start]
+                (_linalg.weight_grad if tiles[0] else _linalg.matmul_tn)(dg, x, ref[0], 16, 1, True, init)
+                (_linalg.weight_grad if tiles[1] else _linalg.matmul_tn)(dg, hp, ref[1], 16, nhh, True, init)
+                _linalg.colsum(dg, ref[2], 16, True, init)
+                if tiles[2]:
+                    _linalg.project(dg, wb, empty, ref_dx)
+                else:
+                    _linalg.matmul(dg, w_ih, empty, ref_dx, 16, 1)
+                pieces = [(_linalg.WORK_DW_IH, 0, 1, tiles[0]), (_linalg.WORK_DX, 0, 1, tiles[2]),
+                          (_linalg.WORK_DB, 0, 1, 0)]
+                pieces += [(_linalg.WORK_DW_HH, p, nhh, tiles[1]) for p in range(nhh)]
+                work = np.array([(u % lanes,) + w for u, w in enumerate(pieces)], np.int64)
+                out = [a.copy() for a in start]
+                dx = np.full((M, I), np.nan, dtype)
+                _linalg.products_side_by_side(dg, x, hp, w_ih, wb, out[0], out[1], out[2], dx, work,
+                                              lanes, 16, True, init)
+                for got, want in zip(out + [dx], ref + [ref_dx]):
+                    assert got.tobytes() == want.tobytes(), (init, nhh, lanes, tiles)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("product_tn", ["matmul_tn", "weight_grad"])
 def test_products_over_runs_of_whole_blocks_give_the_same_bits(dtype, product_tn):
     # What gradient checkpointing relies on: a product or a sum taken over
