@@ -257,7 +257,6 @@ class _Direction:
         self.G = self.w_hh.shape[0]
         self.clipping = bool(clip < np.inf)
         self.project_fits = self.w_ih.size * dtype.itemsize <= PROJECT_MAX_WEIGHT_BYTES
-        self.plans = {}             # _WeightGrads.add_side_by_side's, by shape and threads
 
     def _blocks(self, name, make, w):
         return _derive(self.derived, (name, self.k), make, w)
@@ -408,6 +407,12 @@ class _StepGrads:
     dc0 = rhprev = cprev = cs = gates = None
 
 
+# add_side_by_side's work tables by everything they depend on: kept across
+# parameter updates (making one costs about 10 us; an optimiser changes the
+# parameters, and with them a model's derived objects, at every step).
+_PLANS = {}
+
+
 class _WeightGrads:
     """The parameter gradients of one layer-direction, summed block by block.
 
@@ -464,10 +469,13 @@ class _WeightGrads:
             return None
         t, B, G = g.dgx.shape
         I = layer_in.shape[2]
-        key = (grid.T, t, B, I, _config.get_num_threads())
-        plan = dr.plans.get(key)
+        key = (G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B,
+               _config.get_num_threads())
+        plan = _PLANS.get(key)
         if plan is None:
-            plan = dr.plans[key] = self._plan(grid, t * B, I)
+            if len(_PLANS) >= 4096:
+                _PLANS.clear()
+            plan = _PLANS[key] = self._plan(grid, t * B, I)
         if plan is False:
             return None
         work, nlanes, dx_tiles = plan
