@@ -462,7 +462,7 @@ def dot_blocked(a, wb, out):
             p = 4 * j
             c0 = p * P
             wo = p * ps
-            nc = N - c0                     # columns wanted, in vectors of L
+            nc = N - c0                     # columns left; the narrowest tile that holds them
             if nc > 14 * L:
                 _tile_1x16(a, 0, lda, K, wb, wo, P, ps, out, c0, ldo, nc)
             elif nc > 12 * L:
