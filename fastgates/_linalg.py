@@ -648,6 +648,60 @@ def _matmul_blocks(a, b, out, block_rows):
         np.dot(a[r0:r1], b, out[r0:r1])
 
 
+# A count shared between two tasks of one parallel region: one task makes
+# rows (the backward kernel, step after step), the other takes the products
+# of each block of them as soon as it is complete.  The count is read and
+# written atomically (acquire/release ordering: what the writer stored before
+# publishing a count is visible to the reader that sees it), so the reader
+# never sees a stale or torn value and the compiler cannot hoist its read out
+# of a waiting loop.
+
+
+def _element_pointer(context, builder, aty, arr, i):
+    data = context.make_array(aty)(context, builder, arr).data
+    return builder.gep(data, [i])
+
+
+@intrinsic
+def atomic_add(typingctx, arr, i, v):
+    """``arr[i] += v`` atomically (``arr`` int64); returns the value before."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return types.int64(arr, types.intp, types.int64), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, arr, i):
+    """``arr[i]`` (``arr`` int64), read with acquire ordering."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, types.intp), codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, i, v):
+    """``arr[i] = v`` (``arr`` int64), written with release ordering."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp, types.int64), codegen
+
+
 # The products of the backward pass of one layer-direction (LSTM): kinds of
 # work in products_side_by_side's table.
 WORK_DW_IH, WORK_DW_HH, WORK_DX, WORK_DB = 0, 1, 2, 3
@@ -671,23 +725,28 @@ def products_side_by_side(dg, x, hp, w_ih, wb_ih, dw_ih, dw_hh, db, dx, work, nl
     """
     for lane in prange(nlanes):
         for u in range(work.shape[0]):
-            if work[u, 0] != lane:
-                continue
-            kind = work[u, 1]
-            tiles = work[u, 4] == 1
-            if kind == WORK_DW_IH:
-                weight_product_part(dg, x, dw_ih, work[u, 2], work[u, 3], tiles, block_rows,
-                                    descending, init)
-            elif kind == WORK_DW_HH:
-                weight_product_part(dg, hp, dw_hh, work[u, 2], work[u, 3], tiles, block_rows,
-                                    descending, init)
-            elif kind == WORK_DX:
-                if tiles:
-                    project(dg, wb_ih, np.empty(0, dtype=dg.dtype), dx)
-                else:
-                    _matmul_blocks(dg, w_ih, dx, block_rows)
-            else:
-                colsum(dg, db, block_rows, descending, init)
+            if work[u, 0] == lane:
+                product_piece(work[u], dg, x, hp, w_ih, wb_ih, dw_ih, dw_hh, db, dx, block_rows,
+                              descending, init)
+
+
+@jit()
+def product_piece(row, dg, x, hp, w_ih, wb_ih, dw_ih, dw_hh, db, dx, block_rows, descending,
+                  init):
+    """The piece of work ``row`` of :func:`products_side_by_side`'s table."""
+    kind = row[1]
+    tiles = row[4] == 1
+    if kind == WORK_DW_IH:
+        weight_product_part(dg, x, dw_ih, row[2], row[3], tiles, block_rows, descending, init)
+    elif kind == WORK_DW_HH:
+        weight_product_part(dg, hp, dw_hh, row[2], row[3], tiles, block_rows, descending, init)
+    elif kind == WORK_DX:
+        if tiles:
+            project(dg, wb_ih, np.empty(0, dtype=dg.dtype), dx)
+        else:
+            _matmul_blocks(dg, w_ih, dx, block_rows)
+    else:
+        colsum(dg, db, block_rows, descending, init)
 
 
 @jit()

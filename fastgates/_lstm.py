@@ -31,7 +31,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked, project_steps
+from ._linalg import atomic_add, atomic_load, atomic_store, dot_blocked, product_piece, project_steps
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -355,56 +355,130 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
     """
     T, B, G = gates.shape
     H = G // 4
-    keep_pre = pre.shape[0] > 0
-    nopre = np.empty(0, dtype=pre.dtype)
-    keep_cprev = cprev.shape[0] > 0
-    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
-        nb = b1 - b0
-        dh = np.empty((nb, H), dtype=gates.dtype)
-        dc = np.empty((nb, H), dtype=gates.dtype)
-        dhrec = np.empty((nb, H), dtype=gates.dtype)
-        da = np.empty((nb, G), dtype=gates.dtype)
-        tc = np.empty(H, dtype=gates.dtype)
-        dh[:] = dhn[b0:b1]
-        dc[:] = dcn[b0:b1]
-        for s in range(T):
-            t = s if reverse else T - 1 - s
-            for r in range(nb):
-                b = b0 + r
-                n = lengths[b]
-                if t >= n:
-                    da[r, :] = 0.0
-                    dgates[t, b, :] = 0.0
-                    hprev[t, b, :] = 0.0
-                    if keep_cprev:
-                        cprev[t, b, :] = 0.0
-                    continue
-                first = t == n - 1 if reverse else t == 0
-                tp = t + 1 if reverse else t - 1
-                if first:
-                    cp = c0[b]
-                    hprev[t, b, :] = h0[b]
-                else:
-                    cp = cs[tp, b]
-                    hprev[t, b, :] = y[tp, b, ycol:ycol + H]
+        scratch = _backward_scratch(b1 - b0, H, gates.dtype)
+        _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
+                       reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev,
+                       scratch, np.empty(0, dtype=np.int64))
+
+
+@jit(parallel=True)
+def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
+                             reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
+                             cprev, x, w_ih, wb_ih, dw_ih, dw_hh, db, dx, work, block_rows, init):
+    """:func:`lstm_backward` of a batch that is one chunk, with the products
+    over time of each block of steps taken by a second task as soon as the
+    recurrence has made the block.
+
+    One chunk leaves every thread but one idle in the recurrence; here the
+    second does the work of :func:`~fastgates._linalg.products_side_by_side`
+    (the rows of ``work``, on ``x`` (T*B, I), ``w_ih``, ``wb_ih``, into
+    ``dw_ih``, ``dw_hh``, ``db``, ``dx`` (T*B, I)) block by block (blocks of
+    ``block_rows`` rows from row 0), in the order the recurrence completes
+    them, each as a run of whole blocks in the order of a call over all the
+    steps: the same bits as the kernel followed by the products.
+
+    The first task to start runs the recurrence, the other the products,
+    waiting for each block's steps; on one thread the two run one after the
+    other, and nothing waits.
+    """
+    T, B, G = gates.shape
+    rows = T * B
+    steps = block_rows // B
+    nblk = (rows + block_rows - 1) // block_rows
+    descending = not reverse
+    scratch = _backward_scratch(B, G // 4, gates.dtype)
+    dg = dgates.reshape(rows, G)
+    hp = hprev.reshape(rows, hprev.shape[2])
+    progress = np.zeros(2, dtype=np.int64)   # tasks started, steps done
+    for lane in prange(2):
+        if atomic_add(progress, 0, 1) == 0:
+            _backward_rows(0, B, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
+                           reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
+                           cprev, scratch, progress)
+        else:
+            for jj in range(nblk):
+                j = jj if reverse else nblk - 1 - jj
+                # the steps the recurrence has made when block j is complete
+                need = min(T, (j + 1) * steps) if reverse else T - j * steps
+                while atomic_load(progress, 1) < need:
+                    pass
+                r0 = j * block_rows
+                r1 = min(rows, r0 + block_rows)
+                for u in range(work.shape[0]):
+                    product_piece(work[u], dg[r0:r1], x[r0:r1], hp[r0:r1], w_ih, wb_ih, dw_ih,
+                                  dw_hh, db, dx[r0:r1], block_rows, descending, init and jj == 0)
+
+
+@jit()
+def _backward_scratch(nb, H, dtype):
+    """A chunk's scratch: ``dh``, ``dc``, ``dhrec`` (nb, H), ``tc`` (H,), ``nopre`` (0,)."""
+    return (np.empty((nb, H), dtype=dtype), np.empty((nb, H), dtype=dtype),
+            np.empty((nb, H), dtype=dtype), np.empty(H, dtype=dtype), np.empty(0, dtype=dtype))
+
+
+@jit()
+def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
+                   reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev,
+                   scratch, progress):
+    """The backward time loop of rows ``b0:b1`` (see :func:`lstm_backward`).
+
+    ``scratch`` from :func:`_backward_scratch`.  When ``progress`` has
+    elements, ``progress[1]`` is set to the number of steps done after each
+    step (an atomic store: what the step wrote is visible to a task that
+    reads the count).  Nothing in here raises or allocates: a task waiting
+    on the count must not wait for a task that failed.
+    """
+    T, B, G = gates.shape
+    H = G // 4
+    keep_pre = pre.shape[0] > 0
+    keep_cprev = cprev.shape[0] > 0
+    variant = peep.shape[0] > 0 or coupled or clip < np.inf
+    publish = progress.shape[0] > 0
+    nb = b1 - b0
+    dh, dc, dhrec, tc, nopre = scratch
+    dh[:] = dhn[b0:b1]
+    dc[:] = dcn[b0:b1]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        # The step's pre-activation gradient is written in place into
+        # dgates, which is also the operand of the recurrent product.
+        da = dgates[t, b0:b1]
+        for r in range(nb):
+            b = b0 + r
+            n = lengths[b]
+            if t >= n:
+                dgates[t, b, :] = 0.0
+                hprev[t, b, :] = 0.0
                 if keep_cprev:
-                    cprev[t, b, :] = cp
-                if variant:
-                    _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
-                                       dh[r], dc[r], da[r], peep, coupled, clip,
-                                       pre[t, b] if keep_pre else nopre, fast)
-                else:
-                    _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
-                               dh[r], dc[r], da[r], tc, fast)
-                dgates[t, b, :] = da[r]
-            dot_blocked(da, whh_b, dhrec)
-            for r in range(nb):
-                # A padded step passes the state's gradient through untouched.
-                if t < lengths[b0 + r]:
-                    dh[r, :] = dhrec[r, :]
-        dh0[b0:b1] = dh
-        dc0[b0:b1] = dc
+                    cprev[t, b, :] = 0.0
+                continue
+            first = t == n - 1 if reverse else t == 0
+            tp = t + 1 if reverse else t - 1
+            if first:
+                cp = c0[b]
+                hprev[t, b, :] = h0[b]
+            else:
+                cp = cs[tp, b]
+                hprev[t, b, :] = y[tp, b, ycol:ycol + H]
+            if keep_cprev:
+                cprev[t, b, :] = cp
+            if variant:
+                _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                                   dh[r], dc[r], da[r], peep, coupled, clip,
+                                   pre[t, b] if keep_pre else nopre, fast)
+            else:
+                _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                           dh[r], dc[r], da[r], tc, fast)
+        dot_blocked(da, whh_b, dhrec)
+        for r in range(nb):
+            # A padded step passes the state's gradient through untouched.
+            if t < lengths[b0 + r]:
+                dh[r, :] = dhrec[r, :]
+        if publish:
+            atomic_store(progress, 1, s + 1)
+    dh0[b0:b1] = dh
+    dc0[b0:b1] = dc

@@ -23,7 +23,7 @@ from ._linalg import (WORK_DB, WORK_DW_HH, WORK_DW_IH, WORK_DX, colsum, column_b
                       panel_width, products_side_by_side, project, project_parallel,
                       weight_product, weight_product_tiles)
 from ._gru import gru_backward, gru_forward
-from ._lstm import lstm_backward, lstm_forward
+from ._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward
 
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
@@ -164,11 +164,24 @@ PROJECT_MAX_WEIGHT_BYTES = 4 << 20
 # is taken in blocks of whole steps, about this many rows (steps x batch)
 # each: see _Grid.
 ROWS_PER_BLOCK = 1024
+# ... but where the batch is one chunk and the pool has more threads (B = 1),
+# a sequence is cut into about OVERLAP_BLOCKS blocks of at least
+# OVERLAP_MIN_STEPS steps, so that a second thread can take the products of
+# each block while the backward kernel makes the next ones
+# (lstm_backward_overlapped).  Smaller blocks cost nothing measurable
+# (float32 training on one thread, 1024-row blocks -> these: (100, 1, 32,
+# 64) 16 steps 1.02x the time, (1000, 1, 8, 32) 128 steps 0.89x; two
+# threads (100, 1, 512, 512) 16 steps 1.01x).
+OVERLAP_BLOCKS = 8
+OVERLAP_MIN_STEPS = 16
 
 
-def block_steps(batch):
-    """Steps per block of the products over time, for a batch of ``batch``."""
-    return max(1, -(-ROWS_PER_BLOCK // batch))
+def block_steps(T, batch):
+    """Steps per block of the products over time, for ``T`` steps of a batch of ``batch``."""
+    steps = max(1, -(-ROWS_PER_BLOCK // batch))
+    if _chunk_size(batch) >= batch and _pool_size() > 1:
+        steps = min(steps, max(OVERLAP_MIN_STEPS, -(-T // OVERLAP_BLOCKS)))
+    return steps
 
 
 class _Grid:
@@ -185,7 +198,7 @@ class _Grid:
     def __init__(self, T, B):
         self.T = T
         self.B = B
-        self.steps = block_steps(B)
+        self.steps = block_steps(T, B)
         self.rows = self.steps * B
 
     def parts(self, inner, cols, rows):
@@ -364,8 +377,15 @@ class _Direction:
                         self.clip, pre)
         return hn, cn, gates, aux, pre
 
-    def backward(self, dy, dycol, dhn, dcn, gates, aux, pre, y, ycol, h0, c0, lengths):
-        """Back-propagate through kept values; returns a :class:`_StepGrads`."""
+    def backward(self, dy, dycol, dhn, dcn, gates, aux, pre, y, ycol, h0, c0, lengths,
+                 grid=None, acc=None, layer_in=None):
+        """Back-propagate through kept values; returns a :class:`_StepGrads`.
+
+        Given ``grid``, the :class:`_WeightGrads` ``acc`` and the layer
+        input, an LSTM whose batch is one chunk may also make the products
+        over time, overlapped with the kernel (:meth:`_WeightGrads.overlap`):
+        then ``g.dx`` holds the input gradient and ``acc`` has them.
+        """
         t, B, G = gates.shape
         H, dtype = self.H, self.dtype
         g = _StepGrads()
@@ -378,9 +398,19 @@ class _Direction:
             whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
             g.cprev = np.empty((t, B, H), dtype=dtype) if self.peep.shape[0] else _empty3(dtype)
             g.cs = aux
-            lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths,
-                          self.rev, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
-                          self.peep, self.variant.coupled, self.clip, pre, g.cprev)
+            plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
+            args = (dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths, self.rev)
+            if plan is None:
+                lstm_backward(*args, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
+                              self.peep, self.variant.coupled, self.clip, pre, g.cprev)
+            else:
+                products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
+                _config.kernel_threads(2)
+                lstm_backward_overlapped(*args, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
+                                         self.peep, self.variant.coupled, self.clip, pre,
+                                         g.cprev, *products)
+                if acc.dpeep is not None:
+                    acc._add_peepholes(grid, g, g.dgx.reshape(t * B, G), not self.rev, init)
             if not self.peep.shape[0]:
                 g.cprev = None
         else:
@@ -405,6 +435,7 @@ class _StepGrads:
 
     dgx = hprev = dh0 = None
     dc0 = rhprev = cprev = cs = gates = None
+    dx = None        # the input gradient, when the kernel made the products too
 
 
 # add_side_by_side's work tables by everything they depend on: kept across
@@ -465,22 +496,13 @@ class _WeightGrads:
         by the code it runs on its own: the same bits.
         """
         dr = self.dir
-        if dr.cell != "lstm":
-            return None
         t, B, G = g.dgx.shape
         I = layer_in.shape[2]
-        key = (G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B,
-               _config.get_num_threads())
-        plan = _PLANS.get(key)
-        if plan is None:
-            if len(_PLANS) >= 4096:
-                _PLANS.clear()
-            plan = _PLANS[key] = self._plan(grid, t * B, I)
+        plan = self._cached_plan(grid, t, B, I)
         if plan is False:
             return None
         work, nlanes, dx_tiles = plan
         rows = t * B
-        H = dr.H
         dtype = dr.dtype
         desc = not dr.rev
         init, self.first = self.first, False
@@ -489,12 +511,54 @@ class _WeightGrads:
         d2 = g.dgx.reshape(rows, G)
         db = _empty1(dtype) if self.db_ih is None else self.db_ih
         _config.kernel_threads(nlanes)
-        products_side_by_side(d2, layer_in.reshape(rows, I), g.hprev.reshape(rows, H), dr.w_ih,
+        products_side_by_side(d2, layer_in.reshape(rows, I), g.hprev.reshape(rows, dr.H), dr.w_ih,
                               wb, self.dw_ih, self.dw_hh, db, dx.reshape(rows, I), work, nlanes,
                               grid.rows, desc, init)
         if self.dpeep is not None:
             self._add_peepholes(grid, g, d2, desc, init)
         return dx
+
+    def overlap(self, grid, t, B, I):
+        """The work table for :func:`~fastgates._lstm.lstm_backward_overlapped`, else None.
+
+        For an LSTM whose batch is one chunk (threads idle in the kernel),
+        over ``t`` steps holding two blocks or more, where
+        :meth:`add_side_by_side` would run (two threads or more, the input
+        side's products unsplit).
+        """
+        dr = self.dir
+        if B > dr.chunk or t * B <= grid.rows:
+            return None
+        plan = self._cached_plan(grid, t, B, I)
+        return None if plan is False else plan
+
+    def overlapped_products(self, grid, layer_in, plan):
+        """What :func:`~fastgates._lstm.lstm_backward_overlapped` takes after
+        the kernel's own arguments, and the input gradient it fills."""
+        dr = self.dir
+        t, B, I = layer_in.shape
+        work, _, dx_tiles = plan
+        dtype = dr.dtype
+        init, self.first = self.first, False
+        dx = np.empty((t, B, I), dtype=dtype)
+        wb = dr._blocks("wih_b", column_blocks, dr.w_ih) if dx_tiles else _empty3(dtype)
+        db = _empty1(dtype) if self.db_ih is None else self.db_ih
+        args = (layer_in.reshape(t * B, I), dr.w_ih, wb, self.dw_ih, self.dw_hh, db,
+                dx.reshape(t * B, I), work, grid.rows, init)
+        return args, dx, init
+
+    def _cached_plan(self, grid, t, B, I):
+        dr = self.dir
+        if dr.cell != "lstm":
+            return False
+        key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B,
+               _config.get_num_threads())
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= 4096:
+                _PLANS.clear()
+            plan = _PLANS[key] = self._plan(grid, t * B, I)
+        return plan
 
     def _plan(self, grid, rows, I):
         """The work table of :meth:`add_side_by_side` for ``rows`` rows, else False."""
@@ -680,10 +744,10 @@ def checkpoint_interval(every, T, B):
     """The checkpoint interval used for a request of ``every`` steps.
 
     ``every`` rounded up to a whole number of blocks of the products over
-    time (:func:`block_steps`: ``ceil(1024 / B)`` steps), and to at most
-    ``T`` in blocks.
+    time (:func:`block_steps`: ``ceil(1024 / B)`` steps, fewer at B = 1),
+    and to at most ``T`` in blocks.
     """
-    steps = block_steps(B)
+    steps = block_steps(T, B)
     interval = -(-every // steps) * steps
     return min(interval, -(-T // steps) * steps)
 
@@ -804,12 +868,14 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                     seg_in = tape.inputs[layer]
                     kept = (tape.gates[k], tape.aux[k], tape.pre[k], tape.outputs[layer], d * H,
                             tape.h0[k], tape.c0[k] if lstm else None, tape.lengths)
-                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, *kept)
-                del kept
-                dh, dc = g.dh0, g.dc0
                 if acc is None:
                     acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
-                part = acc.add_side_by_side(grid, g, seg_in)
+                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, *kept, grid, acc, seg_in)
+                del kept
+                dh, dc = g.dh0, g.dc0
+                part = g.dx
+                if part is None:
+                    part = acc.add_side_by_side(grid, g, seg_in)
                 if part is None:
                     acc.add_input(grid, g, seg_in)
                     part = dr.input_grad(grid, g.dgx)

@@ -463,34 +463,58 @@ def test_gradients_depend_on_the_pool_size_only_for_split_products(determinism_r
                 assert determinism_runs[pool][key] == value, (pool, key)
 
 
-def test_backward_products_side_by_side_give_the_bits_of_one_thread():
+def test_backward_products_side_by_side_give_the_bits_of_one_thread(monkeypatch):
     # On two or more threads an LSTM's small backward products run side by
-    # side (_WeightGrads.add_side_by_side); on one, one after another.  The
-    # gradients are the same bits, with peepholes, without biases, stacked
-    # and bidirectional, checkpointed, with lengths, tiles or OpenBLAS.
+    # side (_WeightGrads.add_side_by_side) or, when the batch is one chunk
+    # (B = 1) and the steps make two blocks or more, block by block beside
+    # the kernel (lstm_backward_overlapped); on one thread, one after
+    # another.  The gradients are the same bits, with peepholes, without
+    # biases, stacked and bidirectional (a reverse direction completes the
+    # blocks first to last), checkpointed, with lengths, tiles or OpenBLAS.
     import numba
+
+    from fastgates import _recurrent
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs a pool of two threads")
+    overlapped = []
+    kernel = _recurrent.lstm_backward_overlapped
+
+    def spy(*args):
+        overlapped.append(fg.get_num_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(_recurrent, "lstm_backward_overlapped", spy)
     rng = np.random.default_rng(12)
     threads = fg.get_num_threads()
-    cases = [dict(shape=(100, 1, 32, 64)), dict(shape=(300, 1, 8, 32), peephole=True),
+    cases = [dict(shape=(100, 1, 32, 64), overlap=True),
+             dict(shape=(300, 1, 8, 32), peephole=True, overlap=True),
+             dict(shape=(70, 1, 64, 16), bidirectional=True, num_layers=2, lengths=True,
+                  overlap=True),
+             dict(shape=(200, 1, 6, 24), checkpoint=50, bias=False, dtype=np.float64,
+                  overlap=True),
              dict(shape=(9, 5, 70, 64), num_layers=2, bidirectional=True, checkpoint=4),
              dict(shape=(20, 3, 6, 16), bias=False, lengths=True, dtype=np.float64)]
     try:
         for case in cases:
             T, B, I, H = case.pop("shape")
-            lengths = np.arange(B) % T + 1 if case.pop("lengths", False) else None
+            lengths = np.arange(B) % T + 1 if B > 1 and case.get("lengths") else None
+            if B == 1 and case.get("lengths"):
+                lengths = np.array([T - 5])
+            case.pop("lengths", None)
             checkpoint = case.pop("checkpoint", None)
             dtype = case.pop("dtype", np.float32)
+            overlap = case.pop("overlap", False)
             m = fg.LSTM(I, H, dtype=dtype, seed=4, **case)
             x = rng.standard_normal((T, B, I)).astype(dtype)
             grads = []
             for n in (1, 2):
                 fg.set_num_threads(n)
+                overlapped.clear()
                 (y, s), pullback = m.vjp(x, lengths=lengths, checkpoint=checkpoint)
                 grads.append(pullback(np.cos(y)))
+                assert overlapped == ([2] * len(overlapped) if overlap and n == 2 else [])
+                assert bool(overlapped) == (overlap and n == 2), (T, B, I, H, n)
             assert_bitwise(grads[0], grads[1])
-            from fastgates import _recurrent
             plans = [p for k, p in _recurrent._PLANS.items() if k[2] == I and k[1] == H
                      and (k[5], k[7]) == (T, B)]
             assert any(p is not False for p in plans), (T, B, I, H)

@@ -1,7 +1,9 @@
 """The compiled matrix products against NumPy."""
 
+import numba
 import numpy as np
 import pytest
+from numba import prange
 
 from _tolerances import assert_close
 from fastgates import _linalg
@@ -183,6 +185,50 @@ def test_products_side_by_side_give_the_bits_of_one_after_another(dtype, M, G, I
                                               lanes, 16, True, init)
                 for got, want in zip(out + [dx], ref + [ref_dx]):
                     assert got.tobytes() == want.tobytes(), (init, nhh, lanes, tiles)
+
+
+@numba.njit(parallel=True)
+def _hand_over(values):
+    # Two tasks: the first to start writes values[s] = s + 1 step by step and
+    # publishes the count; the other waits for each value and sums them.
+    n = values.shape[0]
+    progress = np.zeros(2, dtype=np.int64)
+    roles = np.zeros(2, dtype=np.int64)
+    total = np.zeros(1, dtype=np.int64)
+    for lane in prange(2):
+        role = _linalg.atomic_add(progress, 0, 1)
+        roles[lane] = role
+        if role == 0:
+            for s in range(n):
+                values[s] = s + 1
+                _linalg.atomic_store(progress, 1, s + 1)
+        else:
+            for s in range(n):
+                while _linalg.atomic_load(progress, 1) < s + 1:
+                    pass
+                total[0] += values[s]
+    return total[0], roles
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_count_published_by_one_task_hands_its_writes_to_the_other(threads):
+    # What lstm_backward_overlapped relies on: one task takes the first role
+    # whatever the threads (on one thread the maker runs first, nobody
+    # waits), and a value written before its count is published is seen by
+    # the task that sees the count.
+    saved = numba.get_num_threads()
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("needs a pool of two threads")
+    numba.set_num_threads(threads)
+    try:
+        for _ in range(20):
+            n = 200_000
+            values = np.zeros(n, dtype=np.int64)       # zeros: a value read early is lost
+            total, roles = _hand_over(values)
+            assert total == n * (n + 1) // 2
+            assert sorted(roles) == [0, 1]
+    finally:
+        numba.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
