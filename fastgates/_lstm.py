@@ -12,8 +12,11 @@ product done before the kernel (``xw``) or made inside it, a block of steps
 at a time, by each chunk for its own rows (``x``, ``wih_tb``): then it is
 read back from the cache instead of from memory.  Either way each row is
 the same sum (the register tiles of :mod:`~fastgates._linalg`), so the bits
-do not change.  The weight gradients are matrix products after the backward
-kernel, over all steps at once, from the pre-activation gradients it stores.
+do not change.  The weight gradients are matrix products over time of the
+pre-activation gradients the backward kernel stores: after the kernel, or,
+when the batch is one chunk (B = 1: every thread but one would wait),
+block by block on a second thread while the kernel makes the next blocks
+(:func:`lstm_backward_overlapped`).
 
 Parallelism: the batch is cut into fixed-size chunks, one ``prange``
 iteration each, and the whole time loop runs inside a chunk, so threads never
@@ -394,7 +397,7 @@ def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0,
     dg = dgates.reshape(rows, G)
     hp = hprev.reshape(rows, hprev.shape[2])
     progress = np.zeros(2, dtype=np.int64)   # tasks started, steps done
-    for lane in prange(2):
+    for _task in prange(2):
         if atomic_add(progress, 0, 1) == 0:
             _backward_rows(0, B, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
                            reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
