@@ -34,7 +34,8 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import atomic_add, atomic_load, atomic_store, dot_blocked, product_piece, project_steps
+from ._linalg import (atomic_add, atomic_load, atomic_store, dot_blocked, product_piece, project,
+                      project_steps)
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -240,51 +241,109 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         clipping.
     """
     fused = xw.shape[0] == 0
-    T = x.shape[0] if fused else xw.shape[0]
     B, H = h0.shape
-    G = 4 * H
-    keep = gates.shape[0] > 0
-    keep_pre = pre.shape[0] > 0
-    nopre = np.empty(0, dtype=pre.dtype)
-    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
-        nb = b1 - b0
-        h = np.empty((nb, H), dtype=h0.dtype)
-        c = np.empty((nb, H), dtype=h0.dtype)
-        acc = np.empty((nb, G), dtype=h0.dtype)
-        tc = np.empty(H, dtype=h0.dtype)
-        xwb = np.empty((block if fused else 0, nb, G), dtype=h0.dtype)
-        h[:] = h0[b0:b1]
-        c[:] = c0[b0:b1]
-        t_lo = 0
-        for s in range(T):
-            t = T - 1 - s if reverse else s
-            if fused and s % block == 0:
-                t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
-            dot_blocked(h, whh_tb, acc)
-            for r in range(nb):
-                b = b0 + r
-                xwr = xwb[t - t_lo, r] if fused else xw[t, b]
-                if t >= lengths[b]:
-                    y[t, b, ycol:ycol + H] = 0.0
-                    if keep:
-                        gates[t, b, :] = 0.0
-                        cs[t, b, :] = 0.0
-                    continue
-                if variant:
-                    _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
-                                       pre[t, b] if keep_pre else nopre, fast)
-                else:
-                    _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
-                y[t, b, ycol:ycol + H] = h[r]
+        scratch = _forward_scratch(b1 - b0, H, block if fused else 0, h0.dtype)
+        _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
+                      fast, y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch,
+                      np.empty(0, dtype=np.int64))
+
+
+@jit(parallel=True)
+def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
+                            y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre):
+    """:func:`lstm_forward` of a batch that is one chunk, with the input
+    projection made by a second task, ``block`` steps at a time in reading
+    order, into ``xw`` (T, B, 4H), while the recurrence reads the blocks
+    made before.
+
+    Each row of the projection is its own sum (:func:`~fastgates._linalg.project`):
+    the same bits as the projection made inside the kernel or before it.
+    The first task to start makes the projection; on one thread it runs
+    first and nothing waits.
+    """
+    B, H = h0.shape
+    scratch = _forward_scratch(B, H, 0, h0.dtype)
+    progress = np.zeros(2, dtype=np.int64)   # tasks started, steps projected
+    for _task in prange(2):
+        if atomic_add(progress, 0, 1) == 0:
+            T = x.shape[0]
+            for s in range(0, T, block):
+                n = min(block, T - s)
+                t_lo = T - s - n if reverse else s
+                project(x[t_lo:t_lo + n].reshape(n * B, x.shape[2]), wih_tb, bias,
+                        xw[t_lo:t_lo + n].reshape(n * B, xw.shape[2]))
+                atomic_store(progress, 1, s + n)
+        else:
+            _forward_rows(0, B, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
+                          fast, y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch,
+                          progress)
+
+
+@jit()
+def _forward_scratch(nb, H, block, dtype):
+    """A chunk's scratch: ``h``, ``c`` (nb, H), ``acc`` (nb, 4H), ``tc`` (H,),
+    ``xwb`` (block, nb, 4H) for the projection made inside, ``nopre`` (0,)."""
+    return (np.empty((nb, H), dtype=dtype), np.empty((nb, H), dtype=dtype),
+            np.empty((nb, 4 * H), dtype=dtype), np.empty(H, dtype=dtype),
+            np.empty((block, nb, 4 * H), dtype=dtype), np.empty(0, dtype=dtype))
+
+
+@jit()
+def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
+                  y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch, progress):
+    """The time loop of rows ``b0:b1`` (see :func:`lstm_forward`).
+
+    ``scratch`` from :func:`_forward_scratch`.  With ``xw`` empty the
+    projection is made here, ``block`` steps at a time.  When ``progress``
+    has elements, another task is filling ``xw``: before each ``block``
+    steps the loop waits until ``progress[1]`` (steps projected, an atomic
+    load) covers them.
+    """
+    fused = xw.shape[0] == 0
+    T = x.shape[0] if fused else xw.shape[0]
+    H = h0.shape[1]
+    keep = gates.shape[0] > 0
+    keep_pre = pre.shape[0] > 0
+    variant = peep.shape[0] > 0 or coupled or clip < np.inf
+    wait = progress.shape[0] > 0
+    nb = b1 - b0
+    h, c, acc, tc, xwb, nopre = scratch
+    h[:] = h0[b0:b1]
+    c[:] = c0[b0:b1]
+    t_lo = 0
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if fused and s % block == 0:
+            t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
+        if wait and s % block == 0:
+            need = min(T, s + block)
+            while atomic_load(progress, 1) < need:
+                pass
+        dot_blocked(h, whh_tb, acc)
+        for r in range(nb):
+            b = b0 + r
+            xwr = xwb[t - t_lo, r] if fused else xw[t, b]
+            if t >= lengths[b]:
+                y[t, b, ycol:ycol + H] = 0.0
                 if keep:
-                    gates[t, b, :] = acc[r]
-                    cs[t, b, :] = c[r]
-        hn[b0:b1] = h
-        cn[b0:b1] = c
+                    gates[t, b, :] = 0.0
+                    cs[t, b, :] = 0.0
+                continue
+            if variant:
+                _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
+                                   pre[t, b] if keep_pre else nopre, fast)
+            else:
+                _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
+            y[t, b, ycol:ycol + H] = h[r]
+            if keep:
+                gates[t, b, :] = acc[r]
+                cs[t, b, :] = c[r]
+    hn[b0:b1] = h
+    cn[b0:b1] = c
 
 
 @jit()

@@ -23,7 +23,7 @@ from ._linalg import (WORK_DB, WORK_DW_HH, WORK_DW_IH, WORK_DX, colsum, column_b
                       panel_width, products_side_by_side, project, project_parallel,
                       weight_product, weight_product_tiles)
 from ._gru import gru_backward, gru_forward
-from ._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward
+from ._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward, lstm_forward_overlapped
 
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
@@ -174,6 +174,10 @@ ROWS_PER_BLOCK = 1024
 # threads (100, 1, 512, 512) 16 steps 1.01x).
 OVERLAP_BLOCKS = 8
 OVERLAP_MIN_STEPS = 16
+# In the forward pass of such a batch the second thread makes the input
+# projection ahead of the recurrence, this many steps at a time
+# (lstm_forward_overlapped).
+OVERLAP_PROJECT_STEPS = 16
 
 
 def block_steps(T, batch):
@@ -361,9 +365,18 @@ class _Direction:
             if cn is None:
                 cn = np.empty((B, H), dtype=dtype)
             whh_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
-            lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, self.rev,
-                         self.chunk, self.fast, y, ycol, hn, cn, gates, aux, self.peep,
-                         self.variant.coupled, self.clip, pre)
+            if xw.shape[0] == 0 and B <= self.chunk and t > OVERLAP_PROJECT_STEPS \
+                    and _config.get_num_threads() > 1:
+                # one chunk: the idle thread makes the projection ahead of it
+                _config.kernel_threads(2)
+                lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
+                                        np.empty((t, B, G), dtype=dtype), whh_tb, h0, c0,
+                                        lengths, self.rev, self.fast, y, ycol, hn, cn, gates,
+                                        aux, self.peep, self.variant.coupled, self.clip, pre)
+            else:
+                lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, self.rev,
+                             self.chunk, self.fast, y, ycol, hn, cn, gates, aux, self.peep,
+                             self.variant.coupled, self.clip, pre)
         else:
             cn = None
             if self.reset_after:
@@ -551,7 +564,7 @@ class _WeightGrads:
         dr = self.dir
         if dr.cell != "lstm":
             return False
-        key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B,
+        key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B, grid.rows,
                _config.get_num_threads())
         plan = _PLANS.get(key)
         if plan is None:

@@ -467,8 +467,10 @@ def test_backward_products_side_by_side_give_the_bits_of_one_thread(monkeypatch)
     # On two or more threads an LSTM's small backward products run side by
     # side (_WeightGrads.add_side_by_side) or, when the batch is one chunk
     # (B = 1) and the steps make two blocks or more, block by block beside
-    # the kernel (lstm_backward_overlapped); on one thread, one after
-    # another.  The gradients are the same bits, with peepholes, without
+    # the kernel (lstm_backward_overlapped), and the forward kernel's input
+    # projection is made ahead of it by the other thread
+    # (lstm_forward_overlapped); on one thread, one after another.  The
+    # outputs and gradients are the same bits, with peepholes, without
     # biases, stacked and bidirectional (a reverse direction completes the
     # blocks first to last), checkpointed, with lengths, tiles or OpenBLAS.
     import numba
@@ -477,13 +479,18 @@ def test_backward_products_side_by_side_give_the_bits_of_one_thread(monkeypatch)
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs a pool of two threads")
     overlapped = []
-    kernel = _recurrent.lstm_backward_overlapped
 
-    def spy(*args):
-        overlapped.append(fg.get_num_threads())
-        return kernel(*args)
+    def spy(name):
+        kernel = getattr(_recurrent, name)
 
-    monkeypatch.setattr(_recurrent, "lstm_backward_overlapped", spy)
+        def call(*args):
+            overlapped.append((name, fg.get_num_threads()))
+            return kernel(*args)
+
+        monkeypatch.setattr(_recurrent, name, call)
+
+    spy("lstm_forward_overlapped")
+    spy("lstm_backward_overlapped")
     rng = np.random.default_rng(12)
     threads = fg.get_num_threads()
     cases = [dict(shape=(100, 1, 32, 64), overlap=True),
@@ -511,9 +518,11 @@ def test_backward_products_side_by_side_give_the_bits_of_one_thread(monkeypatch)
                 fg.set_num_threads(n)
                 overlapped.clear()
                 (y, s), pullback = m.vjp(x, lengths=lengths, checkpoint=checkpoint)
-                grads.append(pullback(np.cos(y)))
-                assert overlapped == ([2] * len(overlapped) if overlap and n == 2 else [])
-                assert bool(overlapped) == (overlap and n == 2), (T, B, I, H, n)
+                grads.append((y, s, pullback(np.cos(y))))
+                kernels = {name for name, threads in overlapped if threads == 2}
+                want = {"lstm_forward_overlapped", "lstm_backward_overlapped"}
+                assert kernels == (want if overlap and n == 2 else set()), (T, B, I, H, n)
+                assert len(kernels) == len(set(overlapped))
             assert_bitwise(grads[0], grads[1])
             plans = [p for k, p in _recurrent._PLANS.items() if k[2] == I and k[1] == H
                      and (k[5], k[7]) == (T, B)]
