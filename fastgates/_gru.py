@@ -26,7 +26,7 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import dot_blocked, project_steps
-from ._lstm import _clip, _inside
+from ._lstm import _clip, _copy, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
 
@@ -197,11 +197,11 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                 for j in range(H):
                     z = a[H + j]
                     hr[j] = (one_ - z) * n[j] + z * hr[j]
-                y[t, b, ycol:ycol + H] = hr
+                _copy(y[t, b, ycol:ycol + H], hr)
                 if keep:
-                    gates[t, b, : 2 * H] = a[: 2 * H]
-                    gates[t, b, 2 * H:] = n
-                    hlin[t, b, :] = lin
+                    _copy(gates[t, b, : 2 * H], a[: 2 * H])
+                    _copy(gates[t, b, 2 * H:], n)
+                    _copy(hlin[t, b], lin)
         hn[b0:b1] = h
 
 
@@ -274,9 +274,9 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 tp = t + 1 if reverse else t - 1
                 hp = hprev[t, b]
                 if first:
-                    hp[:] = h0[b]
+                    _copy(hp, h0[b])
                 else:
-                    hp[:] = y[tp, b, ycol:ycol + H]
+                    _copy(hp, y[tp, b, ycol:ycol + H])
                 g = gates[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
                 gx = dgx[t, b]

@@ -41,6 +41,18 @@ from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fas
 
 
 @jit()
+def _copy(dst, src):
+    """``dst[:] = src`` for vectors of one length, not overlapping.
+
+    A plain loop: the slice assignment checks the two for overlap and
+    measured 0.06 us a step for the kept gates and cell state of an LSTM
+    with H = 32 (a fifth of its forward step at B = 1).
+    """
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@jit()
 def _cell_step(a, xw, c, h, tc, fast):
     """One LSTM step of one sequence, in place.
 
@@ -338,10 +350,10 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
                                    pre[t, b] if keep_pre else nopre, fast)
             else:
                 _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
-            y[t, b, ycol:ycol + H] = h[r]
+            _copy(y[t, b, ycol:ycol + H], h[r])
             if keep:
-                gates[t, b, :] = acc[r]
-                cs[t, b, :] = c[r]
+                _copy(gates[t, b], acc[r])
+                _copy(cs[t, b], c[r])
     hn[b0:b1] = h
     cn[b0:b1] = c
 
@@ -522,10 +534,10 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
             tp = t + 1 if reverse else t - 1
             if first:
                 cp = c0[b]
-                hprev[t, b, :] = h0[b]
+                _copy(hprev[t, b], h0[b])
             else:
                 cp = cs[tp, b]
-                hprev[t, b, :] = y[tp, b, ycol:ycol + H]
+                _copy(hprev[t, b], y[tp, b, ycol:ycol + H])
             if keep_cprev:
                 cprev[t, b, :] = cp
             if variant:
@@ -539,7 +551,7 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
         for r in range(nb):
             # A padded step passes the state's gradient through untouched.
             if t < lengths[b0 + r]:
-                dh[r, :] = dhrec[r, :]
+                _copy(dh[r], dhrec[r])
         if publish:
             atomic_store(progress, 1, s + 1)
     dh0[b0:b1] = dh
