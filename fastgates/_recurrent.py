@@ -164,14 +164,15 @@ PROJECT_MAX_WEIGHT_BYTES = 4 << 20
 # is taken in blocks of whole steps, about this many rows (steps x batch)
 # each: see _Grid.
 ROWS_PER_BLOCK = 1024
-# ... but where the batch is one chunk and the pool has more threads (B = 1),
-# a sequence is cut into about OVERLAP_BLOCKS blocks of at least
-# OVERLAP_MIN_STEPS steps, so that a second thread can take the products of
-# each block while the backward kernel makes the next ones
-# (lstm_backward_overlapped).  Smaller blocks cost nothing measurable
-# (float32 training on one thread, 1024-row blocks -> these: (100, 1, 32,
-# 64) 16 steps 1.02x the time, (1000, 1, 8, 32) 128 steps 0.89x; two
-# threads (100, 1, 512, 512) 16 steps 1.01x).
+# ... but a batch of one sequence (one chunk, whatever the pool) is cut into
+# about OVERLAP_BLOCKS blocks of at least OVERLAP_MIN_STEPS steps, so that
+# a second thread can take the products of each block while the backward
+# kernel makes the next ones (lstm_backward_overlapped).  The same on one
+# thread and in a pool of one, so that the sums, and the bits, do not depend
+# on the pool.  Smaller blocks cost nothing measurable (float32 training on
+# one thread, 1024-row blocks -> these: (100, 1, 32, 64) 16 steps 1.02x the
+# time, (1000, 1, 8, 32) 128 steps 0.89x; two threads (100, 1, 512, 512)
+# 16 steps 1.01x).
 OVERLAP_BLOCKS = 8
 OVERLAP_MIN_STEPS = 16
 # In the forward pass of such a batch the second thread makes the input
@@ -183,7 +184,7 @@ OVERLAP_PROJECT_STEPS = 16
 def block_steps(T, batch):
     """Steps per block of the products over time, for ``T`` steps of a batch of ``batch``."""
     steps = max(1, -(-ROWS_PER_BLOCK // batch))
-    if _chunk_size(batch) >= batch and _pool_size() > 1:
+    if batch == 1:
         steps = min(steps, max(OVERLAP_MIN_STEPS, -(-T // OVERLAP_BLOCKS)))
     return steps
 

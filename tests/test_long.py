@@ -111,15 +111,14 @@ def test_checkpointing_changes_no_bit_with_split_products(kind, dtype):
 def test_checkpoint_interval_is_rounded_to_whole_blocks():
     assert _recurrent.block_steps(100_000, 16) == 64
     assert _recurrent.block_steps(100_000, 3000) == 1
-    # One sequence: about eight blocks of at least 16 steps when the pool has
-    # threads to overlap the backward products with the kernel.
+    # One sequence: about eight blocks of at least 16 steps (so that a
+    # second thread can overlap the backward products with the kernel),
+    # whatever the pool.
     assert _recurrent.block_steps(100_000, 1) == 1024
-    if _recurrent._pool_size() > 1:
-        assert _recurrent.block_steps(1000, 1) == 125
-        assert _recurrent.block_steps(100, 1) == 16
-        assert _recurrent.checkpoint_interval(20, 100, 1) == 32
-    else:
-        assert _recurrent.block_steps(1000, 1) == 1024
+    assert _recurrent.block_steps(1000, 1) == 125
+    assert _recurrent.block_steps(100, 1) == 16
+    assert _recurrent.block_steps(100, 2) == 512
+    assert _recurrent.checkpoint_interval(20, 100, 1) == 32
     assert _recurrent.checkpoint_interval(100, 100_000, 1) == 1024
     assert _recurrent.checkpoint_interval(1025, 100_000, 1) == 2048
     assert _recurrent.checkpoint_interval(64, 1000, 16) == 64
