@@ -702,6 +702,13 @@ def atomic_store(typingctx, arr, i, v):
     return types.void(arr, types.intp, types.int64), codegen
 
 
+@jit()
+def wait_until(progress, i, need):
+    """Spin until ``progress[i]`` (read by :func:`atomic_load`) is at least ``need``."""
+    while atomic_load(progress, i) < need:
+        pass
+
+
 # The products of the backward pass of one layer-direction (LSTM): kinds of
 # work in products_side_by_side's table.
 WORK_DW_IH, WORK_DW_HH, WORK_DX, WORK_DB = 0, 1, 2, 3

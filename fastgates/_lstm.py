@@ -34,8 +34,8 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import (atomic_add, atomic_load, atomic_store, dot_blocked, product_piece, project,
-                      project_steps)
+from ._linalg import (atomic_add, atomic_store, dot_blocked, product_piece, project, project_steps,
+                      wait_until)
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -332,9 +332,7 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
         if fused and s % block == 0:
             t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
         if wait and s % block == 0:
-            need = min(T, s + block)
-            while atomic_load(progress, 1) < need:
-                pass
+            wait_until(progress, 1, min(T, s + block))
         dot_blocked(h, whh_tb, acc)
         for r in range(nb):
             b = b0 + r
@@ -477,9 +475,7 @@ def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0,
             for jj in range(nblk):
                 j = jj if reverse else nblk - 1 - jj
                 # the steps the recurrence has made when block j is complete
-                need = min(T, (j + 1) * steps) if reverse else T - j * steps
-                while atomic_load(progress, 1) < need:
-                    pass
+                wait_until(progress, 1, min(T, (j + 1) * steps) if reverse else T - j * steps)
                 r0 = j * block_rows
                 r1 = min(rows, r0 + block_rows)
                 for u in range(work.shape[0]):

@@ -517,17 +517,13 @@ class _WeightGrads:
             return None
         work, nlanes, dx_tiles = plan
         rows = t * B
-        dtype = dr.dtype
         desc = not dr.rev
-        init, self.first = self.first, False
-        dx = np.empty((t, B, I), dtype=dtype)
-        wb = dr._blocks("wih_b", column_blocks, dr.w_ih) if dx_tiles else _empty3(dtype)
+        x2, wb, db, dx, init = self._operands(layer_in, dx_tiles)
         d2 = g.dgx.reshape(rows, G)
-        db = _empty1(dtype) if self.db_ih is None else self.db_ih
         _config.kernel_threads(nlanes)
-        products_side_by_side(d2, layer_in.reshape(rows, I), g.hprev.reshape(rows, dr.H), dr.w_ih,
-                              wb, self.dw_ih, self.dw_hh, db, dx.reshape(rows, I), work, nlanes,
-                              grid.rows, desc, init)
+        products_side_by_side(d2, x2, g.hprev.reshape(rows, dr.H), dr.w_ih, wb, self.dw_ih,
+                              self.dw_hh, db, dx.reshape(rows, I), work, nlanes, grid.rows, desc,
+                              init)
         if self.dpeep is not None:
             self._add_peepholes(grid, g, d2, desc, init)
         return dx
@@ -549,17 +545,27 @@ class _WeightGrads:
     def overlapped_products(self, grid, layer_in, plan):
         """What :func:`~fastgates._lstm.lstm_backward_overlapped` takes after
         the kernel's own arguments, and the input gradient it fills."""
+        work, _, dx_tiles = plan
+        x2, wb, db, dx, init = self._operands(layer_in, dx_tiles)
+        args = (x2, self.dir.w_ih, wb, self.dw_ih, self.dw_hh, db, dx.reshape(x2.shape), work,
+                grid.rows, init)
+        return args, dx, init
+
+    def _operands(self, layer_in, dx_tiles):
+        """The operands of the products of a run of blocks taken together.
+
+        ``(x, wb, db, dx, init)``: the layer input as (rows, I), ``W_ih`` in
+        column blocks when the tiles make ``dx`` (else empty), the bias
+        gradient (empty without biases), a new ``dx`` (t, B, I), and whether
+        these are the first blocks (which overwrite the sums).
+        """
         dr = self.dir
         t, B, I = layer_in.shape
-        work, _, dx_tiles = plan
         dtype = dr.dtype
         init, self.first = self.first, False
-        dx = np.empty((t, B, I), dtype=dtype)
         wb = dr._blocks("wih_b", column_blocks, dr.w_ih) if dx_tiles else _empty3(dtype)
         db = _empty1(dtype) if self.db_ih is None else self.db_ih
-        args = (layer_in.reshape(t * B, I), dr.w_ih, wb, self.dw_ih, self.dw_hh, db,
-                dx.reshape(t * B, I), work, grid.rows, init)
-        return args, dx, init
+        return layer_in.reshape(t * B, I), wb, db, np.empty((t, B, I), dtype=dtype), init
 
     def _cached_plan(self, grid, t, B, I):
         dr = self.dir
