@@ -361,15 +361,16 @@ class _Direction:
         pre = np.empty((t, B, G), dtype=dtype) if keep and self.clipping else _empty3(dtype)
         if hn is None:
             hn = np.empty((B, H), dtype=dtype)
-        _config.kernel_threads(-(-B // self.chunk))
+        # one chunk: an idle thread makes the projection ahead of the recurrence
+        overlap = self.cell == "lstm" and xw.shape[0] == 0 and B <= self.chunk \
+            and t > OVERLAP_PROJECT_STEPS and _config.get_num_threads() > 1
+        # Set once (each change costs about 1.6 us).
+        _config.kernel_threads(2 if overlap else -(-B // self.chunk))
         if self.cell == "lstm":
             if cn is None:
                 cn = np.empty((B, H), dtype=dtype)
             whh_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
-            if xw.shape[0] == 0 and B <= self.chunk and t > OVERLAP_PROJECT_STEPS \
-                    and _config.get_num_threads() > 1:
-                # one chunk: the idle thread makes the projection ahead of it
-                _config.kernel_threads(2)
+            if overlap:
                 lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
                                         np.empty((t, B, G), dtype=dtype), whh_tb, h0, c0,
                                         lengths, self.rev, self.fast, y, ycol, hn, cn, gates,
@@ -406,7 +407,6 @@ class _Direction:
         g.hprev = np.empty((t, B, H), dtype=dtype)
         g.dgx = np.empty((t, B, G), dtype=dtype)
         g.dh0 = np.empty((B, H), dtype=dtype)
-        _config.kernel_threads(-(-B // self.chunk))
         if self.cell == "lstm":
             g.dc0 = np.empty((B, H), dtype=dtype)
             whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
@@ -414,12 +414,13 @@ class _Direction:
             g.cs = aux
             plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
             args = (dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths, self.rev)
+            # Set once (each change costs about 1.6 us).
+            _config.kernel_threads(-(-B // self.chunk) if plan is None else 2)
             if plan is None:
                 lstm_backward(*args, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
                               self.peep, self.variant.coupled, self.clip, pre, g.cprev)
             else:
                 products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
-                _config.kernel_threads(2)
                 lstm_backward_overlapped(*args, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
                                          self.peep, self.variant.coupled, self.clip, pre,
                                          g.cprev, *products)
@@ -431,6 +432,7 @@ class _Direction:
             # The recurrent side's gradient is made from dgx in place, once
             # dgx has served the input side (_WeightGrads.add_recurrent).
             g.gates = gates
+            _config.kernel_threads(-(-B // self.chunk))
             if self.reset_after:
                 wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
                 rhprev = _empty3(dtype)
