@@ -259,6 +259,9 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         for s in range(T):
             t = s if reverse else T - 1 - s
             # Phase 1: everything that does not need the recurrent product.
+            # Loops that LLVM vectorises: each writes one array (a loop
+            # writing dgx and da, reading dgx at other offsets, ran scalar:
+            # 1.14 against 0.29 ns a hidden unit split in two).
             for r in range(nb):
                 b = b0 + r
                 n_ = lengths[b]
@@ -280,37 +283,42 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 g = gates[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
                 gx = dgx[t, b]
-                lin = hlin[t, b]
                 dar = da[r]
+                dhr = dh[r]
                 for j in range(H):
-                    rg = g[j]
                     z = g[H + j]
                     nn = g[2 * H + j]
-                    dht = dh[r, j] + dyt[j]
-                    dhz[r, j] = dht * z
+                    dht = dhr[j] + dyt[j]
                     daz = dht * (hp[j] - nn) * z * (one_ - z)
                     dn = dht * (one_ - z) * (one_ - nn * nn)
                     if clipping:
                         daz *= _inside(pre[t, b, H + j], clip)
                         dn *= _inside(pre[t, b, 2 * H + j], clip)
-                    dan[r, j] = dn
-                    dar[H + j] = daz
                     gx[H + j] = daz
                     gx[2 * H + j] = dn
+                dzr = dhz[r]
+                for j in range(H):
+                    dzr[j] = (dhr[j] + dyt[j]) * g[H + j]
                 if reset_after:
+                    lin = hlin[t, b]
                     for j in range(H):
                         rg = g[j]
-                        dn = dan[r, j]
-                        d_r = dn * lin[j] * rg * (one_ - rg)
+                        d_r = gx[2 * H + j] * lin[j] * rg * (one_ - rg)
                         if clipping:
                             d_r *= _inside(pre[t, b, j], clip)
-                        dar[j] = d_r
-                        dar[2 * H + j] = dn * rg
                         gx[j] = d_r
+                    # the recurrent product's operand: r and z parts as
+                    # dgx's, the n part times r
+                    for j in range(H):
+                        dar[j] = gx[j]
+                        dar[H + j] = gx[H + j]
+                        dar[2 * H + j] = gx[2 * H + j] * g[j]
                 else:
                     rhp = rhprev[t, b]
                     for j in range(H):
                         rhp[j] = g[j] * hp[j]
+                    _copy(dar[H:], gx[H:2 * H])
+                    _copy(dan[r], gx[2 * H:])
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
                 dot_blocked(dan, wn_b, drh)
@@ -322,14 +330,15 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     hp = hprev[t, b]
                     gx = dgx[t, b]
                     dar = da[r]
+                    drr = drh[r]
                     for j in range(H):
                         rg = g[j]
-                        d_r = drh[r, j] * hp[j] * rg * (one_ - rg)
+                        d_r = drr[j] * hp[j] * rg * (one_ - rg)
                         if clipping:
                             d_r *= _inside(pre[t, b, j], clip)
-                        dar[j] = d_r
                         gx[j] = d_r
-                        dhz[r, j] += drh[r, j] * rg
+                        dar[j] = d_r
+                        dhz[r, j] += drr[j] * rg
             dot_blocked(da, wa_b, dhrec)
             for r in range(nb):
                 if t < lengths[b0 + r]:
