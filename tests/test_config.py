@@ -40,6 +40,34 @@ def test_thread_count_not_an_integer(bad, restore_threads):
         fg.set_num_threads(bad)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs a pool of two threads")
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_equal_calls_at_b1_leave_numbas_thread_count_alone(cell, restore_threads, monkeypatch):
+    # Each change of Numba's thread count costs about 1.6 us, a few percent
+    # of a tiny training step: at B = 1 a run of equal calls (an optimiser's
+    # loop) sets it once.  The LSTM runs its overlapped kernels there (two
+    # tasks) beside nothing else; the GRU runs on one.  (From B = 2 up the
+    # kernels take two threads and small products after them one: those
+    # calls still switch.)
+    fg.set_num_threads(2)
+    m = getattr(fg, cell)(3, 8, seed=0)
+    x = np.ones((40, 1, 3), np.float32)
+    dy = np.ones((40, 1, 8), np.float32)
+
+    def step():
+        (y, _), pullback = m.vjp(x)
+        pullback(dy)
+        m(x)
+
+    step()
+    calls = []
+    real = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    for _ in range(3):
+        step()
+    assert calls == []
+
+
 def test_user_blas_settings_are_restored():
     # fastgates runs every BLAS pool single-threaded while it computes, then
     # gives back whatever the user had set.
