@@ -407,15 +407,16 @@ class _Direction:
         g.hprev = np.empty((t, B, H), dtype=dtype)
         g.dgx = np.empty((t, B, G), dtype=dtype)
         g.dh0 = np.empty((B, H), dtype=dtype)
+        # an LSTM's products beside its kernel (None for a GRU)
+        plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
+        # Set once (each change costs about 1.6 us).
+        _config.kernel_threads(-(-B // self.chunk) if plan is None else 2)
         if self.cell == "lstm":
             g.dc0 = np.empty((B, H), dtype=dtype)
             whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
             g.cprev = np.empty((t, B, H), dtype=dtype) if self.peep.shape[0] else _empty3(dtype)
             g.cs = aux
-            plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
             args = (dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths, self.rev)
-            # Set once (each change costs about 1.6 us).
-            _config.kernel_threads(-(-B // self.chunk) if plan is None else 2)
             if plan is None:
                 lstm_backward(*args, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
                               self.peep, self.variant.coupled, self.clip, pre, g.cprev)
@@ -432,7 +433,6 @@ class _Direction:
             # The recurrent side's gradient is made from dgx in place, once
             # dgx has served the input side (_WeightGrads.add_recurrent).
             g.gates = gates
-            _config.kernel_threads(-(-B // self.chunk))
             if self.reset_after:
                 wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
                 rhprev = _empty3(dtype)
