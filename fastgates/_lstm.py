@@ -34,8 +34,8 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import (atomic_add, atomic_store, dot_blocked, product_piece, project, project_steps,
-                      wait_until)
+from ._linalg import (atomic_add, atomic_load, atomic_store, dot_blocked, product_piece, project,
+                      project_steps, wait_until)
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
@@ -268,31 +268,66 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
 def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
                             y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre):
     """:func:`lstm_forward` of a batch that is one chunk, with the input
-    projection made by a second task, ``block`` steps at a time in reading
-    order, into ``xw`` (T, B, 4H), while the recurrence reads the blocks
-    made before.
+    projection made ``block`` steps at a time, in reading order, into ``xw``
+    (T, B, 4H) by whichever task gets to each block first, while the
+    recurrence reads the blocks made before.
 
-    Each row of the projection is its own sum (:func:`~fastgates._linalg.project`):
-    the same bits as the projection made inside the kernel or before it.
-    The first task to start makes the projection; on one thread it runs
-    first and nothing waits.
+    The first task to start (the calling thread, unless it is late) runs the
+    recurrence; the other projects blocks ahead of it.  Blocks are claimed
+    from a shared count, so the recurrence never waits for a block nobody
+    has started: on reaching one it makes it itself, and it only waits (see
+    :func:`~fastgates._linalg.wait_until`) for a block that the other task
+    has claimed and not finished.  On one thread, or with the other task
+    late (a busy machine), the recurrence makes them all.  Each row of the
+    projection is its own sum (:func:`~fastgates._linalg.project`): the same
+    bits whoever makes it.
     """
     B, H = h0.shape
+    T = x.shape[0]
+    nblk = (T + block - 1) // block
     scratch = _forward_scratch(B, H, 0, h0.dtype)
-    progress = np.zeros(2, dtype=np.int64)   # tasks started, steps projected
+    # [0] tasks started, [1] blocks claimed, [2 + j] block j made
+    sync = np.zeros(2 + nblk, dtype=np.int64)
     for _task in prange(2):
-        if atomic_add(progress, 0, 1) == 0:
-            T = x.shape[0]
-            for s in range(0, T, block):
-                n = min(block, T - s)
-                t_lo = T - s - n if reverse else s
-                project(x[t_lo:t_lo + n].reshape(n * B, x.shape[2]), wih_tb, bias,
-                        xw[t_lo:t_lo + n].reshape(n * B, xw.shape[2]))
-                atomic_store(progress, 1, s + n)
-        else:
+        if atomic_add(sync, 0, 1) == 0:
             _forward_rows(0, B, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
                           fast, y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch,
-                          progress)
+                          sync)
+        else:
+            while _project_next(x, wih_tb, bias, block, xw, reverse, sync):
+                pass
+
+
+@jit()
+def _project_next(x, wih_tb, bias, block, xw, reverse, sync):
+    """Claim the next block of the input projection and make it; False when none is left.
+
+    See :func:`lstm_forward_overlapped` (``sync``: tasks started, blocks
+    claimed, then one flag per block, set with release ordering once the
+    block is made).
+    """
+    T, B, I = x.shape
+    nblk = sync.shape[0] - 2
+    j = atomic_add(sync, 1, 1)
+    if j >= nblk:
+        return False
+    s = j * block
+    n = min(block, T - s)
+    t_lo = T - s - n if reverse else s
+    project(x[t_lo:t_lo + n].reshape(n * B, I), wih_tb, bias,
+            xw[t_lo:t_lo + n].reshape(n * B, xw.shape[2]))
+    atomic_store(sync, 2 + j, 1)
+    return True
+
+
+@jit()
+def _projected(x, wih_tb, bias, block, xw, reverse, sync, j):
+    """Return once block ``j`` of the projection is made, making unclaimed blocks up to it."""
+    while atomic_load(sync, 2 + j) == 0:
+        if atomic_load(sync, 1) <= j:
+            _project_next(x, wih_tb, bias, block, xw, reverse, sync)
+        else:
+            wait_until(sync, 2 + j, 1)
 
 
 @jit()
@@ -311,9 +346,9 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
 
     ``scratch`` from :func:`_forward_scratch`.  With ``xw`` empty the
     projection is made here, ``block`` steps at a time.  When ``progress``
-    has elements, another task is filling ``xw``: before each ``block``
-    steps the loop waits until ``progress[1]`` (steps projected, an atomic
-    load) covers them.
+    has elements, the projection is shared with another task through it
+    (:func:`lstm_forward_overlapped`): before each ``block`` steps the loop
+    makes sure their block of ``xw`` is made (:func:`_projected`).
     """
     fused = xw.shape[0] == 0
     T = x.shape[0] if fused else xw.shape[0]
@@ -332,7 +367,7 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
         if fused and s % block == 0:
             t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
         if wait and s % block == 0:
-            wait_until(progress, 1, min(T, s + block))
+            _projected(x, wih_tb, bias, block, xw, reverse, progress, s // block)
         dot_blocked(h, whh_tb, acc)
         for r in range(nb):
             b = b0 + r
@@ -453,34 +488,59 @@ def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0,
     them, each as a run of whole blocks in the order of a call over all the
     steps: the same bits as the kernel followed by the products.
 
-    The first task to start runs the recurrence, the other the products,
-    waiting for each block's steps; on one thread the two run one after the
-    other, and nothing waits.
+    The first task to start (the calling thread, unless it is late) runs the
+    recurrence, then takes whatever blocks of products are left; the other
+    takes blocks as the recurrence completes them.  Blocks are claimed in
+    order from a shared count, and each waits for the one before (their sums
+    go into the same arrays in that order), so on one thread, or with the
+    other task late (a busy machine), the first makes them all and waits for
+    nobody.  (Roles by order of arrival, not by task number: a scheduler
+    that ran the second task first on the only thread would otherwise wait
+    forever for a recurrence that has not started.)
     """
     T, B, G = gates.shape
     rows = T * B
     steps = block_rows // B
     nblk = (rows + block_rows - 1) // block_rows
-    descending = not reverse
     scratch = _backward_scratch(B, G // 4, gates.dtype)
-    dg = dgates.reshape(rows, G)
-    hp = hprev.reshape(rows, hprev.shape[2])
-    progress = np.zeros(2, dtype=np.int64)   # tasks started, steps done
+    # [0] tasks started, [1] steps the recurrence has done, [2] blocks of
+    # products claimed, [3] blocks of products done
+    sync = np.zeros(4, dtype=np.int64)
     for _task in prange(2):
-        if atomic_add(progress, 0, 1) == 0:
+        if atomic_add(sync, 0, 1) == 0:
             _backward_rows(0, B, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
                            reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
-                           cprev, scratch, progress)
-        else:
-            for jj in range(nblk):
-                j = jj if reverse else nblk - 1 - jj
-                # the steps the recurrence has made when block j is complete
-                wait_until(progress, 1, min(T, (j + 1) * steps) if reverse else T - j * steps)
-                r0 = j * block_rows
-                r1 = min(rows, r0 + block_rows)
-                for u in range(work.shape[0]):
-                    product_piece(work[u], dg[r0:r1], x[r0:r1], hp[r0:r1], w_ih, wb_ih, dw_ih,
-                                  dw_hh, db, dx[r0:r1], block_rows, descending, init and jj == 0)
+                           cprev, scratch, sync)
+        while _products_next(sync, nblk, steps, T, reverse, work, dgates, x, hprev, w_ih, wb_ih,
+                             dw_ih, dw_hh, db, dx, block_rows, init):
+            pass
+
+
+@jit()
+def _products_next(sync, nblk, steps, T, reverse, work, dgates, x, hprev, w_ih, wb_ih, dw_ih,
+                   dw_hh, db, dx, block_rows, init):
+    """Claim the next block of :func:`lstm_backward_overlapped`'s products and make it.
+
+    Waits until the recurrence has made the block's steps and the block
+    before is done; returns False when no block is left.
+    """
+    jj = atomic_add(sync, 2, 1)
+    if jj >= nblk:
+        return False
+    rows, G = T * dgates.shape[1], dgates.shape[2]
+    j = jj if reverse else nblk - 1 - jj
+    # the steps the recurrence has made when block j is complete
+    wait_until(sync, 1, min(T, (j + 1) * steps) if reverse else T - j * steps)
+    wait_until(sync, 3, jj)
+    r0 = j * block_rows
+    r1 = min(rows, r0 + block_rows)
+    dg = dgates.reshape(rows, G)
+    hp = hprev.reshape(rows, hprev.shape[2])
+    for u in range(work.shape[0]):
+        product_piece(work[u], dg[r0:r1], x[r0:r1], hp[r0:r1], w_ih, wb_ih, dw_ih, dw_hh, db,
+                      dx[r0:r1], block_rows, not reverse, init and jj == 0)
+    atomic_store(sync, 3, jj + 1)
+    return True
 
 
 @jit()
