@@ -24,11 +24,13 @@ and splits the work across Numba's threads only.
 import operator
 import os
 import threading
+import time
 
 import numba
 
 __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads",
-           "set_activation_mode", "get_activation_mode", "fast_activations"]
+           "begin_call", "end_call", "call_threads", "set_activation_mode", "get_activation_mode",
+           "fast_activations"]
 
 # ``cache=True``: a second process loads the machine code instead of compiling.
 # ``error_model="numpy"``: division follows IEEE rules; without it every
@@ -216,19 +218,214 @@ def _start_pool():
 
 
 def kernel_threads(tasks=None):
-    """Point Numba at fastgates' thread count for the calling thread.
+    """Point Numba at the current call's thread count for the calling thread.
 
-    With ``tasks`` given, use no more threads than there are tasks: a thread
-    without work would still have to be woken and joined.
+    The count is the one :func:`begin_call` chose for the call (the user's
+    :func:`set_num_threads` unless the cores are contended).  With ``tasks``
+    given, use no more threads than there are tasks: a thread without work
+    would still have to be woken and joined.
     """
     if not _pool_started:
         _start_pool()
-    n = _num_threads if tasks is None else max(1, min(_num_threads, tasks))
+    n = call_threads()
+    if tasks is not None:
+        n = max(1, min(n, tasks))
     # numba.set_num_threads is per calling thread and costs a few
     # microseconds; skip it when nothing changes.
     if getattr(_numba_threads, "n", None) != n:
         numba.set_num_threads(n)
         _numba_threads.n = n
+
+
+# -- threads on a busy machine -------------------------------------------------
+#
+# A kernel on two threads is an OpenMP parallel region: the calling thread
+# wakes a pool thread and, at the end, waits for it.  When other work keeps
+# the cores busy (other processes, another thread pool of the process), the
+# pool thread may not run for a whole scheduler time slice (3-4 ms here):
+# measured with two busy processes on this 2-core machine, a region of 55 us
+# a thread took 2-6 ms at the median and 8-10 ms at the 90th percentile, while
+# the same work on one thread took 0.10 ms.  libgomp's pool threads spin for
+# ~8 ms after each region (so that the next region starts in microseconds on
+# an idle machine), and a spinning thread that the scheduler preempts is
+# exactly the one the next region waits for.  No wait inside the region can
+# fix that: the region's end waits for every thread of the team.
+#
+# So each call chooses its plan when it starts (begin_call): the user's
+# thread count, or fewer (one on a 2-core machine: the same work, the same
+# bits, nothing to wait for) while the cores are contended.  Two signals,
+# both cheap:
+#
+# - reactive: a call on two threads or more that takes far longer than the
+#   best time of the same call (end_call) means a partner did not run; a
+#   second such call soon after (within COLLAPSE_CALLS calls on more than
+#   one thread) puts the following calls on one thread for a while (a
+#   hold).  One alone does not: on a virtual machine the host stops a CPU
+#   now and then (measured here on an idle machine: one call in a thousand
+#   took more than three times its best), while a partner that misses time
+#   slices does so at one call in ten or more;
+# - proactive (Linux): when a hold ends, and before any call made after the
+#   pool has been quiet for a while, the number of runnable threads on the
+#   machine (/proc/loadavg) says how many cores are free for partners; the
+#   call takes no more threads than that, without trying.
+#
+# A hold that ends in a new collapse soon after doubles (load that stays),
+# up to HOLD_MAX; otherwise it starts again from HOLD_MIN (load that came
+# and went).  The pool threads' own spinning after a region would read as
+# another runnable thread, so the machine is only sampled when fastgates'
+# pool has been quiet for QUIET seconds (longer than libgomp's spin).
+
+HOLD_MIN = 0.02          # s: the first hold after a collapse
+HOLD_MAX = 2.0           # s: the longest
+PROBATION = 0.25         # s: a collapse this soon after a hold doubles it
+QUIET = 0.05             # s: pool idle this long before the machine is sampled
+# A call is said to have collapsed when it takes longer than
+# COLLAPSE_FACTOR times its best time plus COLLAPSE_SLACK: a partner that
+# misses a time slice costs milliseconds, far beyond noise, while two
+# threads sharing the cores fairly with other work take about twice their
+# idle time.
+COLLAPSE_FACTOR = 2.5
+COLLAPSE_SLACK = 3e-4    # s
+COLLAPSE_CALLS = 16
+
+
+def _cores():
+    """The cores this process may run on, when the whole machine's count applies.
+
+    ``None`` when the process is limited to some of the machine's CPUs
+    (affinity): the runnable count of /proc/loadavg covers the whole
+    machine and would say nothing about them.
+    """
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return mine if mine == os.cpu_count() else None
+
+
+def _runnable_others():
+    """Threads runnable on the machine now besides the caller, or ``None`` if unknown.
+
+    The fourth field of /proc/loadavg (Linux) counts the runnable threads,
+    the reader included; reading it costs a few microseconds.
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            field = f.read().split()[3]
+        return int(field.split(b"/")[0]) - 1
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _Contention:
+    """The thread plan of each call on a machine that may be busy.
+
+    State shared by all calling threads (plain attribute writes under the
+    GIL; a lost update only changes when the next check happens).
+    """
+
+    def __init__(self, clock=time.perf_counter, runnable=_runnable_others, cores="detect"):
+        self.clock = clock
+        self.runnable = runnable
+        self.cores = _cores() if cores == "detect" else cores    # None: unknown
+        self.held_until = 0.0       # calls take at most `held` threads until then
+        self.held = 1
+        self.hold = HOLD_MIN
+        self.held_at = -1.0         # when the last hold ended
+        self.last_parallel = -1.0   # when the last call on more than one thread ended
+        self.best = {}              # call key -> best time on more than one thread
+        self.calls = 0              # calls on more than one thread
+        self.last_collapse = -COLLAPSE_CALLS - 1   # the call number of the last collapse
+        self.collapses = 0          # calls seen collapsing (for tests and the bench)
+        self.samples = 0            # machine samples taken
+
+    def threads(self, want):
+        """Threads for a call that would take ``want``."""
+        if want <= 1:
+            return want
+        if self.held_until:
+            now = self.clock()
+            if now < self.held_until:
+                return min(want, self.held)
+            fit = self._fit()
+            if fit < want:
+                self.held, self.held_until = fit, now + self.hold
+                return fit
+            self.held_until = 0.0
+            self.held_at = now
+        elif self.cores is not None and self.clock() - self.last_parallel > QUIET:
+            fit = self._fit()
+            if fit < want:
+                self.held, self.held_until = fit, self.clock() + HOLD_MIN
+                return fit
+        return want
+
+    def _fit(self):
+        """Threads that have a core each now: the caller and one per free core.
+
+        Unbounded (a large number) when the machine cannot be read.
+        """
+        others = None if self.cores is None else self.runnable()
+        self.samples += self.cores is not None
+        if others is None:
+            return 1 << 30
+        return max(1, self.cores - others)
+
+    def done(self, key, elapsed):
+        """Record a call on more than one thread that took ``elapsed`` seconds."""
+        now = self.clock()
+        self.last_parallel = now
+        self.calls += 1
+        best = self.best.get(key)
+        if best is None or elapsed < best:
+            if len(self.best) >= 4096:
+                self.best.clear()
+            self.best[key] = elapsed
+            return
+        if elapsed > COLLAPSE_FACTOR * best + COLLAPSE_SLACK:
+            self.collapses += 1
+            previous, self.last_collapse = self.last_collapse, self.calls
+            if self.calls - previous > COLLAPSE_CALLS:
+                return
+            if now - self.held_at < PROBATION:
+                self.hold = min(HOLD_MAX, 2 * self.hold)
+            else:
+                self.hold = HOLD_MIN
+            self.held, self.held_until = 1, now + self.hold
+
+
+_contention = _Contention()
+_call = threading.local()
+
+
+def begin_call():
+    """Choose the thread count of a call that starts now; returns it.
+
+    The user's count (:func:`set_num_threads`), or one while the cores are
+    contended (see the notes above :class:`_Contention`).  Results do not
+    depend on it.
+    """
+    n = _contention.threads(_num_threads)
+    _call.threads = n
+    return n
+
+
+def end_call(key, threads, elapsed):
+    """End a call begun with :func:`begin_call` that took ``elapsed`` seconds.
+
+    ``key`` identifies calls of equal work (shapes, options); only calls
+    that ran on more than one thread say anything about contention.
+    ``elapsed`` None: the call failed, nothing is learnt from it.
+    """
+    _call.threads = None
+    if threads > 1 and elapsed is not None:
+        _contention.done(key, elapsed)
+
+
+def call_threads():
+    """The thread count of the current call (:func:`begin_call`), else the user's."""
+    n = getattr(_call, "threads", None)
+    return _num_threads if n is None else n
 
 
 _MODES = ("fast", "exact")

@@ -15,6 +15,8 @@ the cache (:meth:`_Direction.fused`).  Everything runs on Numba's
 threads with a single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
+import time
+
 import numba
 import numpy as np
 
@@ -363,7 +365,7 @@ class _Direction:
             hn = np.empty((B, H), dtype=dtype)
         # one chunk: an idle thread makes the projection ahead of the recurrence
         overlap = self.cell == "lstm" and xw.shape[0] == 0 and B <= self.chunk \
-            and t > OVERLAP_PROJECT_STEPS and _config.get_num_threads() > 1
+            and t > OVERLAP_PROJECT_STEPS and _config.call_threads() > 1
         # Set once (each change costs about 1.6 us).
         _config.kernel_threads(2 if overlap else -(-B // self.chunk))
         if self.cell == "lstm":
@@ -574,7 +576,7 @@ class _WeightGrads:
         if dr.cell != "lstm":
             return False
         key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B, grid.rows,
-               _config.get_num_threads())
+               _config.call_threads())
         plan = _PLANS.get(key)
         if plan is None:
             if len(_PLANS) >= 4096:
@@ -585,7 +587,7 @@ class _WeightGrads:
     def _plan(self, grid, rows, I):
         """The work table of :meth:`add_side_by_side` for ``rows`` rows, else False."""
         dr = self.dir
-        threads = _config.get_num_threads()
+        threads = _config.call_threads()
         G, H, dtype = dr.G, dr.H, dr.dtype
         if threads < 2 or grid.parts(G, I, rows) != 1:
             return False
@@ -664,19 +666,42 @@ class _WeightGrads:
         return self.dw_ih, self.dw_hh, self.db_ih, db_hh, dpeep
 
 
-def forward(*args, **kwargs):
+def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional, reset_after=True,
+            keep=False, derived=None, variant=_PLAIN, checkpoint=None):
     """Run the stacked recurrence; see :func:`_forward` for the arguments.
 
-    The forward pass makes no BLAS call (its products are the register tiles
-    of :mod:`~fastgates._linalg`), so it needs no BLAS thread setting.
+    The call's thread count is chosen when it starts (:func:`fastgates._config.begin_call`:
+    one thread while the cores are contended) and its time reported when it
+    ends.  The forward pass makes no BLAS call (its products are the
+    register tiles of :mod:`~fastgates._linalg`), so it needs no BLAS
+    thread setting.
     """
-    return _forward(*args, **kwargs)
+    key = ("forward", cell, x.shape, h0.shape[2], num_layers, bidirectional, x.dtype.char, keep,
+           checkpoint)
+    return _timed(key, _forward, cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
+                  reset_after, keep, derived, variant, checkpoint)
 
 
-def backward(tape, *args, **kwargs):
-    """Back-propagate; see :func:`_backward` for the arguments."""
+def backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
+    """Back-propagate; see :func:`_backward` for the arguments (timed as :func:`forward`)."""
+    key = ("backward", tape.cell, dy.shape, dhn.shape[2], num_layers, bidirectional,
+           dy.dtype.char, getattr(tape, "interval", None))
     with _config.single_threaded_blas():
-        return _backward(tape, *args, **kwargs)
+        return _timed(key, _backward, tape, weights, dy, dhn, dcn, num_layers, bidirectional,
+                      with_bias, derived)
+
+
+def _timed(key, run, *args):
+    """``run(*args)`` with the thread plan of one call, its time reported."""
+    threads = _config.begin_call()
+    elapsed = None
+    try:
+        start = time.perf_counter()
+        out = run(*args)
+        elapsed = time.perf_counter() - start
+    finally:
+        _config.end_call(key, threads, elapsed)
+    return out
 
 
 def _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant, fast, chunk):
