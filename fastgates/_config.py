@@ -56,7 +56,10 @@ def set_num_threads(n):
 
     BLAS runs single-threaded inside them; the work is split across these
     threads.  Results do not depend on the number chosen: work is divided by
-    problem size, never by thread count.
+    problem size, never by thread count.  This is the most a call uses: a
+    call takes fewer (one on a 2-core machine) while other work keeps the
+    cores busy, where waiting for a thread that cannot run would cost
+    milliseconds (see ``docs/guarantees.md``, "Busy machines").
 
     Parameters
     ----------
