@@ -4,9 +4,9 @@ The recurrence is the one a performance-minded JAX user writes: per layer
 and direction the input projection of all steps as one product (with every
 bias that can be folded into it), then ``jax.lax.scan`` over time carrying
 the state, the whole forward pass (inference) or the whole training step
-(forward, gradients by ``jax.grad`` of ``sum(y * dy)`` with respect to the
-parameters, the input and the initial state, and an Adam update of the
-parameters) compiled as one function by ``jax.jit``.  The GRU is PyTorch's
+(forward, and gradients by ``jax.grad`` of ``sum(y * dy)`` with respect to
+the parameters, the input and the initial state) compiled as one function
+by ``jax.jit``.  The GRU is PyTorch's
 (``reset_after=True``).
 
 **Threads.**  XLA's CPU client sizes its thread pools from the CPUs the
@@ -14,8 +14,8 @@ process may run on when it starts; in jaxlib 0.10 no ``XLA_FLAGS`` setting
 limits them (measured: ``--xla_cpu_multi_thread_eigen=false`` still kept
 1.9 cores busy on a 1024x1024 product, and ``intra_op_parallelism_threads=1``
 is not an XLA flag: XLA reads it as a file name and aborts).  So each thread
-count K runs in a worker process of its own (``python -m
-fastgates._bench_jax``, started by :class:`fastgates.bench.JaxWorker`)
+count K runs in a worker process of its own (this file run as a script,
+started by :class:`fastgates.bench.JaxWorker`)
 that the runner starts restricted to K CPUs, as ``taskset -c`` would: the
 pools get K threads, and the process uses at most K cores.
 
@@ -35,11 +35,6 @@ import time
 import traceback
 
 import numpy as np
-
-# The Adam hyper-parameters of torch.optim.Adam's defaults (lr is the runner's).
-_BETAS = (0.9, 0.999)
-_EPS = 1e-8
-
 
 def make_forward(cell, layers, bidirectional):
     """``forward(params, x, state) -> y`` of a stacked LSTM/GRU, for ``jax.jit``.
@@ -103,13 +98,8 @@ def make_forward(cell, layers, bidirectional):
     return forward
 
 
-def make_train_step(cell, layers, bidirectional, lr):
-    """``step(params, opt, x, state, dy) -> (params, opt, grads)`` for ``jax.jit``.
-
-    ``grads`` = (d params, dx, d state) of ``sum(y * dy)`` at the parameters
-    given, then one Adam step (torch.optim.Adam's arithmetic, defaults but
-    ``lr``) gives the new ``params`` and ``opt`` = (m, v, t).
-    """
+def make_gradients(cell, layers, bidirectional):
+    """``grads(params, x, state, dy) -> (d params, dx, d state)`` of ``sum(y * dy)``, for ``jax.jit``."""
     import jax
     import jax.numpy as jnp
 
@@ -118,32 +108,18 @@ def make_train_step(cell, layers, bidirectional, lr):
     def loss(p, x, state, dy):
         return jnp.sum(forward(p, x, state) * dy)
 
-    grad = jax.grad(loss, argnums=(0, 1, 2))
-    beta1, beta2 = _BETAS
-
-    def step(p, opt, x, state, dy):
-        gp, gx, gs = grad(p, x, state, dy)
-        m, v, t = opt
-        t = t + 1
-        m = jax.tree_util.tree_map(lambda m_, g: beta1 * m_ + (1 - beta1) * g, m, gp)
-        v = jax.tree_util.tree_map(lambda v_, g: beta2 * v_ + (1 - beta2) * g * g, v, gp)
-        c1 = 1 - beta1 ** t
-        c2 = jnp.sqrt(1 - beta2 ** t)
-
-        def update(p_, m_, v_):
-            return (p_ - (lr / c1) * m_ / (jnp.sqrt(v_) / c2 + _EPS)).astype(p_.dtype)
-        p = jax.tree_util.tree_map(update, p, m, v)
-        return p, (m, v, t), (gp, gx, gs)
-
-    return step
+    return jax.grad(loss, argnums=(0, 1, 2))
 
 
 class Case:
     """One benchmark case in the worker: its jitted function and its arguments.
 
-    ``spec``: dict with cell, mode ("infer" or "train"), layers,
-    bidirectional, lr, and NumPy arrays params (keyed as ``state_dict()``),
-    x, state (h0 or (h0, c0)) and, for training, dy.
+    ``spec``: dict with cell, mode ("infer" or "train"), layers and
+    bidirectional, and NumPy arrays: ``params`` (keyed as ``state_dict()``),
+    x, state (h0 or (h0, c0)) and, for training, dy and ``params_next``, a
+    second set of weights: between two timed training steps the weights are
+    swapped for the other set (:meth:`between`), as the runner does on its
+    sides.
     """
 
     def __init__(self, spec):
@@ -153,33 +129,29 @@ class Case:
         self.jax = jax
         cell, layers, bi = spec["cell"], spec["layers"], spec["bidirectional"]
         dev = jax.tree_util.tree_map(jnp.asarray, {
-            "params": spec["params"], "x": spec["x"], "state": spec["state"],
-            "dy": spec.get("dy")})
+            "params": [spec["params"], spec.get("params_next")],
+            "x": spec["x"], "state": spec["state"], "dy": spec.get("dy")})
         self.x, self.state, self.dy = dev["x"], dev["state"], dev["dy"]
-        self.params = dev["params"]
+        self.params, self.next_params = dev["params"]
         self.train = spec["mode"] == "train"
         if self.train:
-            def zeros():
-                return jax.tree_util.tree_map(jnp.zeros_like, self.params)
-            # Two sets of moments: donated buffers must be distinct.
-            self.opt = (zeros(), zeros(), jnp.zeros((), self.x.dtype))
-            # The parameters and moments are replaced at every step: their
-            # buffers can be reused for the new ones.
-            self.fn = jax.jit(make_train_step(cell, layers, bi, spec["lr"]),
-                              donate_argnums=(0, 1))
+            self.fn = jax.jit(make_gradients(cell, layers, bi))
         else:
             self.fn = jax.jit(make_forward(cell, layers, bi))
 
     def call(self):
         """One timed call; its result is complete when it returns."""
         if self.train:
-            self.params, self.opt, grads = self.fn(self.params, self.opt, self.x,
-                                                   self.state, self.dy)
-            return self.jax.block_until_ready(grads)
+            return self.jax.block_until_ready(
+                self.fn(self.params, self.x, self.state, self.dy))
         return self.jax.block_until_ready(self.fn(self.params, self.x, self.state))
 
+    def between(self):
+        """Before each timed training step, untimed: the other set of weights."""
+        self.params, self.next_params = self.next_params, self.params
+
     def answer(self):
-        """The first call's result as NumPy: y, or the gradients before any update.
+        """The first call's result as NumPy: y, or the gradients (first set of weights).
 
         Training: a dict with dx, dh0 (and dc0) and one gradient per parameter.
         """
@@ -195,20 +167,31 @@ class Case:
         return grads
 
 
-def timed_calls(call, calls):
+def timed_calls(call, calls, between=None):
     """``calls`` calls of ``call``, each timed: (seconds of each, wall seconds, CPU seconds).
 
-    The runner times its own sides with this function too.
+    ``between``, if given, runs before each call, untimed: wall and CPU
+    seconds then add up the calls alone.  The runner times its own sides
+    with this function too.
     """
     times = []
-    c0 = time.process_time()
-    t0 = time.perf_counter()
+    if between is None:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            s = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - s)
+        return times, time.perf_counter() - t0, time.process_time() - c0
+    cpu = 0.0
     for _ in range(calls):
+        between()
+        c = time.process_time()
         s = time.perf_counter()
         call()
         times.append(time.perf_counter() - s)
-    wall = time.perf_counter() - t0
-    return times, wall, time.process_time() - c0
+        cpu += time.process_time() - c
+    return times, sum(times), cpu
 
 
 def serve(requests, replies):
@@ -241,10 +224,13 @@ def serve(requests, replies):
                 out = ("ok", (case.answer(), time.perf_counter() - t0))
             elif kind == "warmup":
                 for _ in range(arg):
+                    if case.train:
+                        case.between()
                     case.call()
                 out = ("ok", None)
             elif kind == "run":
-                out = ("ok", (*timed_calls(case.call, arg), idle))
+                between = case.between if case.train else None
+                out = ("ok", (*timed_calls(case.call, arg, between), idle))
             else:
                 out = ("error", f"unknown request {kind!r}")
         except Exception:  # the runner reports it with the case that failed
