@@ -1,17 +1,43 @@
-"""Side-by-side benchmark of fastgates against PyTorch, onnxruntime and NumPy.
+"""Side-by-side benchmark of fastgates against PyTorch, onnxruntime, JAX and NumPy.
 
 Run it as ``python -m fastgates bench`` (``--help`` lists the options).  It
 implements the protocol of ``docs/benchmarks.md``:
 
 - fastgates, PyTorch and (float32 inference only) onnxruntime run in one
-  process, on the same weights (fastgates' ``state_dict()`` copied across),
-  with the same thread count everywhere (fastgates, torch, onnxruntime's
-  intra-op pool, every BLAS and OpenMP pool through threadpoolctl);
-- outputs (inference) or all gradients (training) are compared first, and
-  fastgates' ``y`` is also checked against :func:`numpy_forward`, a
-  batch-vectorised NumPy forward pass;
-- after a warm-up the sides alternate A B A B ...; each side reports the
-  median of ``--repeats`` (>= 7) timed runs;
+  process, JAX in one worker process per thread count
+  (:mod:`fastgates._bench_jax`), all on the same weights (fastgates'
+  ``state_dict()`` copied across) and inputs;
+- **peers at their best**: fastgates runs at each thread count asked for
+  (``--threads``), each peer at every count from 1 to the largest, and
+  onnxruntime with and without spinning; a row (fastgates at n threads)
+  shows each peer at n threads and at its fastest setting with at most n
+  threads, a user's pick.  Before each timed run a side sets every thread
+  count in the process (fastgates, torch, every BLAS and OpenMP pool through
+  threadpoolctl) to its own;
+- **answers first**: outputs (inference) or all gradients (training) are
+  compared with every peer's, and fastgates' ``y`` with
+  :func:`numpy_forward`, a batch-vectorised NumPy forward pass; past the
+  dtype's tolerance (``AGREE_TOL``) the row is not timed and the run exits
+  with 1, naming the row, the peer, the array and the error;
+- **training steps change the weights**: before each timed training step
+  every side loads the other of two weight sets that differ in every entry
+  (fastgates ``m.load_state_dict``, PyTorch an in-place ``copy_`` under
+  ``no_grad`` as an optimiser's step, JAX the other parameter tree passed
+  to its jitted function), and that load is *not* timed, on every side.
+  So no cache of derived weights is free (fastgates rebuilds its derived
+  weights inside the next, timed, call), while an optimiser's own cost,
+  which belongs to the optimiser and not to the layer, stays out: measured,
+  ``fastgates.Adam`` took 194 ms per step at (25, 16, 1024, 1024) against
+  38 ms for ``torch.optim.Adam``, more than the training step itself, and
+  GFLOP/s would no longer count the layer's work;
+- after a warm-up the sides alternate A B C A B C ...; each side reports the
+  median of ``--repeats`` (>= 7) timed runs; every call is also timed on its
+  own, for ``--load``;
+- ``--load N`` runs the matrix (by default its tiny and small shapes, which
+  the contention target covers) beside N busy processes (ended with the run,
+  also on an error or an interrupt), with fastgates at 1 thread too, and
+  reports every side's per-call median and 90th percentile at 1 and n
+  threads and fastgates' n-thread over 1-thread ratio (target <= 1.5);
 - GFLOP/s use forward FLOPs ``2*T*B*G*H*(I_k+H)`` summed over layers and
   directions, training = 3x, and are also given as a fraction of one
   2048x2048 ``np.dot`` measured in the same process, dtype and threads.
@@ -19,10 +45,12 @@ implements the protocol of ``docs/benchmarks.md``:
 A peer that is not installed is left out with a note; without PyTorch the
 NumPy forward pass is timed instead (inference only).  ``--memory`` measures
 the peak memory of a training step, ``--compile-cost`` the first call in a
-fresh process.  Run it on an idle machine, one benchmark at a time.
+fresh process, ``--json`` writes the rows as data.  Run it on an idle machine
+(except for ``--load``), one benchmark at a time.
 
 PyTorch, onnx and onnxruntime are imported here, inside functions, and only
-when asked for: ``import fastgates`` never imports this module.
+when asked for; JAX never is (its thread pools would start in this process):
+``import fastgates`` never imports this module.
 """
 
 # No pool may busy-wait into the other side's run.  OMP_WAIT_POLICY=PASSIVE
@@ -30,9 +58,13 @@ when asked for: ``import fastgates`` never imports this module.
 # and measured here it made PyTorch's tiny LSTM 20x slower (0.29 -> 6.2 ms),
 # which would flatter fastgates.  Instead both OpenMP runtimes (PyTorch's and
 # Numba's) keep their default short spin, and every timed run starts after a
-# pause (PAUSE) long enough for the pool of the side before it to fall asleep;
-# onnxruntime's pool, which spins for long, is told not to spin.  --spin-check
-# verifies it: each side timed alone must match its time when alternating.
+# pause (PAUSE), repeated until this process used (almost) no CPU during it:
+# the pool of the side before has fallen asleep (a libgomp pool sometimes
+# spins past 10 ms; the report names the sides after which that happened).
+# onnxruntime runs both with spinning (a user's default, which may be faster)
+# and without; its spinning pool falls quiet within the same pauses.  The JAX
+# worker reports the CPU it used while the other sides ran.  --spin-check
+# verifies it all: each side timed alone must match its time when alternating.
 
 import argparse
 import collections
