@@ -223,11 +223,8 @@ def serve(requests, replies):
                 case = Case(arg)
                 out = ("ok", (case.answer(), time.perf_counter() - t0))
             elif kind == "warmup":
-                for _ in range(arg):
-                    if case.train:
-                        case.between()
-                    case.call()
-                out = ("ok", None)
+                times, _, _ = timed_calls(case.call, arg, case.between if case.train else None)
+                out = ("ok", times[-1])
             elif kind == "run":
                 between = case.between if case.train else None
                 out = ("ok", (*timed_calls(case.call, arg, between), idle))

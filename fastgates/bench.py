@@ -387,12 +387,11 @@ class Side:
         return f"{self.peer}@{self.threads}" + (f" {self.variant}" if self.variant else "")
 
     def warmup(self, n):
+        """``n`` untimed calls; returns the seconds the last one took."""
         if self.setup is not None:
             self.setup()
-        for _ in range(n):
-            if self.between is not None:
-                self.between()
-            self.call()
+        times, _, _ = timed_calls(self.call, n, self.between)
+        return times[-1]
 
     def run(self, calls):
         """``calls`` timed calls after a quiet pause.
@@ -414,7 +413,7 @@ class JaxSide(Side):
         self.worker = worker
 
     def warmup(self, n):
-        self.worker.request("warmup", n)
+        return self.worker.request("warmup", n)
 
     def run(self, calls):
         extra = _pause()
@@ -456,20 +455,19 @@ class Samples:
         return float(np.percentile(self.calls, q))
 
 
-def time_alternating(sides, repeats, min_run_time, warmup=2):
+def time_alternating(sides, repeats, min_run_time, warmup=1):
     """Time each side, the sides alternating A B C A B C ...
 
-    After ``warmup`` calls per side and one call to size the runs (each
-    run repeats the call to last at least ``min_run_time``), ``repeats``
-    rounds; returns a dict of side label to :class:`Samples`.  A run whose
-    pause had to wait for this process to go quiet counts against the side
-    that ran before it (``spun_after``)."""
-    for side in sides:
-        side.warmup(warmup)
+    After ``warmup`` calls per side (the answers checked before were the
+    first warm-up call), whose last one sizes the runs (each run repeats the
+    call to last at least ``min_run_time``), ``repeats`` rounds; returns a
+    dict of side label to :class:`Samples`.  A run whose pause had to wait
+    for this process to go quiet counts against the side that ran before it
+    (``spun_after``)."""
     samples = {}
     for side in sides:
-        first = side.run(1)[0][0]
-        samples[side.label] = Samples(max(1, math.ceil(min_run_time / max(first, 1e-9))))
+        last = side.warmup(warmup)
+        samples[side.label] = Samples(max(1, math.ceil(min_run_time / max(last, 1e-9))))
     previous = sides[-1].label
     for _ in range(repeats):
         for side in sides:
@@ -623,12 +621,13 @@ class JaxWorker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             env=_child_env(), preexec_fn=functools.partial(os.sched_setaffinity, 0, cpus))
         try:
-            self.version = self._receive()
+            self.version = self.receive()
         except BaseException:
             self.close()
             raise
 
-    def _receive(self):
+    def receive(self):
+        """The reply's payload to the request sent (RuntimeError on failure)."""
         try:
             status, payload = pickle.load(self.proc.stdout)
         except EOFError:
@@ -639,11 +638,15 @@ class JaxWorker:
             raise RuntimeError(f"the JAX worker ({self.threads} threads) failed:\n{payload}")
         return payload
 
-    def request(self, kind, arg=None):
-        """Send one request, return the reply's payload (RuntimeError on failure)."""
+    def send(self, kind, arg=None):
+        """Send one request; :meth:`receive` gets its reply."""
         pickle.dump((kind, arg), self.proc.stdin)
         self.proc.stdin.flush()
-        return self._receive()
+
+    def request(self, kind, arg=None):
+        """Send one request, return the reply's payload (RuntimeError on failure)."""
+        self.send(kind, arg)
+        return self.receive()
 
     def add_idle(self, wall, cpu):
         """Count the worker's time between requests and the CPU it used then."""
@@ -812,20 +815,12 @@ def _torch_sides(ctx, case, sd, x, dy, state, add):
 
 def _onnx_sides(ctx, case, sd, x, add):
     feed = {"X": x}
-    try:
-        for k in ctx.peer_threads:
-            for spin in (True, False):
-                sess = _onnx_session(ctx.peers, case.cell, case.shape, sd, k, spin)
-                call = functools.partial(sess.run, None, feed)
-                add(Side("onnxruntime", k, call, ctx.threads.setter(k),
-                         "spin" if spin else "no spin"), {"y": call()[0]})
-    except Exception as exc:  # a broken or too old onnx/onnxruntime: say so, go on
-        note = (f"onnxruntime could not run {case.shape.label()} {case.cell} "
-                f"({type(exc).__name__}: {exc}); its cell is left empty.")
-        ctx.log(f"note: {note}")
-        ctx.peers.notes.append(note)
-        return False
-    return True
+    for k in ctx.peer_threads:
+        for spin in (True, False):
+            sess = _onnx_session(ctx.peers, case.cell, case.shape, sd, k, spin)
+            call = functools.partial(sess.run, None, feed)
+            add(Side("onnxruntime", k, call, ctx.threads.setter(k),
+                     "spin" if spin else "no spin"), {"y": call()[0]})
 
 
 def _jax_sides(ctx, case, sd, x, dy, state, add):
@@ -834,8 +829,19 @@ def _jax_sides(ctx, case, sd, x, dy, state, add):
             "state": state}
     if case.mode == "train":
         spec.update(dy=dy, params_next=_next_weights(sd))
+    # Every worker compiles at once (each on its own CPUs).
     for worker in ctx.workers:
-        answer, _ = worker.request("setup", spec)
+        worker.send("setup", spec)
+    replies = []
+    for worker in ctx.workers:      # every reply read, so that none is left behind
+        try:
+            replies.append(worker.receive())
+        except RuntimeError as exc:
+            replies.append(exc)
+    for reply in replies:
+        if isinstance(reply, RuntimeError):
+            raise reply
+    for worker, (answer, _) in zip(ctx.workers, replies, strict=True):
         add(JaxSide(worker), answer if case.mode == "train" else {"y": answer})
 
 
@@ -861,30 +867,33 @@ def case_sides(ctx, case, m, x, dy):
     _fastgates_sides(ctx, case, m, x, dy, state, add)
     if ctx.peers.torch is not None:
         _torch_sides(ctx, case, sd, x, dy, state, add)
-    if ctx.peers.ort is not None and case.dtype == "float32" and case.mode == "infer":
+    def attempt(peer, build):
+        """Add a peer's sides; if it fails, a note, and the peer is left out."""
         before = len(sides)
-        if not _onnx_sides(ctx, case, sd, x, add):
+        try:
+            build()
+        except Exception as exc:  # a broken peer install: say so, go on
+            lines = str(exc).strip().splitlines() or [""]
+            short = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+            note = (f"{peer} could not run {case.shape.label()} {case.cell} "
+                    f"({type(exc).__name__}: {short}); its cell is left empty.")
+            ctx.log(f"note: {note}")
+            ctx.peers.notes.append(note)
             for side in sides[before:]:
                 del answers[side.label]
             del sides[before:]
+
+    if ctx.peers.ort is not None and case.dtype == "float32" and case.mode == "infer":
+        attempt("onnxruntime", lambda: _onnx_sides(ctx, case, sd, x, add))
     if ctx.peers.numpy and case.mode == "infer":
         def call():
             return numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional)
         for k in ctx.peer_threads:
             add(Side("numpy", k, call, ctx.threads.setter(k)), {"y": ref})
     if ctx.workers:
-        before = len(sides)
-        try:
-            _jax_sides(ctx, case, sd, x, dy, state, add)
-        except RuntimeError as exc:
-            note = f"JAX could not run {case.label()}: {exc}"
-            ctx.log(f"note: {note}")
-            ctx.peers.notes.append(note.splitlines()[0] + " (its cell is left empty)")
-            for side in sides[before:]:
-                del answers[side.label]
-            del sides[before:]
-            if any(w.proc.poll() is not None for w in ctx.workers):
-                ctx.close_workers()
+        attempt("JAX", lambda: _jax_sides(ctx, case, sd, x, dy, state, add))
+        if any(w.proc.poll() is not None for w in ctx.workers):   # a worker died
+            ctx.close_workers()
     return sides, answers, ref
 
 

@@ -471,3 +471,34 @@ def test_a_failing_onnxruntime_session_is_a_note(monkeypatch, capsys, restore_th
     assert "onnxruntime could not run" in out
     [row] = _table(out)[1]
     assert row["onnxrt"] == "" and row["best peer/fg"] == ""
+
+
+def test_a_failing_jax_worker_is_a_note(monkeypatch, capsys, restore_threads):
+    # A stand-in for the worker process: it started, then fails every case.
+    class Broken:
+        threads, version, idle_wall, idle_cpu = 1, "0.0", 0.0, 0.0
+
+        class proc:
+            @staticmethod
+            def poll():
+                return None
+
+        def send(self, kind, arg=None):
+            pass
+
+        def receive(self):
+            raise RuntimeError("the JAX worker (1 threads) failed:\nTraceback\nValueError: boom")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "_installed", lambda name: True)
+    monkeypatch.setattr(bench, "start_jax_workers", lambda threads, log: ([Broken()], None))
+    code = bench.main([*TINY, "--cells", "gru", "--dtypes", "float32", "--modes", "infer",
+                       "--peers", "torch", "jax"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert ("note: JAX could not run (6, 2, 3, 4) gru (RuntimeError: the JAX worker "
+            "(1 threads) failed: ... ValueError: boom)") in err
+    [row] = _table(out)[1]
+    assert row["jax"] == "" and float(row["torch"]) > 0
