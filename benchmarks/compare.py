@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark of fastgates against PyTorch and onnxruntime.
+"""Side-by-side benchmark of fastgates against PyTorch, onnxruntime and JAX.
 
 A thin wrapper: the runner lives in the package, :mod:`fastgates.bench`, and
 ``python -m fastgates bench`` is the same command with the same options.

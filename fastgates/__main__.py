@@ -7,7 +7,8 @@ gate means on real numbers, and checks the gradients against central finite
 differences.  Only the runtime dependencies are needed.
 
 ``python -m fastgates bench`` runs the side-by-side benchmark of
-:mod:`fastgates.bench` (PyTorch and onnxruntime are optional peers there).
+:mod:`fastgates.bench` (PyTorch, onnxruntime and JAX are optional peers
+there).
 
 ``python -m fastgates demo`` trains a forecaster of the yearly sunspot number
 (:mod:`fastgates.demo`), reports it against two baselines with its forget-gate
@@ -269,14 +270,18 @@ def _build_parser():
     _add_example_options(example, argparse.SUPPRESS)
     example.set_defaults(func=_run_example)
     # Imports only NumPy, threadpoolctl and fastgates; the peers (PyTorch,
-    # onnxruntime) are imported when the benchmark runs.
+    # onnxruntime) are imported when the benchmark runs, JAX only in its
+    # worker processes.
     from . import bench
 
     bench.add_arguments(sub.add_parser(
-        "bench", help="fastgates against PyTorch, onnxruntime and NumPy side by "
-                      "side (--quick: one shape per group, a few minutes)",
-        description="fastgates against PyTorch, onnxruntime and NumPy side by "
-                    "side, as in docs/benchmarks.md."))
+        "bench", help="fastgates against PyTorch, onnxruntime, JAX and NumPy side "
+                      "by side, each peer at its best thread count (--quick: one "
+                      "shape per group; --load N: beside N busy processes)",
+        description="fastgates against PyTorch, onnxruntime, JAX and NumPy side by "
+                    "side, as in docs/benchmarks.md: each peer at every thread "
+                    "count up to n, answers checked first (exit status 1 if "
+                    "they disagree), training steps on changing weights."))
     from . import demo   # NumPy and fastgates only; matplotlib when it plots
 
     demo.add_arguments(sub.add_parser(

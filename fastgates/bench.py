@@ -1,17 +1,43 @@
-"""Side-by-side benchmark of fastgates against PyTorch, onnxruntime and NumPy.
+"""Side-by-side benchmark of fastgates against PyTorch, onnxruntime, JAX and NumPy.
 
 Run it as ``python -m fastgates bench`` (``--help`` lists the options).  It
 implements the protocol of ``docs/benchmarks.md``:
 
 - fastgates, PyTorch and (float32 inference only) onnxruntime run in one
-  process, on the same weights (fastgates' ``state_dict()`` copied across),
-  with the same thread count everywhere (fastgates, torch, onnxruntime's
-  intra-op pool, every BLAS and OpenMP pool through threadpoolctl);
-- outputs (inference) or all gradients (training) are compared first, and
-  fastgates' ``y`` is also checked against :func:`numpy_forward`, a
-  batch-vectorised NumPy forward pass;
-- after a warm-up the sides alternate A B A B ...; each side reports the
-  median of ``--repeats`` (>= 7) timed runs;
+  process, JAX in one worker process per thread count
+  (:mod:`fastgates._bench_jax`), all on the same weights (fastgates'
+  ``state_dict()`` copied across) and inputs;
+- **peers at their best**: fastgates runs at each thread count asked for
+  (``--threads``), each peer at every count from 1 to the largest, and
+  onnxruntime with and without spinning; a row (fastgates at n threads)
+  shows each peer at n threads and at its fastest setting with at most n
+  threads, a user's pick.  Before each timed run a side sets every thread
+  count in the process (fastgates, torch, every BLAS and OpenMP pool through
+  threadpoolctl) to its own;
+- **answers first**: outputs (inference) or all gradients (training) are
+  compared with every peer's, and fastgates' ``y`` with
+  :func:`numpy_forward`, a batch-vectorised NumPy forward pass; past the
+  dtype's tolerance (``AGREE_TOL``) the row is not timed and the run exits
+  with 1, naming the row, the peer, the array and the error;
+- **training steps change the weights**: before each timed training step
+  every side loads the other of two weight sets that differ in every entry
+  (fastgates ``m.load_state_dict``, PyTorch an in-place ``copy_`` under
+  ``no_grad`` as an optimiser's step, JAX the other parameter tree passed
+  to its jitted function), and that load is *not* timed, on every side.
+  So no cache of derived weights is free (fastgates rebuilds its derived
+  weights inside the next, timed, call), while an optimiser's own cost,
+  which belongs to the optimiser and not to the layer, stays out: measured,
+  ``fastgates.Adam`` took 194 ms per step at (25, 16, 1024, 1024) against
+  38 ms for ``torch.optim.Adam``, more than the training step itself, and
+  GFLOP/s would no longer count the layer's work;
+- after a warm-up the sides alternate A B C A B C ...; each side reports the
+  median of ``--repeats`` (>= 7) timed runs; every call is also timed on its
+  own, for ``--load``;
+- ``--load N`` runs the matrix (by default its tiny and small shapes, which
+  the contention target covers) beside N busy processes (ended with the run,
+  also on an error or an interrupt), with fastgates at 1 thread too, and
+  reports every side's per-call median and 90th percentile at 1 and n
+  threads and fastgates' n-thread over 1-thread ratio (target <= 1.5);
 - GFLOP/s use forward FLOPs ``2*T*B*G*H*(I_k+H)`` summed over layers and
   directions, training = 3x, and are also given as a fraction of one
   2048x2048 ``np.dot`` measured in the same process, dtype and threads.
@@ -19,10 +45,12 @@ implements the protocol of ``docs/benchmarks.md``:
 A peer that is not installed is left out with a note; without PyTorch the
 NumPy forward pass is timed instead (inference only).  ``--memory`` measures
 the peak memory of a training step, ``--compile-cost`` the first call in a
-fresh process.  Run it on an idle machine, one benchmark at a time.
+fresh process, ``--json`` writes the rows as data.  Run it on an idle machine
+(except for ``--load``), one benchmark at a time.
 
 PyTorch, onnx and onnxruntime are imported here, inside functions, and only
-when asked for: ``import fastgates`` never imports this module.
+when asked for; JAX never is (its thread pools would start in this process):
+``import fastgates`` never imports this module.
 """
 
 # No pool may busy-wait into the other side's run.  OMP_WAIT_POLICY=PASSIVE
@@ -30,18 +58,29 @@ when asked for: ``import fastgates`` never imports this module.
 # and measured here it made PyTorch's tiny LSTM 20x slower (0.29 -> 6.2 ms),
 # which would flatter fastgates.  Instead both OpenMP runtimes (PyTorch's and
 # Numba's) keep their default short spin, and every timed run starts after a
-# pause (PAUSE) long enough for the pool of the side before it to fall asleep;
-# onnxruntime's pool, which spins for long, is told not to spin.  --spin-check
-# verifies it: each side timed alone must match its time when alternating.
+# pause (PAUSE), repeated until this process used (almost) no CPU during it:
+# the pool of the side before has fallen asleep (a libgomp pool sometimes
+# spins past 10 ms; the report names the sides after which that happened).
+# onnxruntime runs both with spinning (a user's default, which may be faster)
+# and without; its spinning pool falls quiet within the same pauses.  The JAX
+# worker reports the CPU it used while the other sides ran.  --spin-check
+# verifies it all: each side timed alone must match its time when alternating.
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import datetime
+import functools
+import importlib.util
+import itertools
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,9 +89,10 @@ import textwrap
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastgates as fg
+from fastgates._bench_jax import timed_calls
 
 __all__ = ["main", "add_arguments", "run", "numpy_forward", "kept_bytes", "MATRIX", "QUICK"]
 
@@ -114,12 +154,33 @@ QUICK = [MATRIX[0], MATRIX[2], MATRIX[5], MATRIX[7], MATRIX[8]]
 
 GATES = {"lstm": 4, "gru": 3}
 DTYPES = {"float32": np.float32, "float64": np.float64}
-PEERS = ["torch", "onnxruntime", "numpy"]
+PEERS = ["torch", "onnxruntime", "jax", "numpy"]
 
-# Agreement bound on max|a - b| / max(1, max|b|): float32 sums of up to
-# T*B ~ 1e4 terms leave ~1e-5 relative; float64 ~1e-13.  An error (wrong
-# gate, missing term) is orders of magnitude larger.
-AGREE_TOL = {"float32": 5e-4, "float64": 1e-9}
+# Agreement bounds on max|a - b| / max(1, max|b|) (for y, whose entries lie
+# in (-1, 1): the max abs error), per dtype, for y and for the gradients.
+# TOLERANCES ARE SET HERE AND NOWHERE ELSE.  Measured on 2026-12-06 over the
+# whole matrix (9 shapes, both cells, modes and activation modes, fastgates at
+# 1 and 2 threads against PyTorch, onnxruntime and JAX at 1 and 2 threads and
+# the NumPy forward pass), the largest errors were:
+#   float32: y 1.4e-6 (GRU (25, 16, 1024, 1024) against PyTorch),
+#            gradients 2.0e-6 (LSTM dx at (25, 16, 1024, 1024));
+#   float64: y 2.5e-15, gradients 3.9e-15 (LSTM dx at (50, 64, 512, 512)).
+# The bounds leave a margin of 7-10x (float32) and 25-40x (float64): room for
+# sums over longer sequences and larger batches than the matrix's (rounding
+# errors grow about as the square root of the terms summed), while a real
+# error (a wrong gate, a missing term, one weight off by 1e-3) is far above.
+AGREE_TOL = {"float32": {"y": 1e-5, "grad": 2e-5},
+             "float64": {"y": 1e-13, "grad": 1e-13}}
+
+# Training steps change the weights: before each timed training step, untimed,
+# every side loads the other of two sets of weights that differ in every entry
+# (the second is the first plus WEIGHT_STEP, above the float32 spacing of
+# weights near 0.1, 7e-9, and small enough to change no answer materially).
+WEIGHT_STEP = 1e-6
+
+# --load: a side's n-thread calls may take at most this many times its own
+# 1-thread calls (median and 90th percentile) with the cores busy.
+LOAD_TARGET = 1.5
 
 GEMM_N = 2048
 
@@ -151,6 +212,8 @@ class Peers:
     torch: object = None
     onnx: object = None
     ort: object = None
+    jax: bool = False             # JAX is installed: time it in worker processes
+    jax_version: str = None       # as the workers report it
     numpy: bool = False           # time numpy_forward as a peer (inference)
     notes: list = dataclasses.field(default_factory=list)
 
@@ -158,17 +221,30 @@ class Peers:
         """Names of the peers that get a column, in table order."""
         return [name for name, here in (("torch", self.torch is not None),
                                         ("onnxruntime", self.ort is not None),
+                                        ("jax", self.jax),
                                         ("numpy", self.numpy)) if here]
+
+
+def _installed(name):
+    """Whether ``name`` can be imported, without importing it (JAX must not
+    start its thread pools in this process)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def load_peers(requested=None):
     """Import the requested peers that are installed; a note for each one missing.
 
     ``requested`` is a list of names from PEERS, or None for the default:
-    PyTorch and onnxruntime.  The NumPy forward pass is timed when asked for,
-    when PyTorch was wanted but is missing, or when no requested peer is there.
+    PyTorch, onnxruntime and JAX.  The NumPy forward pass is timed when asked
+    for, when PyTorch was wanted but is missing, or when no requested peer is
+    there.  JAX is only looked for here: it runs in worker processes.
     """
-    wanted = ["torch", "onnxruntime"] if requested is None else list(requested)
+    wanted = ["torch", "onnxruntime", "jax"] if requested is None else list(requested)
     peers = Peers()
     if "torch" in wanted:
         try:
@@ -187,6 +263,11 @@ def load_peers(requested=None):
                                "column (`pip install onnxruntime onnx`).")
         else:
             peers.onnx, peers.ort = onnx, onnxruntime
+    if "jax" in wanted:
+        peers.jax = _installed("jax") and _installed("jaxlib")
+        if not peers.jax:
+            peers.notes.append("JAX is not installed: no jax column "
+                               "(`pip install jax jaxlib`, the CPU build).")
     peers.numpy = "numpy" in wanted
     if not peers.numpy and (("torch" in wanted and peers.torch is None)
                             or not peers.timed()):
@@ -263,64 +344,147 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False):
 # ---------------------------------------------------------------------------
 # timing
 
-
-def _once(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _calls_per_run(fn, min_run_time):
-    """Calls that make one timed run last at least min_run_time seconds."""
-    t = _once(fn)
-    return max(1, math.ceil(min_run_time / max(t, 1e-9)))
-
-
 # Seconds of idle before each timed run: libgomp's default spin (300,000
 # iterations) is well under a millisecond.
 PAUSE = 0.01
+# The pause is repeated while this process used more than QUIET of it in CPU
+# time (a pool still spinning: onnxruntime's with spinning on), at most
+# MAX_PAUSES times; the report counts the runs that needed it.
+QUIET = 0.05
+MAX_PAUSES = 20
 # A side whose CPU time over wall time exceeds its thread count by more than
 # this used more cores than allowed (the slack covers the other side's pool
 # spinning briefly into the run and the timer's own thread).
 CORES_SLACK = 0.25
 
 
-def _timed_run(fn, n, cpu=None):
-    """Seconds per call over n calls; adds (wall, CPU) seconds to cpu if given."""
-    time.sleep(PAUSE)
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    wall = time.perf_counter() - t0
-    if cpu is not None:
-        cpu[0] += wall
-        cpu[1] += time.process_time() - c0
-    return wall / n
+def _pause():
+    """Sleep PAUSE, again while this process keeps a core busy; return the extra pauses."""
+    for extra in range(MAX_PAUSES):
+        c0 = time.process_time()
+        time.sleep(PAUSE)
+        if time.process_time() - c0 < QUIET * PAUSE:
+            return extra
+    return MAX_PAUSES
 
 
-def time_alternating(fns, repeats, min_run_time, warmup=2):
-    """Median seconds per call of each fn, the sides alternating A B A B.
+class Side:
+    """One contestant at one setting: ``peer`` with ``threads`` threads.
 
-    Returns (medians, calls_per_run, cores): cores is each side's CPU time
-    over wall time during its timed runs, the number of cores it kept busy
-    (a side using more than the threads it was given shows up here)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    calls = {k: _calls_per_run(fn, min_run_time) for k, fn in fns.items()}
-    samples = {k: [] for k in fns}
-    cpu = {k: [0.0, 0.0] for k in fns}
+    ``call`` is one call (no arguments); ``setup`` runs before each timed run,
+    untimed (it sets every thread count in the process); ``between`` (if
+    given) runs before each call, untimed (training: new weights);
+    ``variant`` names a setting beside the thread count (onnxruntime's
+    spinning).
+    """
+
+    def __init__(self, peer, threads, call, setup=None, variant="", between=None):
+        self.peer, self.threads, self.variant = peer, threads, variant
+        self.call, self.setup, self.between = call, setup, between
+
+    @property
+    def label(self):
+        return f"{self.peer}@{self.threads}" + (f" {self.variant}" if self.variant else "")
+
+    def warmup(self, n):
+        """``n`` untimed calls; returns the seconds the last one took."""
+        if self.setup is not None:
+            self.setup()
+        times, _, _ = timed_calls(self.call, n, self.between)
+        return times[-1]
+
+    def run(self, calls):
+        """``calls`` timed calls after a quiet pause.
+
+        Returns (seconds of each call, wall seconds, CPU seconds of this
+        process, extra pauses); with ``between``, wall and CPU seconds are
+        those of the calls alone."""
+        if self.setup is not None:
+            self.setup()
+        extra = _pause()
+        return (*timed_calls(self.call, calls, self.between), extra)
+
+
+class JaxSide(Side):
+    """A side whose calls run in a JAX worker process (:mod:`fastgates._bench_jax`)."""
+
+    def __init__(self, worker):
+        super().__init__("jax", worker.threads, None)
+        self.worker = worker
+
+    def warmup(self, n):
+        return self.worker.request("warmup", n)
+
+    def run(self, calls):
+        extra = _pause()
+        # This process is quiet now and only waits for the reply meanwhile.
+        times, wall, cpu, idle = self.worker.request("run", calls)
+        self.worker.add_idle(*idle)
+        return times, wall, cpu, extra
+
+
+@dataclasses.dataclass
+class Samples:
+    """What the timed runs of one side measured (seconds)."""
+
+    calls_per_run: int
+    runs: list = dataclasses.field(default_factory=list)    # mean call of each run
+    calls: list = dataclasses.field(default_factory=list)   # every timed call
+    wall: float = 0.0
+    cpu: float = 0.0
+    spun_after: int = 0   # runs after which this process still used CPU at the pause's end
+
+    def add(self, times, wall, cpu):
+        self.runs.append(wall / len(times))
+        self.calls += times
+        self.wall += wall
+        self.cpu += cpu
+
+    @property
+    def median(self):
+        """Median over the runs of the time per call: the table's time."""
+        return statistics.median(self.runs)
+
+    @property
+    def cores(self):
+        """CPU time over wall time: the cores the side kept busy."""
+        return self.cpu / self.wall if self.wall > 0 else float("nan")
+
+    def call_percentile(self, q):
+        """Percentile ``q`` of the single calls (the --load report)."""
+        return float(np.percentile(self.calls, q))
+
+
+def time_alternating(sides, repeats, min_run_time, warmup=1):
+    """Time each side, the sides alternating A B C A B C ...
+
+    After ``warmup`` calls per side (the answers checked before were the
+    first warm-up call), whose last one sizes the runs (each run repeats the
+    call to last at least ``min_run_time``), ``repeats`` rounds; returns a
+    dict of side label to :class:`Samples`.  A run whose pause had to wait
+    for this process to go quiet counts against the side that ran before it
+    (``spun_after``)."""
+    samples = {}
+    for side in sides:
+        last = side.warmup(warmup)
+        samples[side.label] = Samples(max(1, math.ceil(min_run_time / max(last, 1e-9))))
+    previous = sides[-1].label
     for _ in range(repeats):
-        for k, fn in fns.items():
-            samples[k].append(_timed_run(fn, calls[k], cpu[k]))
-    cores = {k: c / w if w > 0 else float("nan") for k, (w, c) in cpu.items()}
-    return {k: statistics.median(v) for k, v in samples.items()}, calls, cores
+        for side in sides:
+            s = samples[side.label]
+            times, wall, cpu, extra = side.run(s.calls_per_run)
+            s.add(times, wall, cpu)
+            samples[previous].spun_after += extra > 0
+            previous = side.label
+    return samples
 
 
-def time_solo(fn, calls, repeats):
-    """Median seconds per call of fn timed on its own (spinning check)."""
-    return statistics.median(_timed_run(fn, calls) for _ in range(repeats))
+def time_solo(side, calls, repeats):
+    """Median seconds per call of one side timed on its own (spinning check)."""
+    s = Samples(calls)
+    for _ in range(repeats):
+        s.add(*side.run(calls)[:3])
+    return s.median
 
 
 def gemm_gflops(dtype, n=GEMM_N, repeats=5):
@@ -330,9 +494,8 @@ def gemm_gflops(dtype, n=GEMM_N, repeats=5):
     b = rng.standard_normal((n, n)).astype(dtype)
     out = np.empty_like(a)
     np.dot(a, b, out=out)
-    t = statistics.median(_once(lambda: np.dot(a, b, out=out))
-                          for _ in range(repeats))
-    return 2.0 * n ** 3 / t / 1e9
+    times, _, _ = timed_calls(lambda: np.dot(a, b, out=out), repeats)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -368,8 +531,11 @@ def _onnx_reorder(a, cell, H):
     return np.concatenate([a[j * H:(j + 1) * H] for j in _ONNX_BLOCKS[cell]])
 
 
-def _onnx_session(peers, cell, shape, state_dict, threads):
-    """A float32 graph of one LSTM/GRU node per layer, y as (T, B, D*H)."""
+def _onnx_session(peers, cell, shape, state_dict, threads, spin):
+    """A float32 graph of one LSTM/GRU node per layer, y as (T, B, D*H).
+
+    ``spin``: whether the intra-op pool's threads spin waiting for work.
+    """
     onnx, ort = peers.onnx, peers.ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -414,106 +580,363 @@ def _onnx_session(peers, cell, shape, state_dict, threads):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so,
                                 providers=["CPUExecutionProvider"])
 
 
-def _max_err(pairs):
-    """max |a - b| / max(1, max|b|) over (name, a, b) pairs; worst name."""
-    worst, worst_name = 0.0, ""
-    for name, a, b in pairs:
-        b = np.asarray(b, dtype=np.float64)
-        err = float(np.max(np.abs(np.asarray(a, np.float64) - b)))
-        err /= max(1.0, float(np.max(np.abs(b))))
-        if err >= worst:
-            worst, worst_name = err, name
-    return worst, worst_name
-
-
 def _to_np(t):
-    return t.detach().numpy()
+    return np.array(t.detach().numpy())
 
 
-def make_inference(peers, cell, shape, dtype_name, m, x, threads, log):
-    """Callables for inference and their agreement with fastgates' y."""
-    fns, errs = {"fastgates": lambda: m(x)}, {}
-    y_fg, _ = m(x)
-    sd = m.state_dict()
-    torch = peers.torch
-    if torch is not None:
-        tm = _torch_model(torch, cell, shape, DTYPES[dtype_name], sd)
-        xt = torch.from_numpy(x)
+def _grad_dict(cell, dx, dstate, dparams):
+    """Gradients keyed dx, dh0 (dc0) and by parameter name."""
+    grads = {"dx": dx}
+    for name, g in zip(("dh0", "dc0"), dstate if cell == "lstm" else (dstate,)):
+        grads[name] = g
+    grads.update(dparams)
+    return grads
 
-        def run_torch():
-            with torch.inference_mode():
-                return tm(xt)
-        fns["torch"] = run_torch
-        errs["torch"] = _max_err([("y", y_fg, _to_np(run_torch()[0]))])
-    if peers.ort is not None and dtype_name == "float32":
+
+class JaxWorker:
+    """A process that runs JAX's side at ``threads`` threads (:mod:`fastgates._bench_jax`).
+
+    JAX sizes its thread pools once, when it starts, so each thread count
+    needs a process of its own; it is started once per benchmark run and
+    reused by every case."""
+
+    def __init__(self, threads):
+        self.threads = threads
+        self.idle_wall = self.idle_cpu = 0.0
+        self._stderr = tempfile.TemporaryFile()
+        # XLA sizes its pools from the CPUs the process may use (no XLA_FLAGS
+        # setting limits them in jaxlib 0.10): the process is held to
+        # ``threads`` CPUs from its start, as `taskset -c` would.
+        cpus = sorted(os.sched_getaffinity(0))[:threads]
+        self.proc = subprocess.Popen(
+            # The file, not the module: its package (Numba) is not needed there.
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "_bench_jax.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env=_child_env(), preexec_fn=functools.partial(os.sched_setaffinity, 0, cpus))
         try:
-            sess = _onnx_session(peers, cell, shape, sd, threads)
-        except Exception as exc:  # a broken or too old onnx/onnxruntime: say so, go on
-            note = (f"onnxruntime could not run {shape.label()} {cell} "
-                    f"({type(exc).__name__}: {exc}); its cell is left empty.")
-            log(f"note: {note}")
-            peers.notes.append(note)
+            self.version = self.receive()
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self):
+        """The reply's payload to the request sent (RuntimeError on failure)."""
+        try:
+            status, payload = pickle.load(self.proc.stdout)
+        except EOFError:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"the JAX worker ({self.threads} threads) ended:\n{tail}") from None
+        if status != "ok":
+            raise RuntimeError(f"the JAX worker ({self.threads} threads) failed:\n{payload}")
+        return payload
+
+    def send(self, kind, arg=None):
+        """Send one request; :meth:`receive` gets its reply."""
+        pickle.dump((kind, arg), self.proc.stdin)
+        self.proc.stdin.flush()
+
+    def request(self, kind, arg=None):
+        """Send one request, return the reply's payload (RuntimeError on failure)."""
+        self.send(kind, arg)
+        return self.receive()
+
+    def add_idle(self, wall, cpu):
+        """Count the worker's time between requests and the CPU it used then."""
+        self.idle_wall += wall
+        self.idle_cpu += cpu
+
+    def close(self):
+        """End the worker (it ends at the end of its input)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self._stderr.close()
+
+
+def start_jax_workers(threads, log):
+    """One :class:`JaxWorker` per thread count, or none (with a note) if one fails."""
+    if not hasattr(os, "sched_setaffinity"):
+        return [], ("JAX is held to a thread count through the CPU affinity, which "
+                    "this system lacks: no jax column.")
+    workers = []
+    try:
+        for n in threads:
+            workers.append(JaxWorker(n))
+    except (RuntimeError, OSError) as exc:
+        for w in workers:
+            w.close()
+        log(f"note: JAX could not start, no jax column: {exc}")
+        return [], f"JAX could not start ({str(exc).splitlines()[0]}): no jax column."
+    return workers, None
+
+
+class ThreadSetter:
+    """Sets every thread count of this process: BLAS and OpenMP pools
+    (threadpoolctl), fastgates and PyTorch.  Each side calls it before each
+    of its timed runs, so that no side runs with another side's count."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.refresh()
+
+    def refresh(self):
+        """Take in the libraries loaded since (Numba's OpenMP starts with its first kernel)."""
+        self.controller = ThreadpoolController()
+
+    def __call__(self, n):
+        self.controller.limit(limits=n)
+        fg.set_num_threads(n)
+        if self.torch is not None:
+            # Also after fastgates: the start of Numba's OpenMP pool sets the
+            # thread count of the libgomp PyTorch uses too (same soname);
+            # measured before this was done per run: PyTorch at "1 thread"
+            # ran on 2 after fastgates' first parallel kernel.
+            self.torch.set_num_threads(n)
+
+    def setter(self, n):
+        return functools.partial(self, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: Shape
+    cell: str
+    dtype: str
+    mode: str
+
+    def label(self):
+        return f"{self.shape.label()} {self.cell} {self.dtype} {self.mode}"
+
+
+def _next_weights(sd):
+    """The second set of weights of a training case (see WEIGHT_STEP)."""
+    return {k: (v + WEIGHT_STEP).astype(v.dtype) for k, v in sd.items()}
+
+
+def _alternate(load, weights):
+    """A function that loads the next of ``weights`` at each call, cycling;
+    the first call loads the second set (the first is loaded already)."""
+    order = itertools.cycle(weights[1:] + weights[:1])
+
+    def between():
+        load(next(order))
+    return between
+
+
+def _fastgates_sides(ctx, case, m, x, dy, state, add):
+    between = None
+    if case.mode == "train":
+        between = _alternate(m.load_state_dict, [m.state_dict(), _next_weights(m.state_dict())])
+
+        def call():
+            (y, _), pullback = m.vjp(x, state)
+            return y, pullback(dy)
+    else:
+        def call():
+            return m(x)
+    for n in ctx.args.threads:
+        ctx.threads(n)
+        if case.mode == "train":
+            y, (dx, dstate, dparams) = call()
+            answer = {"y": y, **_grad_dict(case.cell, dx, dstate, dparams)}
         else:
-            feed = {"X": x}
-            fns["onnxruntime"] = lambda: sess.run(None, feed)
-            errs["onnxruntime"] = _max_err([("y", y_fg, sess.run(None, feed)[0])])
-
-    def run_numpy():
-        return numpy_forward(cell, sd, x, shape.layers, shape.bidirectional)
-    if peers.numpy:
-        fns["numpy"] = run_numpy
-    errs["numpy"] = _max_err([("y", y_fg, run_numpy())])
-    return fns, errs
+            answer = {"y": m(x)[0]}
+        add(Side("fastgates", n, call, ctx.threads.setter(n), between=between), answer)
 
 
-def make_training(peers, cell, shape, dtype_name, m, x, dy):
-    """Callables for forward + backward and their gradients' agreement."""
-    dtype = DTYPES[dtype_name]
-    state = _zero_state(cell, shape, dtype)
-
-    def run_fg():
-        (y, st), pullback = m.vjp(x, state)
-        return pullback(dy)
-    fns, errs = {"fastgates": run_fg}, {}
-    # The forward half of the training step, against the NumPy forward pass.
-    (y_fg, _), _ = m.vjp(x, state)
-    ref = numpy_forward(cell, m.state_dict(), x, shape.layers, shape.bidirectional)
-    errs["numpy"] = _max_err([("y", y_fg, ref)])
-    torch = peers.torch
-    if torch is None:
-        return fns, errs
-    tm = _torch_model(torch, cell, shape, dtype, m.state_dict())
+def _torch_training(torch, tm, cell, x, state, dy, sd):
+    """PyTorch's training step, the weight update between steps, and the
+    gradients at the first set of weights (``sd``)."""
     params = list(tm.parameters())
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
     states_t = [torch.from_numpy(s.copy()).requires_grad_(True)
                 for s in (state if cell == "lstm" else (state,))]
     dyt = torch.from_numpy(dy)
 
-    def run_torch():
-        xt.grad = None
-        for t in states_t + params:
+    def call():
+        for t in [xt, *states_t, *params]:
             t.grad = None
         y, _ = tm(xt, tuple(states_t) if cell == "lstm" else states_t[0])
         y.backward(dyt)
-    fns["torch"] = run_torch
 
-    dx, dstate, dparams = run_fg()
-    run_torch()
-    pairs = [("dx", dx, _to_np(xt.grad))]
-    dstates = dstate if cell == "lstm" else (dstate,)
-    names = ("dh0", "dc0")[:len(states_t)]
-    for name, a, t in zip(names, dstates, states_t, strict=True):
-        pairs.append((name, a, _to_np(t.grad)))
-    for name, p in tm.named_parameters():
-        pairs.append((name, dparams[name], _to_np(p.grad)))
-    errs["torch"] = _max_err(pairs)
-    return fns, errs
+    def load(weights):
+        # In place, as an optimiser's step changes them.
+        with torch.no_grad():
+            for name, p in tm.named_parameters():
+                p.copy_(weights[name])
+
+    weights = [{k: torch.from_numpy(v) for k, v in w.items()}
+               for w in (sd, _next_weights(sd))]
+
+    def answer():
+        call()
+        grads = {"dx": _to_np(xt.grad)}
+        for name, t in zip(("dh0", "dc0"), states_t):
+            grads[name] = _to_np(t.grad)
+        grads.update((name, _to_np(p.grad)) for name, p in tm.named_parameters())
+        return grads
+    return call, _alternate(load, weights), answer
+
+
+def _torch_sides(ctx, case, sd, x, dy, state, add):
+    torch = ctx.peers.torch
+    tm = _torch_model(torch, case.cell, case.shape, DTYPES[case.dtype], sd)
+    between = None
+    if case.mode == "train":
+        call, between, answer = _torch_training(torch, tm, case.cell, x, state, dy, sd)
+    else:
+        xt = torch.from_numpy(x)
+
+        def call():
+            with torch.inference_mode():
+                return tm(xt)
+
+        def answer():
+            return {"y": _to_np(call()[0])}
+    for k in ctx.peer_threads:
+        ctx.threads(k)
+        add(Side("torch", k, call, ctx.threads.setter(k), between=between), answer())
+
+
+def _onnx_sides(ctx, case, sd, x, add):
+    feed = {"X": x}
+    for k in ctx.peer_threads:
+        for spin in (True, False):
+            sess = _onnx_session(ctx.peers, case.cell, case.shape, sd, k, spin)
+            call = functools.partial(sess.run, None, feed)
+            add(Side("onnxruntime", k, call, ctx.threads.setter(k),
+                     "spin" if spin else "no spin"), {"y": call()[0]})
+
+
+def _jax_sides(ctx, case, sd, x, dy, state, add):
+    spec = {"cell": case.cell, "mode": case.mode, "layers": case.shape.layers,
+            "bidirectional": case.shape.bidirectional, "params": sd, "x": x,
+            "state": state}
+    if case.mode == "train":
+        spec.update(dy=dy, params_next=_next_weights(sd))
+    # Every worker compiles at once (each on its own CPUs).
+    for worker in ctx.workers:
+        worker.send("setup", spec)
+    replies = []
+    for worker in ctx.workers:      # every reply read, so that none is left behind
+        try:
+            replies.append(worker.receive())
+        except RuntimeError as exc:
+            replies.append(exc)
+    for reply in replies:
+        if isinstance(reply, RuntimeError):
+            raise reply
+    for worker, (answer, _) in zip(ctx.workers, replies, strict=True):
+        add(JaxSide(worker), answer if case.mode == "train" else {"y": answer})
+
+
+def case_sides(ctx, case, m, x, dy):
+    """The sides of one case, and each side's answer, before any is timed.
+
+    An answer is a dict of array name to array: ``y`` for inference (and
+    the forward half of fastgates' training step) and, for training, the
+    gradients ``dx``, ``dh0`` (``dc0``) and one per parameter, all at the
+    initial weights (the timed steps then update them).  Returns (sides,
+    answers keyed by side label, the NumPy forward pass's ``y``).
+    """
+    sides, answers = [], {}
+
+    def add(side, answer):
+        sides.append(side)
+        answers[side.label] = answer
+
+    dtype = DTYPES[case.dtype]
+    sd = m.state_dict()
+    state = _zero_state(case.cell, case.shape, dtype)
+    ref = numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional)
+    _fastgates_sides(ctx, case, m, x, dy, state, add)
+    if ctx.peers.torch is not None:
+        _torch_sides(ctx, case, sd, x, dy, state, add)
+    def attempt(peer, build):
+        """Add a peer's sides; if it fails, a note, and the peer is left out."""
+        before = len(sides)
+        try:
+            build()
+        except Exception as exc:  # a broken peer install: say so, go on
+            lines = str(exc).strip().splitlines() or [""]
+            short = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+            note = (f"{peer} could not run {case.shape.label()} {case.cell} "
+                    f"({type(exc).__name__}: {short}); its cell is left empty.")
+            ctx.log(f"note: {note}")
+            ctx.peers.notes.append(note)
+            for side in sides[before:]:
+                del answers[side.label]
+            del sides[before:]
+
+    if ctx.peers.ort is not None and case.dtype == "float32" and case.mode == "infer":
+        attempt("onnxruntime", lambda: _onnx_sides(ctx, case, sd, x, add))
+    if ctx.peers.numpy and case.mode == "infer":
+        def call():
+            return numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional)
+        for k in ctx.peer_threads:
+            add(Side("numpy", k, call, ctx.threads.setter(k)), {"y": ref})
+    if ctx.workers:
+        attempt("JAX", lambda: _jax_sides(ctx, case, sd, x, dy, state, add))
+        if any(w.proc.poll() is not None for w in ctx.workers):   # a worker died
+            ctx.close_workers()
+    return sides, answers, ref
+
+
+def tolerance(dtype_name, array):
+    """The agreement bound of ``array`` ("y" or a gradient's name) in a dtype."""
+    return AGREE_TOL[dtype_name]["y" if array == "y" else "grad"]
+
+
+def compare(mine, theirs):
+    """``max|a - b| / max(1, max|b|)`` for each array both answers hold (NaN if any is)."""
+    out = {}
+    for name, b in theirs.items():
+        if name in mine:
+            b = np.asarray(b, dtype=np.float64)
+            diff = np.abs(np.asarray(mine[name], dtype=np.float64) - b)
+            out[name] = float(np.max(diff)) / max(1.0, float(np.max(np.abs(b))))
+    return out
+
+
+def agreement(case, n, answers, ref):
+    """fastgates at ``n`` threads against every other side and the NumPy forward pass.
+
+    Returns (errs, failures): errs maps each side's label (and "numpy
+    forward") to (max error, array) of its array nearest to or furthest
+    past its tolerance; failures names every array past its tolerance (a
+    NaN counts as past it)."""
+    mine = answers[f"fastgates@{n}"]
+    others = [(label, a) for label, a in answers.items() if not label.startswith("fastgates@")]
+    errs, failures = {}, []
+    for label, theirs in [("numpy forward", {"y": ref})] + others:
+        worst = None
+        for name, err in compare(mine, theirs).items():
+            tol = tolerance(case.dtype, name)
+            if not err <= tol:
+                failures.append(f"{case.label()} thr={n}: fastgates@{n} against "
+                                f"{label}: {name} differs by {err:.1e} "
+                                f"(tolerance {tol:.0e})")
+            score = err / tol if err <= tol else math.inf
+            if worst is None or score >= worst[0]:
+                worst = (score, err, name)
+        if worst is not None:
+            errs[label] = worst[1:]
+    return errs, failures
 
 
 # ---------------------------------------------------------------------------
@@ -589,25 +1012,67 @@ class Progress:
 # running the matrix
 
 
+SideInfo = collections.namedtuple("SideInfo", "peer threads variant label")
+
+
 @dataclasses.dataclass
 class Row:
+    """fastgates at ``threads`` threads in one case, against every peer's sides.
+
+    The rows of one case (one per fastgates thread count) share its
+    ``samples``; a row whose answers disagree has ``failures`` and no
+    samples: it was not timed."""
+
     shape: Shape
     cell: str
     dtype: str
     mode: str
     threads: int
-    times: dict
-    errs: dict
-    gflops: float
-    gemm: float
+    sides: list            # SideInfo of every side of the case
+    errs: dict             # side label (or "numpy forward") -> (max error, array)
+    failures: list = dataclasses.field(default_factory=list)
+    samples: dict = None   # side label -> Samples
+    gflops: float = None
+    gemm: float = None
     solo_change: float = None
-    cores: dict = None
+
+    def label(self):
+        return f"{self.shape.label()} {self.cell} {self.dtype} {self.mode} thr={self.threads}"
+
+    @property
+    def fastgates(self):
+        return self.samples[f"fastgates@{self.threads}"].median
+
+    def peer(self, peer, threads=None):
+        """(median, SideInfo) of the peer's fastest side with ``threads``
+        threads (None: with 1 to this row's count: its best), or None."""
+        timed = [(self.samples[s.label].median, s) for s in self.sides
+                 if s.peer == peer and (s.threads == threads if threads is not None
+                                        else s.threads <= self.threads)]
+        return min(timed, key=lambda ts: ts[0]) if timed else None
+
+    def best_peer(self):
+        """(median, SideInfo) of the fastest side of any peer at its best, or None."""
+        best = [b for b in (self.peer(p) for p in {s.peer for s in self.sides}
+                            if p != "fastgates") if b is not None]
+        return min(best, key=lambda ts: ts[0]) if best else None
 
 
-def _set_threads(peers, n):
-    fg.set_num_threads(n)
-    if peers.torch is not None:
-        peers.torch.set_num_threads(n)
+class _Context:
+    """What every case of one run shares."""
+
+    def __init__(self, args, peers, progress, workers=()):
+        self.args, self.peers, self.progress = args, peers, progress
+        self.log = progress.log
+        self.workers = list(workers)
+        # Each peer is timed at every thread count up to the largest asked for.
+        self.peer_threads = list(range(1, max(args.threads) + 1))
+        self.threads = ThreadSetter(peers.torch)
+
+    def close_workers(self):
+        for w in self.workers:
+            w.close()
+        self.workers = []
 
 
 def _shapes(args):
@@ -617,26 +1082,54 @@ def _shapes(args):
     return [s for s in shapes if s.group in args.groups]
 
 
+def _cases(args):
+    return [Case(shape, cell, dtype, mode) for shape in _shapes(args)
+            for cell in args.cells for dtype in args.dtypes for mode in args.modes]
+
+
 def run_matrix(args, peers, progress):
-    shapes = _shapes(args)
-    rows, gemm = [], {}
-    for n in args.threads:
-        # threadpoolctl caps every BLAS and OpenMP pool in the process.
-        with threadpool_limits(limits=n):
-            _set_threads(peers, n)
-            for dtype_name in args.dtypes:
+    """Every case of the matrix: returns (rows, GEMM throughput, JAX worker notes)."""
+    gemm = {}
+    for dtype_name in args.dtypes:
+        for n in args.threads:
+            with threadpool_limits(limits=n):
                 gemm[(dtype_name, n)] = gemm_gflops(DTYPES[dtype_name], args.gemm_n)
-                progress.log(f"threads={n} {dtype_name}: np.dot {args.gemm_n}^2 "
-                             f"{gemm[(dtype_name, n)]:.1f} GFLOP/s")
-            for shape in shapes:
+            progress.log(f"threads={n} {dtype_name}: np.dot {args.gemm_n}^2 "
+                         f"{gemm[(dtype_name, n)]:.1f} GFLOP/s")
+    ctx = _Context(args, peers, progress)
+    if peers.jax:
+        ctx.workers, note = start_jax_workers(ctx.peer_threads, progress.log)
+        if note:
+            peers.notes.append(note)
+        else:
+            peers.jax_version = ctx.workers[0].version
+    rows = []
+    # threadpoolctl restores the pools' thread counts at the end.
+    with threadpool_limits(limits=max(args.threads)):
+        try:
+            for shape in _shapes(args):
                 for cell in args.cells:
                     for dtype_name in args.dtypes:
-                        rows += _run_shape(args, peers, shape, cell, dtype_name, n,
-                                           gemm[(dtype_name, n)], progress)
+                        rows += _run_shape(ctx, shape, cell, dtype_name, gemm)
+        finally:
+            notes = _worker_notes(ctx.workers)
+            ctx.close_workers()
+    peers.notes += notes
     return rows, gemm
 
 
-def _run_shape(args, peers, shape, cell, dtype_name, n, gemm, progress):
+def _worker_notes(workers):
+    notes = []
+    for w in workers:
+        if w.idle_wall > 0 and w.idle_cpu > QUIET * w.idle_wall:
+            notes.append(f"**the JAX worker at {w.threads} threads used "
+                         f"{w.idle_cpu / w.idle_wall:.2f} cores while the other "
+                         "sides ran**: its pool spins into their runs.")
+    return notes
+
+
+def _run_shape(ctx, shape, cell, dtype_name, gemm):
+    args, progress = ctx.args, ctx.progress
     dtype = DTYPES[dtype_name]
     rng = np.random.default_rng(1)
     m = _fg_model(cell, shape, dtype)
@@ -644,36 +1137,49 @@ def _run_shape(args, peers, shape, cell, dtype_name, n, gemm, progress):
     dy = rng.standard_normal((shape.T, shape.B, shape.D * shape.H)).astype(dtype)
     rows = []
     for mode in args.modes:
-        progress.start(f"{shape.label()} {cell} {dtype_name} {mode} thr={n}")
-        if mode == "infer":
-            fns, errs = make_inference(peers, cell, shape, dtype_name, m, x, n,
-                                       progress.log)
-            flops = shape.forward_flops(GATES[cell])
-        else:
-            fns, errs = make_training(peers, cell, shape, dtype_name, m, x, dy)
-            flops = 3 * shape.forward_flops(GATES[cell])
-        # Again now that fastgates has run: the first parallel kernel starts
-        # Numba's OpenMP pool, whose start-up sets the thread count of the
-        # libgomp PyTorch loaded too (same soname).  Measured before this
-        # line existed: PyTorch at "1 thread" ran on 2 after that point.
-        _set_threads(peers, n)
-        times, calls, cores = time_alternating(fns, args.repeats, args.min_run_time)
-        solo = None
+        case = Case(shape, cell, dtype_name, mode)
+        progress.start(case.label())
+        sides, answers, ref = case_sides(ctx, case, m, x, dy)
+        infos = [SideInfo(s.peer, s.threads, s.variant, s.label) for s in sides]
+        case_rows = []
+        for n in args.threads:
+            errs, failures = agreement(case, n, answers, ref)
+            case_rows.append(Row(shape, cell, dtype_name, mode, n, infos, errs, failures))
+        failures = [f for r in case_rows for f in r.failures]
+        if failures:
+            # A fast wrong answer is a failure, not a time.
+            for f in failures:
+                progress.log(f"DISAGREEMENT: {f}")
+            progress.finish("not timed: the answers disagree")
+            rows += case_rows
+            continue
+        del answers
+        ctx.threads.refresh()
+        samples = time_alternating(sides, args.repeats, args.min_run_time)
+        solo = {}
         if args.spin_check:
-            solo = max(abs(time_solo(fn, calls[k], args.repeats) / times[k] - 1.0)
-                       for k, fn in fns.items())
-        row = Row(shape, cell, dtype_name, mode, n, times, errs,
-                  flops / times["fastgates"] / 1e9, gemm, solo, cores)
-        rows.append(row)
-        progress.finish(_result_text(row))
+            for side in sides:
+                s = samples[side.label]
+                solo[side.label] = abs(time_solo(side, s.calls_per_run, args.repeats)
+                                       / s.median - 1.0)
+        flops = shape.forward_flops(GATES[cell]) * (3 if mode == "train" else 1)
+        for row in case_rows:
+            row.samples = samples
+            row.gflops = flops / row.fastgates / 1e9
+            row.gemm = gemm[(dtype_name, row.threads)]
+            if solo:
+                row.solo_change = max(solo.values())
+        rows += case_rows
+        progress.finish(_result_text(case_rows))
     return rows
 
 
-def _result_text(row):
-    parts = [f"{k} {t * 1e3:.3f} ms ({row.cores[k]:.1f} cores)"
-             if row.cores else f"{k} {t * 1e3:.3f} ms" for k, t in row.times.items()]
-    parts += [f"err[{k}] {e:.1e}" for k, (e, _) in row.errs.items()]
-    return "  ".join(parts)
+def _result_text(case_rows):
+    row = case_rows[-1]
+    parts = [f"{label} {s.median * 1e3:.3f} ms ({s.cores:.1f} cores)"
+             for label, s in row.samples.items()]
+    worst = max((e for r in case_rows for e, _ in r.errs.values()), default=0.0)
+    return "  ".join(parts + [f"max err {worst:.1e}"])
 
 
 # ---------------------------------------------------------------------------
@@ -685,18 +1191,16 @@ def _fmt_ms(t):
 
 
 def _fmt_ratio(peer, mine):
-    return "" if peer is None else f"{peer / mine:.2f}"
+    return "" if peer is None or mine is None else f"{peer / mine:.2f}"
 
 
 def _agree(row):
-    tol = AGREE_TOL[row.dtype]
+    if row.failures:
+        label, (err, name) = max(row.errs.items(), key=lambda kv: kv[1][0] / tolerance(row.dtype, kv[1][1]))
+        return f"**NO** {err:.0e} ({label}: {name}; not timed)"
     if not row.errs:
         return "n/a"
-    worst = max(row.errs.items(), key=lambda kv: kv[1][0])
-    peer, (err, name) = worst
-    if err <= tol:
-        return f"{err:.0e}"
-    return f"**NO** {err:.0e} ({peer}: {name})"
+    return f"{max(err for err, _ in row.errs.values()):.0e}"
 
 
 def environment_lines(peers, gemm=None, gemm_n=GEMM_N):
@@ -710,14 +1214,15 @@ def environment_lines(peers, gemm=None, gemm_n=GEMM_N):
         f"fastgates {getattr(fg, '__version__', '?')} "
         f"({os.path.dirname(fg.__file__)}, {fg.get_activation_mode()} activations), "
         f"torch {torch.__version__ if torch is not None else 'not used'}, "
-        f"onnxruntime {ort.__version__ if ort is not None else 'not used'}",
+        f"onnxruntime {ort.__version__ if ort is not None else 'not used'}, "
+        f"jax {peers.jax_version or 'not used'}",
     ]
     blas = [f"{p.get('internal_api')} {p.get('version')} "
             f"({p.get('architecture')}, {p.get('threading_layer')})"
             for p in threadpool_info() if p.get("user_api") == "blas"]
     lines.append(f"- BLAS: {', '.join(blas) or 'unknown'}")
     env = {k: os.environ[k] for k in sorted(os.environ)
-           if k.startswith(("OPENBLAS_", "OMP_", "NUMBA_", "MKL_"))}
+           if k.startswith(("OPENBLAS_", "OMP_", "NUMBA_", "MKL_", "XLA_"))}
     lines.append(f"- environment: {env}")
     if gemm:
         lines.append(f"- GEMM throughput (np.dot, {gemm_n}x{gemm_n}), GFLOP/s: "
@@ -737,29 +1242,51 @@ def _cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "numpy": "numpy"}
+_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "jax": "jax", "numpy": "numpy"}
+
+
+def _shown(peers):
+    return ["torch", "onnxruntime", "jax"] + (["numpy"] if peers.numpy else [])
+
+
+def _setting(side):
+    """How a side was run, for the table: "1 thr" or "2 thr, spin"."""
+    return f"{side.threads} thr" + (f", {side.variant}" if side.variant else "")
 
 
 def table_lines(rows, peers, spin_check=False):
-    """The side-by-side table, one markdown row per case."""
-    shown = ["torch", "onnxruntime"] + (["numpy"] if peers.numpy else [])
+    """The side-by-side table, one markdown row per case and fastgates thread count."""
+    shown = _shown(peers)
+    cols = [_PEER_COLUMN[p] for p in shown]
     header = ["group", "(T, B, I, H)", "cell", "dtype", "mode", "thr", "fastgates"]
-    header += [_PEER_COLUMN[p] for p in shown]
-    header += [f"{_PEER_COLUMN[p]}/fg" for p in shown]
-    header += ["best peer/fg", "GFLOP/s", "%GEMM", "max err"]
+    for c in cols:
+        header += [c, f"{c} best"]
+    for c in cols:
+        header += [f"{c}/fg", f"{c} best/fg"]
+    header += ["best peer", "best peer/fg", "GFLOP/s", "%GEMM", "max err"]
     if spin_check:
         header.append("solo vs alt")
     out = ["| " + " | ".join(header) + " |",
            "|" + "|".join(" --- " for _ in header) + "|"]
     for r in rows:
-        mine = r.times["fastgates"]
-        t_peers = [r.times.get(p) for p in shown]
-        present = [t for t in t_peers if t is not None]
-        cells = [r.shape.group, r.shape.label(), r.cell, r.dtype, r.mode,
-                 str(r.threads), _fmt_ms(mine)]
-        cells += [_fmt_ms(t) for t in t_peers]
-        cells += [_fmt_ratio(t, mine) for t in t_peers]
-        cells += [_fmt_ratio(min(present) if present else None, mine),
+        cells = [r.shape.group, r.shape.label(), r.cell, r.dtype, r.mode, str(r.threads)]
+        if r.samples is None:
+            cells += [""] * (len(header) - len(cells) - 1 - spin_check) + [_agree(r)]
+            cells += [""] * spin_check
+            out.append("| " + " | ".join(cells) + " |")
+            continue
+        mine = r.fastgates
+        at_n = [r.peer(p, r.threads) for p in shown]
+        best = [r.peer(p) for p in shown]
+        cells.append(_fmt_ms(mine))
+        for a, b in zip(at_n, best, strict=True):
+            cells += [_fmt_ms(a and a[0]),
+                      "" if b is None else f"{_fmt_ms(b[0])} ({_setting(b[1])})"]
+        for a, b in zip(at_n, best, strict=True):
+            cells += [_fmt_ratio(a and a[0], mine), _fmt_ratio(b and b[0], mine)]
+        top = r.best_peer()
+        cells += ["" if top is None else f"{_PEER_COLUMN[top[1].peer]} ({_setting(top[1])})",
+                  _fmt_ratio(top and top[0], mine),
                   f"{r.gflops:.1f}", f"{100 * r.gflops / r.gemm:.0f}%", _agree(r)]
         if spin_check:
             cells.append(f"{100 * r.solo_change:.0f}%")
@@ -767,41 +1294,138 @@ def table_lines(rows, peers, spin_check=False):
     return out
 
 
+def _call_stats(samples):
+    return samples.call_percentile(50), samples.call_percentile(90)
+
+
+def _fmt_stats(stats):
+    return "" if stats is None else f"{_fmt_ms(stats[0])} / {_fmt_ms(stats[1])}"
+
+
+def load_rows(rows):
+    """Per timed case (its row at the largest thread count n): each side's
+    per-call median and 90th percentile at 1 and n threads, and fastgates'
+    n-thread over 1-thread ratios.  A list of dicts."""
+    n = max(r.threads for r in rows)
+    out = []
+    for r in rows:
+        if r.threads != n or r.samples is None or f"fastgates@1" not in r.samples:
+            continue
+        item = {"row": r, "n": n, "sides": {}}
+        for peer in ["fastgates"] + sorted({s.peer for s in r.sides} - {"fastgates"}):
+            for k in (1, n):
+                # onnxruntime: the faster of spinning and not (by median).
+                cands = [_call_stats(r.samples[s.label]) for s in r.sides
+                         if s.peer == peer and s.threads == k]
+                if cands:
+                    item["sides"][(peer, k)] = min(cands)
+        one, many = item["sides"][("fastgates", 1)], item["sides"][("fastgates", n)]
+        item["ratio"] = (many[0] / one[0], many[1] / one[1])
+        item["met"] = max(item["ratio"]) <= LOAD_TARGET
+        out.append(item)
+    return out
+
+
+def load_table_lines(items, peers):
+    """The --load table: per-call median / p90 (ms) at 1 and n threads."""
+    n = items[0]["n"]
+    shown = ["fastgates"] + _shown(peers)
+    header = ["group", "(T, B, I, H)", "cell", "dtype", "mode",
+              "fastgates 1 thr", f"fastgates {n} thr", f"fg {n}/1 median", f"fg {n}/1 p90",
+              f"<= {LOAD_TARGET}"]
+    for p in shown[1:]:
+        header += [f"{_PEER_COLUMN[p]} 1 thr", f"{_PEER_COLUMN[p]} {n} thr"]
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(" --- " for _ in header) + "|"]
+    for it in items:
+        r, s = it["row"], it["sides"]
+        cells = [r.shape.group, r.shape.label(), r.cell, r.dtype, r.mode,
+                 _fmt_stats(s[("fastgates", 1)]), _fmt_stats(s[("fastgates", n)]),
+                 f"{it['ratio'][0]:.2f}", f"{it['ratio'][1]:.2f}",
+                 "yes" if it["met"] else "**no**"]
+        for p in shown[1:]:
+            cells += [_fmt_stats(s.get((p, 1))), _fmt_stats(s.get((p, n)))]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _notes(rows, args, peers):
+    notes = list(peers.notes)
+    if args.no_onnx:
+        notes.append("onnxruntime skipped (--no-onnx).")
+    timed = [r for r in rows if r.samples is not None]
+    over = []
+    for r in timed:
+        if r.threads != max(args.threads):
+            continue   # the case's sides are the same in its other rows
+        busy = [f"{s.label} {r.samples[s.label].cores:.2f}" for s in r.sides
+                if r.samples[s.label].cores > s.threads + CORES_SLACK]
+        if busy:
+            over.append(f"{r.shape.label()} {r.cell} {r.dtype} {r.mode}: " + ", ".join(busy))
+    if over:
+        notes.append("**more cores busy than threads allowed** (CPU time / wall "
+                     "time of a side's timed runs; that side's time is flattered): "
+                     + "; ".join(over))
+    elif timed:
+        notes.append("Every side kept at most its thread count of cores busy "
+                     f"(CPU time / wall time of its timed runs <= threads + "
+                     f"{CORES_SLACK}).")
+    spun = collections.Counter()
+    for r in timed:
+        if r.threads == max(args.threads):
+            spun.update({label: s.spun_after for label, s in r.samples.items()})
+    spun = {label: k for label, k in spun.items() if k}
+    if spun:
+        notes.append(f"After these sides' runs this process still used CPU at the end "
+                     f"of the {PAUSE * 1e3:g} ms pause (a pool spinning down), so the "
+                     "next run waited until it was quiet (runs): "
+                     + ", ".join(f"{label} {k}" for label, k in sorted(spun.items())))
+    if timed and args.spin_check:
+        notes.append("solo vs alt: largest change of a side timed on its own "
+                     "against alternating; above 10% means a pool spins.")
+    failures = [f for r in rows for f in r.failures]
+    if failures:
+        notes.append("**The answers disagree: the run failed.** Not timed: "
+                     + "; ".join(failures))
+    return notes
+
+
 def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
     out = ["# fastgates benchmark", ""]
     out += environment_lines(peers, gemm, args.gemm_n)
     out.append(f"- command: `{args.command_line}`")
+    if args.load:
+        out.append(f"- under load: {args.load} busy processes (`python -c \"while True: pass\"`) "
+                   "beside the run")
     if rows:
         out += [f"- median of {args.repeats} timed runs after warm-up, sides "
                 f"alternating; each run repeats the call to last >= "
                 f"{args.min_run_time * 1e3:g} ms", "",
                 "Times in ms; ratios are peer_time / fastgates_time (above 1: "
-                "fastgates is faster); best peer: the fastest peer timed in that "
-                "row. GFLOP/s with forward FLOPs 2*T*B*G*H*(I_k+H), training 3x; "
-                "%GEMM against the GEMM throughput above. max err: max |fastgates - "
-                "peer| / max(1, max|peer|), worst over the peers, over y "
-                "(inference, and the NumPy check in training) or every gradient "
-                "(training, PyTorch).", ""]
+                "fastgates is faster). Each peer is timed at every thread count "
+                "from 1 to that of the row (onnxruntime with and without spinning): "
+                "its column is its time at the row's thread count, `best` its "
+                "fastest setting; best peer: the fastest peer at its best. "
+                "Training: forward and backward, every side loading new weights "
+                "before each step (untimed). GFLOP/s with forward FLOPs 2*T*B*G*H*(I_k+H), "
+                "training 3x; %GEMM against the GEMM throughput above. max err: "
+                "max |fastgates - peer| / max(1, max|peer|), worst over the peers' "
+                "sides and the NumPy forward pass, over y (inference, and the NumPy "
+                "check in training) or every gradient (training); above the "
+                "tolerance the row fails and is not timed.", ""]
         out += table_lines(rows, peers, args.spin_check)
-    notes = list(peers.notes)
-    if args.no_onnx:
-        notes.append("onnxruntime skipped (--no-onnx).")
-    over = [f"{r.shape.label()} {r.cell} {r.dtype} {r.mode} thr={r.threads}: "
-            + ", ".join(f"{k} {c:.2f}" for k, c in r.cores.items()
-                        if c > r.threads + CORES_SLACK)
-            for r in rows if r.cores and any(c > r.threads + CORES_SLACK
-                                             for c in r.cores.values())]
-    if over:
-        notes.append("**more cores busy than threads allowed** (CPU time / wall "
-                     "time of a side's timed runs; that side's time is flattered): "
-                     + "; ".join(over))
-    elif rows:
-        notes.append("Every side kept at most its thread count of cores busy "
-                     f"(CPU time / wall time of its timed runs <= threads + "
-                     f"{CORES_SLACK}).")
-    if rows and args.spin_check:
-        notes.append("solo vs alt: largest change of a side timed on its own "
-                     "against alternating; above 10% means a pool spins.")
+        items = load_rows(rows) if args.load else []
+        if items:
+            met = sum(it["met"] for it in items)
+            n = items[0]["n"]
+            out += ["", f"## Under load: each call at 1 and {n} threads", "",
+                    f"Per-call median / 90th percentile (ms) of every timed call. "
+                    f"fg {n}/1: fastgates' {n}-thread time over its own 1-thread "
+                    f"time in the same run; the target is <= {LOAD_TARGET} for both. "
+                    f"Peers: the faster setting at that thread count. Met in {met} "
+                    f"of {len(items)} cases.", ""]
+            out += load_table_lines(items, peers)
+    notes = _notes(rows, args, peers)
     if compile_rows:
         out += ["", "## Compile cost (first call in a fresh process)", "",
                 "| cell | dtype | cache | import s | first forward s | "
@@ -815,6 +1439,30 @@ def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
+
+
+def json_report(rows, gemm, args, peers):
+    """The rows as plain data (``--json``): every side's samples and the errors."""
+    def side(s, info):
+        return {"peer": info.peer, "threads": info.threads, "variant": info.variant,
+                "median_ms": s.median * 1e3, "runs_ms": [t * 1e3 for t in s.runs],
+                "call_median_ms": s.call_percentile(50) * 1e3,
+                "call_p90_ms": s.call_percentile(90) * 1e3,
+                "calls_per_run": s.calls_per_run, "cores": s.cores,
+                "spun_after": s.spun_after}
+    out = []
+    for r in rows:
+        out.append({
+            "group": r.shape.group, "T": r.shape.T, "B": r.shape.B, "I": r.shape.I,
+            "H": r.shape.H, "layers": r.shape.layers, "bidirectional": r.shape.bidirectional,
+            "cell": r.cell, "dtype": r.dtype, "mode": r.mode, "threads": r.threads,
+            "errors": {k: {"max_error": e, "array": a} for k, (e, a) in r.errs.items()},
+            "failures": r.failures, "gflops": r.gflops,
+            "sides": None if r.samples is None else {
+                i.label: side(r.samples[i.label], i) for i in r.sides}})
+    return {"command": args.command_line, "environment": environment_lines(peers, gemm, args.gemm_n),
+            "load": args.load, "repeats": args.repeats, "weight_step": WEIGHT_STEP,
+            "tolerances": AGREE_TOL, "rows": out}
 
 
 # ---------------------------------------------------------------------------
@@ -1092,6 +1740,59 @@ def memory_table_lines(rows):
 
 
 # ---------------------------------------------------------------------------
+# busy processes (--load)
+
+# What a busy neighbour runs: one core, all the time.
+BUSY_CODE = "while True: pass"
+
+
+def _die_with_parent():
+    """In a child before exec: be killed when the runner dies (Linux), so that
+    no busy process outlives it even if it is killed outright."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(n, log):
+    """``n`` processes each keeping a core busy, for the duration of the block.
+
+    They are ended when the block ends, on an error, a KeyboardInterrupt or a
+    SIGTERM (turned into SystemExit meanwhile), and die with the runner on
+    Linux."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    procs, previous = [], None
+    if n:
+        try:
+            previous = signal.signal(signal.SIGTERM, stop)
+        except ValueError:   # not the main thread, where only Python may catch it
+            pass
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", BUSY_CODE], stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+        if n:
+            log(f"--load {n}: started busy processes {[p.pid for p in procs]}")
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        if procs:
+            log(f"--load {n}: busy processes ended")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------
 # command line
 
 
@@ -1100,9 +1801,11 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true",
                    help="one shape per group at 2 threads (unless --threads)")
     p.add_argument("--threads", type=int, nargs="+", default=None, metavar="N",
-                   help="thread counts (default: 1 2; --quick: 2)")
-    p.add_argument("--groups", nargs="+", choices=GROUPS, default=GROUPS, metavar="GROUP",
-                   help=f"shape groups of the matrix, from {' '.join(GROUPS)} (default: all)")
+                   help="fastgates' thread counts (default: 1 2; --quick: 2); "
+                        "each peer is timed at every count from 1 to the largest")
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=None, metavar="GROUP",
+                   help=f"shape groups of the matrix, from {' '.join(GROUPS)} "
+                        "(default: all; with --load: tiny small)")
     p.add_argument("--shape", type=parse_shape, action="append", metavar="T,B,I,H[,L[,bi]]",
                    help="a shape of your own instead of the matrix (repeatable), "
                         "e.g. 100,16,64,128 or 50,16,256,256,2,bi")
@@ -1112,12 +1815,19 @@ def add_arguments(p):
                    metavar="DTYPE", help="float32, float64 (default: both)")
     p.add_argument("--modes", nargs="+", choices=["infer", "train"],
                    default=["infer", "train"], metavar="MODE",
-                   help="infer, train (default: both)")
+                   help="infer, train (default: both); training steps get new "
+                        "weights before each step on every side")
     p.add_argument("--peers", nargs="+", choices=PEERS, default=None, metavar="PEER",
-                   help="peers to time, from torch onnxruntime numpy (default: "
-                        "torch onnxruntime; numpy, the NumPy forward pass, is "
+                   help="peers to time, from torch onnxruntime jax numpy (default: "
+                        "torch onnxruntime jax; numpy, the NumPy forward pass, is "
                         "timed when PyTorch is missing)")
     p.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run beside N busy processes (`python -c \"while True: "
+                        "pass\"`, ended with the run) and report each side's "
+                        "per-call median and 90th percentile at 1 and n threads, "
+                        f"and fastgates' n-thread over 1-thread ratio (target <= "
+                        f"{LOAD_TARGET}); fastgates is timed at 1 thread too")
     p.add_argument("--activations", choices=["fast", "exact"], default=None,
                    help="fastgates' activation mode (default: the current one, "
                         "fast unless FASTGATES_ACTIVATIONS says otherwise)")
@@ -1141,6 +1851,9 @@ def add_arguments(p):
                    help="skip the side-by-side timing (with --memory or "
                         "--compile-cost)")
     p.add_argument("--out", metavar="FILE", help="also write the report here")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the rows as JSON here (every side's runs and "
+                        "calls summarised, the errors)")
     p.set_defaults(func=run, _bench_parser=p)
     return p
 
@@ -1148,16 +1861,25 @@ def add_arguments(p):
 def _parser(prog):
     return add_arguments(argparse.ArgumentParser(
         prog=prog,
-        description="fastgates vs PyTorch, onnxruntime and NumPy side by side; "
-                    "see docs/benchmarks.md."))
+        description="fastgates vs PyTorch, onnxruntime, JAX and NumPy side by "
+                    "side; see docs/benchmarks.md. Exits with 1 if answers "
+                    "disagree beyond the tolerance."))
 
 
 def _check_args(args):
     """Fill defaults that depend on other options; return an error or None."""
     import numba
 
+    if args.load < 0:
+        return "--load must be 0 or more"
     if args.threads is None:
-        args.threads = [2] if args.quick else [1, 2]
+        args.threads = [1, 2] if args.load or not args.quick else [2]
+    elif args.load and 1 not in args.threads:
+        args.threads = [1] + list(args.threads)     # the 1-thread time it is held to
+    args.threads = sorted(set(args.threads))
+    if args.groups is None:
+        # Under load the target covers the tiny and small shapes.
+        args.groups = ["tiny", "small"] if args.load else list(GROUPS)
     if args.repeats < 7:
         return "--repeats must be at least 7 (the protocol's minimum)"
     most = numba.config.NUMBA_NUM_THREADS
@@ -1168,12 +1890,14 @@ def _check_args(args):
     if args.no_timing and not (args.memory or args.compile_cost):
         return "--no-timing needs --memory or --compile-cost"
     if args.no_onnx:
-        args.peers = [p for p in (args.peers or ["torch"]) if p != "onnxruntime"]
+        args.peers = [p for p in (args.peers or ["torch", "onnxruntime", "jax"])
+                      if p != "onnxruntime"]
     return None
 
 
 def run(args):
-    """Run the benchmark described by parsed ``args``; return the exit code."""
+    """Run the benchmark described by parsed ``args``; return the exit code
+    (1 if any row's answers disagree beyond the tolerance)."""
     error = _check_args(args)
     if error:
         args._bench_parser.error(error)
@@ -1206,9 +1930,9 @@ def run(args):
     rows, gemm, compile_rows, memory_rows = [], {}, None, None
     try:
         if not args.no_timing:
-            progress.total = (len(args.threads) * len(_shapes(args)) * len(args.cells)
-                              * len(args.dtypes) * len(args.modes))
-            rows, gemm = run_matrix(args, peers, progress)
+            progress.total = len(_cases(args))
+            with busy_processes(args.load, log):
+                rows, gemm = run_matrix(args, peers, progress)
         if args.memory:
             memory_rows = measure_memory(args, progress)
         if args.compile_cost:
@@ -1224,6 +1948,15 @@ def run(args):
         with open(args.out, "w") as f:
             f.write(text)
         log(f"wrote {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_report(rows, gemm, args, peers), f, indent=1)
+        log(f"wrote {args.json}")
+    failures = [f for r in rows for f in r.failures]
+    if failures:
+        log(f"FAILED: {len(failures)} disagreement(s) beyond the tolerance "
+            f"(see the notes); those rows were not timed.")
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -26,15 +27,24 @@ from fastgates import bench
 
 TINY = ["--shape", "6,2,3,4", "--threads", "1", "--repeats", "7",
         "--min-run-time", "0.0005", "--gemm-n", "64"]
-COLUMNS = ["group", "(T, B, I, H)", "cell", "dtype", "mode", "thr", "fastgates",
-           "torch", "onnxrt", "torch/fg", "onnxrt/fg", "best peer/fg", "GFLOP/s",
-           "%GEMM", "max err"]
+PEER_COLUMNS = ["torch", "torch best", "onnxrt", "onnxrt best", "jax", "jax best"]
+RATIO_COLUMNS = ["torch/fg", "torch best/fg", "onnxrt/fg", "onnxrt best/fg", "jax/fg", "jax best/fg"]
+COLUMNS = (["group", "(T, B, I, H)", "cell", "dtype", "mode", "thr", "fastgates"]
+           + PEER_COLUMNS + RATIO_COLUMNS
+           + ["best peer", "best peer/fg", "GFLOP/s", "%GEMM", "max err"])
 
 
-def _table(report):
-    """Header and rows (dicts) of the first markdown table in the report."""
+def _ms(cell):
+    """The time in a cell such as "0.223" or "0.223 (1 thr, spin)"."""
+    return float(cell.split()[0])
+
+
+def _table(report, after=None):
+    """Header and rows (dicts) of the first markdown table in the report
+    (after the line starting with ``after``, if given)."""
     lines = []
-    for line in report.splitlines():
+    text = report if after is None else report[report.index("\n" + after):]
+    for line in text.splitlines():
         if line.startswith("|"):
             lines.append([c.strip() for c in line.strip().strip("|").split("|")])
         elif lines:
@@ -81,7 +91,8 @@ def test_numpy_forward_keeps_float32_and_saturates_without_overflow():
 
 
 def test_bench_command_against_pytorch(capsys, restore_threads):
-    code = cli.main(["bench", *TINY, "--cells", "gru", "--dtypes", "float32"])
+    code = cli.main(["bench", *TINY, "--cells", "gru", "--dtypes", "float32",
+                     "--peers", "torch"])
     out, err = capsys.readouterr()
     assert code == 0
     header, rows = _table(out)
@@ -90,30 +101,60 @@ def test_bench_command_against_pytorch(capsys, restore_threads):
     for r in rows:
         assert (r["(T, B, I, H)"], r["cell"], r["dtype"], r["thr"]) == (
             "(6, 2, 3, 4)", "gru", "float32", "1")
-        for column in ("fastgates", "torch", "torch/fg", "best peer/fg"):
+        for column in ("fastgates", "torch", "torch/fg", "torch best/fg", "best peer/fg"):
             assert math.isfinite(float(r[column])) and float(r[column]) > 0
+        assert r["torch best"] == f"{r['torch']} (1 thr)"
+        assert r["best peer"] == "torch (1 thr)"
         assert math.isfinite(float(r["GFLOP/s"])) and r["%GEMM"].endswith("%")
         assert not r["max err"].startswith("**NO**")
-        assert float(r["best peer/fg"]) <= float(r["torch/fg"])
+        assert r["jax"] == r["onnxrt"] == ""
     assert "- command: `python -m fastgates bench --shape 6,2,3,4" in out
+    assert "loading new weights before each step" in out
     # Not a terminal: one progress line per case, with the case and its times.
     progress = [line for line in err.splitlines() if line.startswith("[ ")]
     assert [p[:9] for p in progress] == ["[ 1/2 ] (", "[ 2/2 ] ("]
-    assert "(6, 2, 3, 4) gru float32 train thr=1" in progress[1]
-    assert "fastgates" in progress[1] and "ms" in progress[1]
+    assert "(6, 2, 3, 4) gru float32 train" in progress[1]
+    assert "fastgates@1" in progress[1] and "torch@1" in progress[1] and "ms" in progress[1]
+
+
+def test_each_peer_is_timed_at_every_thread_count(tmp_path, capsys, restore_threads):
+    # fastgates at 2 threads; PyTorch at 1 and 2, onnxruntime at 1 and 2 with
+    # and without spinning: the row shows each peer at 2 and at its fastest.
+    path = tmp_path / "rows.json"
+    argv = [*TINY[:2], "--threads", "2", *TINY[4:], "--cells", "lstm", "--dtypes",
+            "float32", "--modes", "infer", "--peers", "torch", "onnxruntime",
+            "--json", str(path)]
+    assert bench.main(argv) == 0
+    out, _ = capsys.readouterr()
+    [row] = json.loads(path.read_text())["rows"]
+    sides = row["sides"]
+    assert sorted(sides) == ["fastgates@2", "onnxruntime@1 no spin", "onnxruntime@1 spin",
+                             "onnxruntime@2 no spin", "onnxruntime@2 spin",
+                             "torch@1", "torch@2"]
+    [shown] = _table(out)[1]
+    for peer, column in (("torch", "torch"), ("onnxruntime", "onnxrt")):
+        mine = {k: v["median_ms"] for k, v in sides.items() if k.startswith(peer)}
+        assert _ms(shown[f"{column} best"]) == pytest.approx(min(mine.values()), rel=0.01, abs=1e-3)
+        at_two = min(v for k, v in mine.items() if k.startswith(f"{peer}@2"))
+        assert _ms(shown[column]) == pytest.approx(at_two, rel=0.01, abs=1e-3)
+    assert _ms(shown["onnxrt best"]) <= _ms(shown["onnxrt"])
+    assert shown["onnxrt best"].endswith(("spin)", "no spin)"))
 
 
 def test_bench_without_any_peer_installed(monkeypatch, capsys, restore_threads):
     # A module set to None in sys.modules cannot be imported: as if absent.
-    for name in ("torch", "onnx", "onnxruntime"):
+    for name in ("torch", "onnx", "onnxruntime", "jax"):
         monkeypatch.setitem(sys.modules, name, None)
     code = bench.main([*TINY, "--cells", "lstm", "--dtypes", "float64"])
     out, err = capsys.readouterr()
     assert code == 0
     assert "note: PyTorch is not installed" in err
     assert "note: onnxruntime/onnx are not installed" in err
+    assert "note: JAX is not installed" in err
     header, rows = _table(out)
-    assert header == COLUMNS[:9] + ["numpy"] + COLUMNS[9:11] + ["numpy/fg"] + COLUMNS[11:]
+    numpy_at = COLUMNS.index("jax best/fg") + 1
+    assert header == (COLUMNS[:13] + ["numpy", "numpy best"] + COLUMNS[13:numpy_at]
+                      + ["numpy/fg", "numpy best/fg"] + COLUMNS[numpy_at:])
     infer, train = rows
     assert infer["torch"] == infer["onnxrt"] == ""
     assert math.isfinite(float(infer["numpy/fg"])) and float(infer["numpy/fg"]) > 0
@@ -122,6 +163,7 @@ def test_bench_without_any_peer_installed(monkeypatch, capsys, restore_threads):
     # No NumPy backward pass: the training row has fastgates alone, still
     # checked against the NumPy forward pass.
     assert train["numpy"] == train["numpy/fg"] == train["best peer/fg"] == ""
+    assert train["best peer"] == ""
     assert float(train["fastgates"]) > 0 and not train["max err"].startswith("**NO**")
     assert "PyTorch is not installed" in out and "training cells are empty" in out
 
@@ -141,11 +183,176 @@ def test_peers_and_activations_options(capsys, restore_threads):
     assert fg.get_activation_mode() == mode
 
 
+# ---------------------------------------------------------------------------
+# agreement, weight updates, JAX
+
+
+def _wrong_fastgates(monkeypatch, delta):
+    """fastgates computes with one recurrent weight off by ``delta`` but hands
+    the peers the right weights: a wrong model on the fastgates side only."""
+    real = bench._fg_model
+
+    def wrong(cell, shape, dtype):
+        m = real(cell, shape, dtype)
+        right = m.state_dict()
+        off = m.state_dict()
+        off["weight_hh_l0"][0, 0] += delta
+        m.load_state_dict(off)
+        m.state_dict = lambda: {k: v.copy() for k, v in right.items()}
+        return m
+
+    monkeypatch.setattr(bench, "_fg_model", wrong)
+
+
+def test_a_wrong_answer_fails_the_run_instead_of_being_timed(monkeypatch, capsys,
+                                                              restore_threads):
+    # 1e-3 on one weight moves y by ~1e-4 here: far above the float32 bound
+    # (1e-5), yet below the 5e-4 the runner used to allow.
+    _wrong_fastgates(monkeypatch, 1e-3)
+    code = bench.main([*TINY, "--cells", "lstm", "--dtypes", "float32",
+                       "--modes", "infer", "--peers", "torch"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    message = [line for line in err.splitlines() if line.startswith("DISAGREEMENT")]
+    assert message and message[0].startswith(
+        "DISAGREEMENT: (6, 2, 3, 4) lstm float32 infer thr=1: fastgates@1 against ")
+    err_value = float(message[0].split("differs by ")[1].split()[0])
+    assert bench.AGREE_TOL["float32"]["y"] < err_value < 5e-4
+    assert "FAILED: " in err
+    [row] = _table(out)[1]
+    assert row["fastgates"] == row["torch"] == ""          # not timed
+    assert row["max err"].startswith("**NO**")
+    assert "the run failed" in out
+
+
+def test_a_right_answer_passes_with_the_same_perturbation_of_zero(monkeypatch, capsys,
+                                                                  restore_threads):
+    # The same machinery with nothing wrong: the failure above is the weight's.
+    _wrong_fastgates(monkeypatch, 0.0)
+    assert bench.main([*TINY, "--cells", "lstm", "--dtypes", "float32",
+                       "--modes", "infer", "--peers", "torch"]) == 0
+    capsys.readouterr()
+
+
+def test_training_steps_get_new_weights_on_both_sides(monkeypatch, restore_threads):
+    pytest.importorskip("torch")
+    made = []
+    real = bench._torch_model
+
+    def keep(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(bench, "_torch_model", keep)
+    args = bench._parser("x").parse_args([*TINY, "--peers", "torch"])
+    assert bench._check_args(args) is None
+    ctx = bench._Context(args, bench.load_peers(["torch"]), bench.Progress(0, io.StringIO()))
+    shape = bench.Shape("custom", 6, 2, 3, 4)
+    case = bench.Case(shape, "gru", "float64", "train")
+    m = bench._fg_model("gru", shape, np.float64)
+    first = m.state_dict()
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((6, 2, 3)), rng.standard_normal((6, 2, 4))
+    sides, answers, ref = bench.case_sides(ctx, case, m, x, dy)
+    [tm] = made
+
+    def torch_params():
+        return {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
+
+    by_peer = {s.peer: s for s in sides}
+    for peer, params in (("fastgates", m.state_dict), ("torch", torch_params)):
+        side = by_peer[peer]
+        side.call()
+        assert all(np.array_equal(params()[k], first[k]) for k in first), peer
+        side.between()              # every weight changes before the next step
+        for k in first:
+            assert np.allclose(params()[k] - first[k], bench.WEIGHT_STEP, rtol=1e-6), (peer, k)
+        side.between()              # and back
+        assert all(np.array_equal(params()[k], first[k]) for k in first), peer
+    # The untimed update is not counted: wall and CPU seconds are the calls'.
+    calls = []
+    times, wall, cpu = bench.timed_calls(lambda: calls.append("call"), 3,
+                                         lambda: (calls.append("load"), time.sleep(0.01)))
+    assert calls == ["load", "call"] * 3 and wall == sum(times) < 0.01
+    # The answers compared are the gradients at the first weights.
+    assert set(answers["torch@1"]) == set(answers["fastgates@1"]) - {"y"}
+    errs, failures = bench.agreement(case, 1, answers, ref)
+    assert not failures and errs["torch@1"][0] < 1e-13
+
+
+def test_jax_is_a_peer(request, monkeypatch, capsys, restore_threads):
+    pytest.importorskip("jax")
+    # JAX compiles each training step for seconds: keep what it compiled for
+    # the next test run (CI runs the suite twice), in pytest's cache folder.
+    cache = request.config.cache.mkdir("jax-compilation-cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # Training steps of both cells, both directions (a reversed scan), in
+    # float64: gradients of sum(y * dy) that agree with fastgates' to 1e-13
+    # need JAX's forward pass right too.  (Every benchmark run checks every
+    # other case, inference and the stacked shape included, the same way.)
+    code = bench.main(["--shape", "5,2,3,4,1,bi", *TINY[2:], "--dtypes", "float64",
+                       "--modes", "train", "--peers", "jax"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header, rows = _table(out)
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+    for r in rows:
+        assert float(r["jax"]) > 0 and float(r["jax best/fg"]) > 0
+        assert r["best peer"] == "jax (1 thr)"
+        assert float(r["max err"]) < 1e-13
+    assert "jax 0." in out or "jax 1." in out
+
+
+# ---------------------------------------------------------------------------
+# --load
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_busy_processes_end_on_an_interrupt():
+    with pytest.raises(KeyboardInterrupt):
+        with bench.busy_processes(2, lambda msg: None) as pids:
+            assert len(pids) == 2 and all(_alive(p) for p in pids)
+            raise KeyboardInterrupt
+    assert not any(_alive(p) for p in pids)
+
+
+def test_load_reports_each_side_at_1_and_n_threads(capsys, restore_threads):
+    code = bench.main(["--load", "1", "--shape", "6,2,3,4", "--threads", "2",
+                       *TINY[4:], "--cells", "gru", "--dtypes", "float32",
+                       "--modes", "infer", "--peers", "torch"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    pids = [int(p) for p in err.split("started busy processes [")[1].split("]")[0].split(",")]
+    assert len(pids) == 1 and not _alive(pids[0])
+    # fastgates at 1 thread too: the time it is held to.
+    assert [r["thr"] for r in _table(out)[1]] == ["1", "2"]
+    header, [row] = _table(out, "| group | (T, B, I, H) | cell | dtype | mode | fastgates 1 thr")
+    assert header[5:10] == ["fastgates 1 thr", "fastgates 2 thr", "fg 2/1 median",
+                            "fg 2/1 p90", "<= 1.5"]
+    median_1, p90_1 = (float(v) for v in row["fastgates 1 thr"].split(" / "))
+    median_2, p90_2 = (float(v) for v in row["fastgates 2 thr"].split(" / "))
+    assert 0 < median_1 <= p90_1 and 0 < median_2 <= p90_2
+    assert float(row["fg 2/1 median"]) == pytest.approx(median_2 / median_1, rel=0.02)
+    assert float(row["fg 2/1 p90"]) == pytest.approx(p90_2 / p90_1, rel=0.02)
+    assert row["<= 1.5"] == ("yes" if max(median_2 / median_1, p90_2 / p90_1) <= 1.5 else "**no**")
+    assert " / " in row["torch 1 thr"] and " / " in row["torch 2 thr"]
+    assert "under load: 1 busy processes" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--repeats", "3"], "at least 7"),
     (["--shape", "1,2,3"], "T,B,I,H"),
     (["--no-timing"], "needs --memory or --compile-cost"),
     (["--threads", "100000"], "NUMBA_NUM_THREADS"),
+    (["--load", "-1"], "--load must be 0 or more"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -264,3 +471,34 @@ def test_a_failing_onnxruntime_session_is_a_note(monkeypatch, capsys, restore_th
     assert "onnxruntime could not run" in out
     [row] = _table(out)[1]
     assert row["onnxrt"] == "" and row["best peer/fg"] == ""
+
+
+def test_a_failing_jax_worker_is_a_note(monkeypatch, capsys, restore_threads):
+    # A stand-in for the worker process: it started, then fails every case.
+    class Broken:
+        threads, version, idle_wall, idle_cpu = 1, "0.0", 0.0, 0.0
+
+        class proc:
+            @staticmethod
+            def poll():
+                return None
+
+        def send(self, kind, arg=None):
+            pass
+
+        def receive(self):
+            raise RuntimeError("the JAX worker (1 threads) failed:\nTraceback\nValueError: boom")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "_installed", lambda name: True)
+    monkeypatch.setattr(bench, "start_jax_workers", lambda threads, log: ([Broken()], None))
+    code = bench.main([*TINY, "--cells", "gru", "--dtypes", "float32", "--modes", "infer",
+                       "--peers", "torch", "jax"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert ("note: JAX could not run (6, 2, 3, 4) gru (RuntimeError: the JAX worker "
+            "(1 threads) failed: ... ValueError: boom)") in err
+    [row] = _table(out)[1]
+    assert row["jax"] == "" and float(row["torch"]) > 0
