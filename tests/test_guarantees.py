@@ -617,16 +617,65 @@ def test_concurrent_calls_match_serial_calls():
             assert_bitwise(a, b)
 
 
-def test_blas_settings_restored_after_concurrent_calls():
-    from threadpoolctl import threadpool_info
+BLAS_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, sys.argv[1])
+    import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's OpenBLAS, as Numba does)
+    from concurrent.futures import ThreadPoolExecutor
+    from threadpoolctl import threadpool_info, threadpool_limits
+    from _bitwise import assert_bitwise
+    from test_guarantees import _thread_jobs, _thread_run
 
     def blas():
-        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        return {os.path.basename(os.path.dirname(lib["filepath"])): lib["num_threads"]
+                for lib in threadpool_info() if lib["user_api"] == "blas"}
 
-    before = blas()
+    seen = {"start": blas()}
+    jobs = _thread_jobs()
+    serial = [_thread_run(j) for j in jobs]
+    seen["after serial calls"] = blas()
+    # Then from worker threads (whose own settings OpenBLAS would ignore).
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(_thread_run, _thread_jobs()))
-    assert blas() == before
+        concurrent = list(pool.map(_thread_run, jobs))
+    seen["after concurrent calls"] = blas()
+    for a, b in zip(concurrent, serial):
+        assert_bitwise(a, b)
+    # The user sets SciPy's BLAS again, from this thread: one thread during
+    # each call, the user's count restored after it, the same bits.
+    with threadpool_limits(limits=2, user_api="blas"):
+        seen["user's setting"] = blas()
+        again = [_thread_run(j) for j in jobs]
+        seen["after calls under the user's setting"] = blas()
+    for a, b in zip(again, serial):
+        assert_bitwise(a, b)
+    print(json.dumps(seen))
+""")
+
+
+def test_blas_threads_in_a_fresh_process():
+    # docs/guarantees.md, "Thread safety": SciPy's OpenBLAS (the one Numba
+    # calls) is set to one thread at the first call that needs it and stays
+    # so, for the calls of worker threads too (OpenBLAS obeys only the
+    # thread that first set it: restoring the count after the main thread's
+    # calls, as fastgates once did, left the workers' calls multi-threaded);
+    # NumPy's own BLAS is left alone; a count the user sets afterwards is
+    # restored after each call.  In a fresh process, so that no earlier
+    # test has made the first call.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", BLAS_SCRIPT, tests], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    if set(seen["start"]) != {"scipy.libs", "numpy.libs"}:
+        pytest.skip(f"not the pip wheels' two OpenBLAS copies: {seen['start']}")
+    assert seen["start"] == {"scipy.libs": 2, "numpy.libs": 2}, seen
+    assert seen["after serial calls"] == {"scipy.libs": 1, "numpy.libs": 2}, seen
+    assert seen["after concurrent calls"] == seen["after serial calls"], seen
+    assert seen["user's setting"] == {"scipy.libs": 2, "numpy.libs": 2}, seen
+    assert seen["after calls under the user's setting"] == seen["user's setting"], seen
 
 
 def test_kernels_release_the_gil():
