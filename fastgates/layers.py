@@ -205,6 +205,9 @@ def flatten_params(model, params):
     ------
     ValueError
         Naming missing or unexpected keys and wrong shapes.
+    TypeError
+        If ``params`` is not a mapping or a value holds booleans, complex
+        numbers, objects or strings.
     """
     shapes = model._shapes
     if not hasattr(params, "keys"):

@@ -652,7 +652,11 @@ WRONG_KINDS = {
 
 
 def _entry_points():
-    """``(name, argument named in the message, shape, call, integers refused)``."""
+    """``(name, argument named in the message, shape, call, integers refused)``.
+
+    Integers are refused where the docstrings say so (a model's ``x``, a
+    prediction, logits, ``clip_grad_norm``'s gradients), else cast.
+    """
     f64 = np.float64
     m, gru = make("lstm"), make("gru")
     cell = make_cell("gru")
@@ -673,14 +677,14 @@ def _entry_points():
         ("set_flat_params", "v", (gru.num_params,), lambda v: gru.set_flat_params(v), False),
         ("flatten_params", "weight_hh_l0", w_shape,
          lambda v: fg.flatten_params(gru, dict(gru.state_dict(), weight_hh_l0=v)), False),
-        ("mse_loss", "pred", (4, 2), lambda v: fg.mse_loss(v, np.zeros((4, 2))), False),
+        ("mse_loss", "pred", (4, 2), lambda v: fg.mse_loss(v, np.zeros((4, 2))), True),
         ("mse_loss", "target", (4, 2), lambda v: fg.mse_loss(np.zeros((4, 2)), v), False),
         ("cross_entropy_loss", "logits", (4, 3),
-         lambda v: fg.cross_entropy_loss(v, np.zeros(4, int)), False),
+         lambda v: fg.cross_entropy_loss(v, np.zeros(4, int)), True),
         ("Adam.step", "weight_hh_l0", w_shape,
          lambda v: fg.Adam(gru).step(dict(grads, weight_hh_l0=v)), False),
         ("clip_grad_norm", "weight_hh_l0", w_shape,
-         lambda v: fg.clip_grad_norm(dict(grads, weight_hh_l0=v), 1.0), False),
+         lambda v: fg.clip_grad_norm(dict(grads, weight_hh_l0=v), 1.0), True),
     ]
 
 
