@@ -39,15 +39,17 @@ def positive_int(value, name, minimum=1, maximum=MAX_SIZE):
 
 
 def seed(value, name="seed"):
-    """Return ``value`` as a seed of ``np.random.default_rng``: ``None`` or an integer >= 0.
+    """Return ``value`` as a seed of ``np.random.default_rng``.
 
+    ``None``, an integer >= 0, or a ``np.random.Generator`` (which
+    :mod:`fastgates.init` hands on, and ``default_rng`` returns as it is).
     Checked here so that a bad seed raises ``TypeError`` or ``ValueError``
     naming it (NumPy's own errors do not, and NumPy takes ``True`` and
-    arrays of integers as seeds, which a model's ``seed : int or None``
-    does not promise).
+    arrays of integers as seeds, which ``seed : int or None`` does not
+    promise).
     """
-    if value is None:
-        return None
+    if value is None or isinstance(value, np.random.Generator):
+        return value
     return positive_int(value, name, minimum=0, maximum=np.inf)
 
 
