@@ -451,7 +451,7 @@ def set_activation_mode(mode):
     ----------
     mode : {"fast", "exact"}
         ``"fast"`` (the default): vectorised polynomial approximations,
-        within 3 ulp of the exact functions (see :mod:`fastgates._math`).
+        error bounds 3 ulp sigmoid, 4 ulp tanh (see :mod:`fastgates._math`).
         ``"exact"``: the C library's ``exp`` and ``tanh``, about ten times
         slower per element.  The environment variable
         ``FASTGATES_ACTIVATIONS`` sets the mode at import.

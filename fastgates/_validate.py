@@ -38,6 +38,21 @@ def positive_int(value, name, minimum=1, maximum=MAX_SIZE):
     return value
 
 
+def seed(value, name="seed"):
+    """Return ``value`` as a seed of ``np.random.default_rng``.
+
+    ``None``, an integer >= 0, or a ``np.random.Generator`` (which
+    :mod:`fastgates.init` hands on, and ``default_rng`` returns as it is).
+    Checked here so that a bad seed raises ``TypeError`` or ``ValueError``
+    naming it (NumPy's own errors do not, and NumPy takes ``True`` and
+    arrays of integers as seeds, which ``seed : int or None`` does not
+    promise).
+    """
+    if value is None or isinstance(value, np.random.Generator):
+        return value
+    return positive_int(value, name, minimum=0, maximum=np.inf)
+
+
 def boolean(value, name):
     """Return ``value`` as a ``bool``, accepting only Python or NumPy booleans."""
     if not isinstance(value, (bool, np.bool_)):

@@ -403,7 +403,7 @@ def _run(args):
     sys.stdout.flush()
 
     bar = TrainingBar(args.epochs)
-    bar.update(0, note="(the first step compiles the kernels: ~20 s on an empty cache)")
+    bar.update(0, note="(the first step compiles the kernels: ~50 s on an empty cache)")
     t_train = time.perf_counter()
     history = train(model, x_train, y_train, epochs=args.epochs, lr=args.lr, batch=args.batch,
                     seed=args.seed, scale=SCALE, offset=transform.mean / transform.std, bar=bar)

@@ -31,7 +31,7 @@ def _init_params(shapes, hidden_size, dtype, seed):
     if total > _MAX_PARAMS:
         raise ValueError(f"the sizes given ask for {total} parameters {dict(shapes)}; "
                          f"at most {_MAX_PARAMS} are supported")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check.seed(seed))
     bound = 1.0 / np.sqrt(hidden_size)
     try:
         return {name: rng.uniform(-bound, bound, size=shape).astype(dtype) for name, shape in shapes.items()}
@@ -205,6 +205,9 @@ def flatten_params(model, params):
     ------
     ValueError
         Naming missing or unexpected keys and wrong shapes.
+    TypeError
+        If ``params`` is not a mapping or a value holds booleans, complex
+        numbers, objects or strings.
     """
     shapes = model._shapes
     if not hasattr(params, "keys"):

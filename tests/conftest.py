@@ -11,6 +11,7 @@ because CI workspaces are thrown away.  Pick a profile by hand with
 import os
 import warnings
 
+import pytest
 from hypothesis import settings
 
 # On a failure Hypothesis imports this module (and through it libcst) to
@@ -46,6 +47,24 @@ def pytest_configure(config):
         import fastgates
 
         fastgates.set_activation_mode(mode)
+
+
+def pytest_collection_modifyitems(config, items):
+    # tox runs the suite twice: in the default (fast) activation mode, then
+    # with --activations=exact.  Tests marked default_pass_only run in the
+    # first pass only: the float64 PyTorch oracles at realistic sizes (they
+    # check the size-dependent paths: tiles, chunks, blocks, overlapped
+    # kernels, which are the same code in both modes) and the documentation's
+    # code blocks (they check that the pages run as written).  Kernel
+    # correctness in the exact mode stays covered in the second pass by the
+    # small-shape oracles of test_torch.py, test_reference.py,
+    # test_gradcheck.py and test_variants.py, which run in both.
+    if config.getoption("--activations") != "exact":
+        return
+    skip = pytest.mark.skip(reason="default_pass_only: runs in the default-activation pass")
+    for item in items:
+        if item.get_closest_marker("default_pass_only"):
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):

@@ -119,3 +119,26 @@ def test_tanh_is_exact_at_zero_and_tiny(dtype):
     got = _apply("tanh", x, True)
     np.testing.assert_array_equal(got, x)
     assert np.signbit(got[1])
+
+
+def test_the_documentation_states_the_tested_bounds():
+    # One bound, stated the same way wherever it is quoted: the table of
+    # fastgates/_math.py, set_activation_mode's docstring, README.md and
+    # docs/index.md all give the bounds this file tests.
+    import pathlib
+    import re
+
+    import fastgates
+
+    phrase = f"{ULP_BOUND['sigmoid']:g} ulp sigmoid, {ULP_BOUND['tanh']:g} ulp tanh"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    places = {"set_activation_mode": fastgates.set_activation_mode.__doc__,
+              "README.md": (root / "README.md").read_text(encoding="utf-8"),
+              "docs/index.md": (root / "docs" / "index.md").read_text(encoding="utf-8")}
+    for where, text in places.items():
+        flat = " ".join(text.replace("#", " ").split())
+        assert phrase in flat, f"{where} does not state {phrase!r}"
+        assert len(re.findall(r"\d+(?:-\d+)? ulp", flat)) == 2, f"{where} states another bound"
+    for name, bound in ULP_BOUND.items():
+        row = re.search(rf"^{name}\s+(\d+) ulp\s+(\d+) ulp\s*$", _math.__doc__, re.M)
+        assert row and float(row[1]) == float(row[2]) == bound, f"fastgates/_math.py's {name} row"

@@ -39,11 +39,11 @@ LENGTHS = [4, 6, 1]  # unsorted, includes T and 1
 
 
 def build(kind, num_layers=1, bidirectional=False, bias=True, batch_first=False,
-          dtype=F64, reset_after=True, seed=0):
+          dtype=F64, reset_after=True, seed=0, sizes=(I, H)):
     if kind == "lstm":
-        return fg.LSTM(I, H, num_layers, bias=bias, batch_first=batch_first,
+        return fg.LSTM(*sizes, num_layers, bias=bias, batch_first=batch_first,
                        bidirectional=bidirectional, dtype=dtype, seed=seed)
-    return fg.GRU(I, H, num_layers, bias=bias, batch_first=batch_first,
+    return fg.GRU(*sizes, num_layers, bias=bias, batch_first=batch_first,
                   bidirectional=bidirectional, reset_after=reset_after, dtype=dtype,
                   seed=seed)
 
@@ -51,7 +51,7 @@ def build(kind, num_layers=1, bidirectional=False, bias=True, batch_first=False,
 def torch_twin(kind, m, num_layers, bidirectional, bias, batch_first, dtype):
     """The torch module holding ``m``'s parameters."""
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
-    tm = cls(I, H, num_layers, bias=bias, batch_first=batch_first,
+    tm = cls(m.input_size, m.hidden_size, num_layers, bias=bias, batch_first=batch_first,
              bidirectional=bidirectional, dtype=TORCH_DTYPE[np.dtype(dtype)])
     tm.load_state_dict({k: torch.tensor(v) for k, v in m.state_dict().items()})
     return tm
@@ -120,12 +120,12 @@ def torch_run(kind, tm, x, state, lengths, dy, dstate, batch_first, state_shape,
     }
 
 
-def fastgates_run(m, x, state, lengths, dy, dstate):
+def fastgates_run(m, x, state, lengths, dy, dstate, checkpoint=None):
     """Forward and pullback in fastgates; also checks inputs are not modified
     and that a second pullback call gives the same result."""
     copies = [np.copy(a) for a in [x, dy] + as_list(state) + as_list(dstate)
               if a is not None]
-    (y, sn), pullback = m.vjp(x, state, lengths)
+    (y, sn), pullback = m.vjp(x, state, lengths, checkpoint=checkpoint)
     dx, ds0, dparams = pullback(dy, dstate)
     dx2, ds02, dparams2 = pullback(dy, dstate)
     np.testing.assert_array_equal(dx2, dx)
@@ -161,10 +161,14 @@ def assert_same_results(got, want, dtype):
 
 def compare_with_torch(kind, num_layers, bidirectional, bias, batch_first, dtype,
                        with_state, lengths=None, batched=True, with_dstate=True,
-                       pad_fill=None, seed=0):
+                       pad_fill=None, seed=0, shape=(T, B, I, H), checkpoint=None):
+    """Build a model of ``shape`` (T, B, I, H) and its torch twin, run both on
+    the same random input, state and cotangents, and compare everything."""
+    T, B, I, H = shape
     rng = np.random.default_rng(100 + seed)
     D = 2 if bidirectional else 1
-    m = build(kind, num_layers, bidirectional, bias, batch_first, dtype, seed=seed)
+    m = build(kind, num_layers, bidirectional, bias, batch_first, dtype, seed=seed,
+              sizes=(I, H))
     tm = torch_twin(kind, m, num_layers, bidirectional, bias, batch_first, dtype)
     if batched:
         x_shape = (B, T, I) if batch_first else (T, B, I)
@@ -178,7 +182,7 @@ def compare_with_torch(kind, num_layers, bidirectional, bias, batch_first, dtype
     dstate = random_state(rng, kind, state_shape, dtype) if with_dstate else None
     lengths_arr = None if lengths is None else np.array(lengths, dtype=np.int64)
 
-    got = fastgates_run(m, x, state, lengths_arr, dy, dstate)
+    got = fastgates_run(m, x, state, lengths_arr, dy, dstate, checkpoint)
     want = torch_run(kind, tm, x, state, lengths, dy, dstate, batch_first, state_shape,
                      dtype)
     assert_same_results(got, want, dtype)
@@ -552,3 +556,135 @@ def test_gates_unbatched_drop_the_batch_axis():
     for k in want:
         assert gates[k].shape == (2, T, H)
         assert_close(gates[k], want[k][:, :, 0, :], F64, err_msg=f"gate {k}")
+
+
+# ---------------------------------------------------------------------------
+# Realistic sizes: the paths that only open above the small shapes above
+# ---------------------------------------------------------------------------
+#
+# The small shapes above fit in one block, one chunk and one panel of the
+# register tiles, so every path that opens with size (fastgates/_recurrent.py,
+# fastgates/_linalg.py) would otherwise be compared only with other fastgates
+# paths.  Each shape below crosses some of those thresholds on a pool of two
+# threads (this machine's and CI's), at 2 threads, and the test checks, by
+# watching which kernels run, that it really does:
+#
+# - "overlap fwd" / "overlap bwd": B = 1 is one chunk, so a second thread makes
+#   the input projection ahead of the LSTM's recurrence (T > OVERLAP_PROJECT_STEPS
+#   = 16) and the products over time of each block beside the backward kernel
+#   (lstm_forward_overlapped / lstm_backward_overlapped: T > one block);
+# - "fused chunks": B > one chunk (ceil(B / 2) rows) of at least
+#   PROJECT_MIN_ROWS = 8 rows: each chunk makes its own input projection, in
+#   blocks of PROJECT_BLOCK_BYTES // (chunk * 4H or 3H * 8) steps, here two or more;
+# - "split tiles": a block of the products over time of at least
+#   SPLIT_MIN_MACS = 2e6 multiply-adds, cut into one part per pool thread, made
+#   by the register tiles (I and H >= 32, a float64 panel): weight gradients
+#   (weight_grad) and the input gradient (project_parallel);
+# - "blocks": a product over more than one block of block_steps(T, B) steps
+#   (ceil(1024 / B), at B = 1 about T / 8 and at least 16) summed block by block;
+# - "BLAS": weight gradients of narrow inputs (I or H below a panel) by OpenBLAS;
+# - "projection first": chunks below PROJECT_MIN_ROWS rows: the input
+#   projection of all steps is made before the recurrence;
+# - "side by side": an LSTM's small backward products shared between two threads
+#   (products_side_by_side).
+#
+# Checkpointing (a few segments of whole blocks) recomputes each segment from
+# its starting state, in runs of blocks that differ from the plain call.
+
+REALISTIC = {
+    # (num_layers, bidirectional, lengths, checkpoint): per kind, what it crosses
+    (40, 1, 8, 32): dict(
+        layers=1, bidirectional=False, lengths=False, checkpoint=20,
+        lstm={"overlap fwd", "overlap bwd"}, gru={"blocks", "BLAS"},
+        # the checkpointed segments: 32 steps (overlapped), then 8 (side by side)
+        lstm_checkpoint={"overlap fwd", "overlap bwd", "side by side"}),
+    # T = 40: a GRU chunk's projection block is 21 steps, so it takes two too
+    (40, 16, 64, 64): dict(
+        layers=1, bidirectional=False, lengths=False, checkpoint=30,
+        lstm={"fused chunks", "split tiles"}, gru={"fused chunks", "split tiles"}),
+    (130, 24, 64, 96): dict(
+        layers=2, bidirectional=True, lengths=True, checkpoint=50,
+        lstm={"fused chunks", "split tiles", "blocks"},
+        gru={"fused chunks", "split tiles", "blocks"}),
+    # thousands of steps: 8 blocks of 250 steps; narrow I and H go to OpenBLAS
+    (2000, 1, 3, 8): dict(
+        layers=1, bidirectional=False, lengths=False, checkpoint=500,
+        lstm={"overlap fwd", "overlap bwd"}, gru={"blocks", "BLAS"}),
+    # ten thousand steps (docs/guarantees.md, "Long sequences"): chunks of one
+    # row are too small to project themselves, so the projection comes first;
+    # 20 blocks of 512 steps
+    (10_000, 2, 3, 8): dict(
+        layers=1, bidirectional=False, lengths=False, checkpoint=1000,
+        lstm={"projection first", "side by side"}, gru={"projection first", "blocks", "BLAS"}),
+}
+
+
+@pytest.fixture
+def watch_paths(monkeypatch):
+    """Two threads, and the set of size-dependent paths the calls take."""
+    import numba
+
+    from fastgates import _linalg, _recurrent
+    if numba.config.NUMBA_NUM_THREADS != 2:
+        pytest.skip("the shapes are chosen for a pool of two threads")
+    seen = set()
+
+    def spy(module, name, note):
+        kernel = getattr(module, name)
+
+        def call(*args):
+            seen.update(note(*args))
+            return kernel(*args)
+
+        monkeypatch.setattr(module, name, call)
+
+    def fused(x, block, xw, chunk):
+        # the kernel projects from x itself, in several chunks and blocks of
+        # steps, or reads a projection made before
+        t, b = x.shape[:2]
+        if xw.shape[0]:
+            return {"projection first"}
+        return {"fused chunks"} if chunk < b and t > block else set()
+
+    def weights(a, b, out, block_rows, nparts, *rest):
+        return ({"split tiles"} if nparts > 1 else set()) | (
+            {"blocks"} if a.shape[0] > block_rows else set())
+
+    def blas(a, b, out, block_rows, *rest):
+        return {"BLAS", "blocks"} if a.shape[0] > block_rows else {"BLAS"}
+
+    spy(_recurrent, "lstm_forward", lambda *a: fused(a[0], a[3], a[4], a[10]))
+    spy(_recurrent, "gru_forward", lambda *a: fused(a[0], a[3], a[4], a[12]))
+    spy(_recurrent, "lstm_forward_overlapped", lambda *a: {"overlap fwd"})
+    spy(_recurrent, "lstm_backward_overlapped", lambda *a: {"overlap bwd"})
+    spy(_recurrent, "products_side_by_side", lambda *a: {"side by side"})
+    spy(_recurrent, "project_parallel", lambda *a: {"split tiles"})
+    spy(_linalg, "weight_grad", weights)
+    spy(_linalg, "matmul_tn", blas)
+    threads = fg.get_num_threads()
+    fg.set_num_threads(2)
+    yield seen
+    fg.set_num_threads(threads)
+
+
+# The two largest run in the default pass only (tests/conftest.py): the paths
+# they cross do not depend on the activation mode, and the smaller shapes
+# cross most of them in both passes.
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", [
+    pytest.param(shape, marks=pytest.mark.default_pass_only) if shape[0] * shape[1] > 3000
+    else shape for shape in REALISTIC], ids=str)
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpoint"])
+def test_matches_torch_at_realistic_sizes(kind, shape, checkpointed, watch_paths):
+    case = REALISTIC[shape]
+    T_, B_ = shape[:2]
+    lengths = None
+    if case["lengths"]:
+        # unsorted, the longest T, the shortest one step
+        lengths = list(np.random.default_rng(7).integers(1, T_ + 1, B_))
+        lengths[3], lengths[B_ // 2] = T_, 1
+    checkpoint = case["checkpoint"] if checkpointed else None
+    compare_with_torch(kind, case["layers"], case["bidirectional"], True, False, F64,
+                       True, lengths=lengths, shape=shape, checkpoint=checkpoint, seed=1)
+    want = case.get(f"{kind}_checkpoint" if checkpointed else kind, case[kind])
+    assert want <= watch_paths, f"{shape} no longer crosses {want - watch_paths}"
