@@ -195,6 +195,7 @@ def test_a_call_held_to_one_thread_gives_the_same_bits(cell, threads2, monkeypat
 
 
 # -- on the machine ------------------------------------------------------------
+# (default_pass_only: the thread plan does not depend on the activation mode)
 
 # Bound of the issue: with every core busy, a call on two threads takes at
 # most 1.5 times its own one-thread time (median and 90th percentile).
@@ -245,6 +246,7 @@ def _lstm_step():
     return step
 
 
+@pytest.mark.default_pass_only
 def test_every_core_busy_no_collapse_at_b1(threads2, monkeypatch):
     # Before: both cores busy with other processes, this step took 32 ms on
     # two threads against 0.38 ms on one (the partner thread of every
@@ -262,6 +264,7 @@ def test_every_core_busy_no_collapse_at_b1(threads2, monkeypatch):
     _assert_no_collapse(times)
 
 
+@pytest.mark.default_pass_only
 def test_another_thread_pool_working_in_the_process_no_collapse(threads2, monkeypatch):
     # NumPy's OpenBLAS (its own pool of threads, which spin between its
     # calls) working in another thread of the same process.  Measured
