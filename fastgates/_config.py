@@ -27,6 +27,7 @@ import threading
 import time
 
 import numba
+import numpy as np
 
 __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads",
            "begin_call", "end_call", "call_threads", "set_activation_mode", "get_activation_mode",
@@ -48,36 +49,44 @@ def jit(parallel=False):
 
 _lock = threading.Lock()
 _num_threads = numba.config.NUMBA_NUM_THREADS
+_adaptive = True
 _controller = None
 
 
-def set_num_threads(n):
+def set_num_threads(n, *, adaptive=True):
     """Set the number of threads the compiled kernels use.
 
     BLAS runs single-threaded inside them; the work is split across these
     threads.  Results do not depend on the number chosen: work is divided by
-    problem size, never by thread count.  This is the most a call uses: a
-    call takes fewer (one on a 2-core machine) while other work keeps the
-    cores busy, where waiting for a thread that cannot run would cost
-    milliseconds (see ``docs/guarantees.md``, "Busy machines").
+    problem size, never by thread count.
 
     Parameters
     ----------
     n : int
         Between 1 and the number of threads Numba was started with
         (``numba.config.NUMBA_NUM_THREADS``, by default the number of cores).
+    adaptive : bool, default True
+        ``n`` is then the most a call uses: a call takes fewer (one on a
+        2-core machine) while other work keeps the cores busy, where waiting
+        for a thread that cannot run would cost milliseconds (see
+        ``docs/guarantees.md``, "Busy machines").  ``False``: every call
+        takes ``n``, whatever else runs (for measurements of a fixed
+        setting; the results are the same bits either way).
     """
-    global _num_threads
+    global _num_threads, _adaptive
     if isinstance(n, bool):
         raise TypeError("n must be an integer, got bool")
     try:
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n must be an integer, got {type(n).__name__}") from None
+    if not isinstance(adaptive, (bool, np.bool_)):
+        raise TypeError(f"adaptive must be True or False, got {type(adaptive).__name__}")
     top = numba.config.NUMBA_NUM_THREADS
     if not 1 <= n <= top:
         raise ValueError(f"n must be between 1 and {top} (NUMBA_NUM_THREADS), got {n}")
     _num_threads = n
+    _adaptive = bool(adaptive)
 
 
 def get_num_threads():
@@ -341,11 +350,19 @@ class _Contention:
         self.last_collapse = -COLLAPSE_CALLS - 1   # the call number of the last collapse
         self.collapses = 0          # calls seen collapsing (for tests and the bench)
         self.samples = 0            # machine samples taken
+        self.asked = 0              # calls that asked for more than one thread
+        self.reduced = 0            # ... and were given fewer
 
     def threads(self, want):
-        """Threads for a call that would take ``want``."""
+        """Threads for a call that would take ``want`` (counted in ``asked``, ``reduced``)."""
         if want <= 1:
             return want
+        self.asked += 1
+        n = self._threads(want)
+        self.reduced += n < want
+        return n
+
+    def _threads(self, want):
         if self.held_until:
             now = self.clock()
             if now < self.held_until:
@@ -408,7 +425,7 @@ def begin_call():
     contended (see the notes above :class:`_Contention`).  Results do not
     depend on it.
     """
-    n = _contention.threads(_num_threads)
+    n = _contention.threads(_num_threads) if _adaptive else _num_threads
     _call.threads = n
     return n
 

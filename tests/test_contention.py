@@ -198,7 +198,14 @@ def test_a_call_held_to_one_thread_gives_the_same_bits(cell, threads2, monkeypat
 # (default_pass_only: the thread plan does not depend on the activation mode)
 
 # Bound of the issue: with every core busy, a call on two threads takes at
-# most 1.5 times its own one-thread time (median and 90th percentile).
+# most 1.5 times its own one-thread time.  Checked here on the median and
+# the mean of each side's calls, which a collapse (milliseconds in one call
+# in ten or more) moves by several times.  The 90th percentile, the
+# benchmark's second statistic, is not asserted on in CI: with every core
+# busy about one call in ten of either side loses a time slice whatever it
+# runs on, so the 90th percentile of each side falls by chance on one side
+# or the other of that knee (measured: 0.94 against 4.46 ms with both sides
+# on one thread); the benchmark reports it from many more calls.
 BUSY_BOUND = 1.5
 
 
@@ -223,10 +230,11 @@ def _timed_rounds(step, rounds=12, calls=15, pause=0.005):
 def _assert_no_collapse(times):
     one, two = np.array(times[1]), np.array(times[2])
     med = statistics.median(two) / statistics.median(one)
-    p90 = np.percentile(two, 90) / np.percentile(one, 90)
-    detail = (f"1 thread: median {statistics.median(one):.3f} ms, p90 {np.percentile(one, 90):.3f}; "
-              f"2 threads: median {statistics.median(two):.3f} ms, p90 {np.percentile(two, 90):.3f}")
-    assert med <= BUSY_BOUND and p90 <= BUSY_BOUND, detail
+    mean = two.mean() / one.mean()
+    detail = (f"1 thread: median {statistics.median(one):.3f} ms, mean {one.mean():.3f}, "
+              f"p90 {np.percentile(one, 90):.3f}; 2 threads: median {statistics.median(two):.3f} "
+              f"ms, mean {two.mean():.3f}, p90 {np.percentile(two, 90):.3f}")
+    assert med <= BUSY_BOUND and mean <= BUSY_BOUND, detail
 
 
 def _lstm_step():
@@ -246,14 +254,29 @@ def _lstm_step():
     return step
 
 
+def test_without_adaptive_a_call_takes_the_threads_set(threads2, monkeypatch):
+    fresh = _Contention(runnable=lambda: 5, cores=2)
+    monkeypatch.setattr(_config, "_contention", fresh)
+    assert _config.begin_call() == 1
+    _config.end_call("k", 1, None)
+    fg.set_num_threads(2, adaptive=False)
+    assert _config.begin_call() == 2
+    _config.end_call("k", 2, None)
+    assert fresh.asked == 1
+
+
 @pytest.mark.default_pass_only
 def test_every_core_busy_no_collapse_at_b1(threads2, monkeypatch):
     # Before: both cores busy with other processes, this step took 32 ms on
     # two threads against 0.38 ms on one (the partner thread of every
     # parallel region missed time slices).
-    monkeypatch.setattr(_config, "_contention", _Contention())
+    if _config._cores() is None:
+        pytest.skip("the machine's runnable count does not apply (CPU affinity): "
+                    "only the reactive rule works, tested above with a fake clock")
+    plan = _Contention()
+    monkeypatch.setattr(_config, "_contention", plan)
     step = _lstm_step()
-    procs = _busy(_config._cores() or 2)
+    procs = _busy(_config._cores())
     try:
         time.sleep(0.3)
         times = _timed_rounds(step)
@@ -262,6 +285,9 @@ def test_every_core_busy_no_collapse_at_b1(threads2, monkeypatch):
             p.kill()
             p.wait()
     _assert_no_collapse(times)
+    # the plan saw the busy cores: (almost) every call that asked for two
+    # threads ran on one
+    assert plan.reduced >= 0.9 * plan.asked, (plan.reduced, plan.asked)
 
 
 @pytest.mark.default_pass_only
@@ -271,12 +297,14 @@ def test_another_thread_pool_working_in_the_process_no_collapse(threads2, monkey
     # without the thread plan: 20 ms on two threads against 0.69 ms on one.
     # (PyTorch's pool does not do this here: it shares Numba's libgomp,
     # which stops spinning when it runs more threads than there are cores.)
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import ThreadpoolController
 
-    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"
-            and "numpy" in lib["filepath"]]
-    if not blas or blas[0]["num_threads"] < 2:
-        pytest.skip("needs NumPy's own multi-threaded BLAS")
+    numpy_blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    numpy_blas = [lib for lib in numpy_blas if "numpy" in lib.filepath]
+    if not numpy_blas:
+        pytest.skip("needs NumPy's own BLAS (a separate library in the wheels)")
+    # two threads whatever an earlier test left (restored at the end)
+    limits = ThreadpoolController().select(filepath=numpy_blas[0].filepath).limit(limits=2)
     monkeypatch.setattr(_config, "_contention", _Contention())
     step = _lstm_step()
     stop = threading.Event()
@@ -296,4 +324,5 @@ def test_another_thread_pool_working_in_the_process_no_collapse(threads2, monkey
     finally:
         stop.set()
         worker.join()
+        limits.restore_original_limits()
     _assert_no_collapse(times)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from numba import prange
 
+import fastgates as fg
 from _tolerances import assert_close
 from fastgates import _linalg
 
@@ -36,6 +37,35 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
     out = np.full((M, N), np.nan, dtype=dtype)
     _linalg.dot_blocked(a, wb, out)
     assert_product(out, a, w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N", [(1, 1), (5, 3), (37, 64), (40, 100), (64, 130), (300, 520),
+                                 (1024, 1024)])
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+def test_column_blocks_are_the_columns_in_panels(dtype, K, N, order):
+    # The layout dot_blocked reads: out[p, k, j] = w[k, p * P + j], zero
+    # past the last column, whatever the order of w (weights come as W.T,
+    # F-ordered) and whether the panels are split between threads.
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    if order == "F":
+        w = np.asfortranarray(w)
+    elif order == "strided":
+        w = rng.standard_normal((K, 2 * N)).astype(dtype)[:, ::2]
+    P = _linalg.panel_width(dtype)
+    npanel = -(-N // P)
+    padded = np.zeros((K, npanel * P), dtype)
+    padded[:, :N] = w
+    expected = padded.reshape(K, npanel, P).transpose(1, 0, 2)
+    saved = w.copy()
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        fg.set_num_threads(threads)
+        wb = _linalg.column_blocks(w)
+        assert wb.flags.c_contiguous and wb.shape == (npanel, K, P)
+        assert wb.tobytes() == np.ascontiguousarray(expected).tobytes()
+    fg.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert w.tobytes() == saved.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
