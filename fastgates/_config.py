@@ -283,7 +283,8 @@ def kernel_threads(tasks=None):
 #
 # A hold that ends in a new collapse soon after doubles (load that stays),
 # up to HOLD_MAX; otherwise it starts again from HOLD_MIN (load that came
-# and went).  The pool threads' own spinning after a region would read as
+# and went).  While the machine count says the cores are busy, a hold is
+# renewed HOLD_MIN at a time.  The pool threads' own spinning after a region would read as
 # another runnable thread, so the machine is only sampled when fastgates'
 # pool has been quiet for QUIET seconds (longer than libgomp's spin).
 
@@ -369,7 +370,8 @@ class _Contention:
                 return min(want, self.held)
             fit = self._fit()
             if fit < want:
-                self.held, self.held_until = fit, now + self.hold
+                # the machine says busy: look again soon (a sample is cheap)
+                self.held, self.held_until = fit, now + HOLD_MIN
                 return fit
             self.held_until = 0.0
             self.held_at = now
@@ -421,9 +423,9 @@ _call = threading.local()
 def begin_call():
     """Choose the thread count of a call that starts now; returns it.
 
-    The user's count (:func:`set_num_threads`), or one while the cores are
-    contended (see the notes above :class:`_Contention`).  Results do not
-    depend on it.
+    The user's count (:func:`set_num_threads`), or fewer while the cores
+    are contended (see the notes above :class:`_Contention`).  Results do
+    not depend on it.
     """
     n = _contention.threads(_num_threads) if _adaptive else _num_threads
     _call.threads = n
@@ -439,7 +441,7 @@ def end_call(key, threads, elapsed):
     """
     _call.threads = None
     if threads > 1 and elapsed is not None:
-        _contention.done(key, elapsed)
+        _contention.done((key, threads), elapsed)
 
 
 def call_threads():

@@ -121,27 +121,38 @@ def test_importing_fastgates_imports_no_optional_dependency():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_second_process_loads_compiled_kernels_from_cache():
-    # cache=True: this process compiles the kernels of a GRU training step
-    # (or finds them compiled by earlier tests) and the cache holds them; a
-    # second process only loads them (no cache misses).  (The second process
-    # uses the cache this one does, rather than an empty one of its own:
-    # compiling these kernels from nothing took 35-50 s of the suite, twice.)
+def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
+    # cache=True: the first process compiles and writes the cache, a second
+    # one only loads it (no cache misses).  The kernels of the building
+    # blocks, each with what might keep it out of a cache: the register
+    # tiles (LLVM intrinsics), a BLAS call (Numba's external gemm), the
+    # bounded wait (sched_yield, an external function, and the pause hint),
+    # a parallel loop.  (A whole model's kernels took 35-50 s to compile
+    # from nothing, twice per CI run.)
     code = textwrap.dedent(
         """
-        import numpy as np, fastgates as fg
-        from fastgates import _gru, _linalg
-        m = fg.GRU(32, 3, dtype=np.float64, seed=0)     # dW_ih by the tiles, dW_hh by BLAS
-        (y, s), pullback = m.vjp(np.ones((4, 2, 32)))
-        pullback(y)
-        kernels = [_gru.gru_forward, _gru.gru_backward, _linalg.matmul, _linalg.matmul_tn,
-                   _linalg.weight_grad]
+        import numpy as np
+        from fastgates import _linalg
+        a = np.ones((6, 5)); w = np.ones((5, 9)); out = np.empty((6, 9))
+        wb = _linalg.column_blocks(w)
+        _linalg.dot_blocked(a, wb, out)
+        _linalg.matmul(a, w, np.empty(0), out, 4, 2)
+        _linalg.project_parallel(a, wb, np.empty(0), out, 2)
+        _linalg.wait_until(np.ones(1, np.int64), 0, 1)
+        kernels = [_linalg._fill_blocks, _linalg.dot_blocked, _linalg.matmul,
+                   _linalg.project_parallel, _linalg.wait_until]
         print(sum(sum(k.stats.cache_misses.values()) for k in kernels),
               sum(sum(k.stats.cache_hits.values()) for k in kernels))
         """
     )
-    exec(code, {})      # here: compiled, or loaded, and in the cache either way
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout.split()
-    misses, hits = int(out[0]), int(out[1])
-    assert misses == 0 and hits > 0
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    misses, _ = run()
+    assert misses > 0
+    misses, hits = run()
+    assert misses == 0 and hits >= 5

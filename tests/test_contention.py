@@ -80,8 +80,10 @@ def test_a_hold_is_extended_while_no_core_is_free_and_ends_when_one_is():
     for _ in range(5):
         clock.now += HOLD_MIN * 1.01
         assert c.threads(2) == 1
+        # renewed a short hold at a time, to see the cores free soon
+        assert c.held_until == pytest.approx(clock.now + HOLD_MIN)
     state["runnable"] = 0
-    clock.now += HOLD_MAX
+    clock.now += HOLD_MIN * 1.01
     assert c.threads(2) == 2
 
 
