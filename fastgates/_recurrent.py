@@ -22,6 +22,7 @@ threads with a single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
 import time
+import weakref
 
 import numba
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from . import _config
 from ._linalg import (WORK_DB, WORK_DW_HH, WORK_DW_IH, WORK_DX, colsum, column_blocks, matmul,
                       panel_width, products_side_by_side, project, project_parallel,
-                      weight_product, weight_product_tiles)
+                      release, weight_product, weight_product_tiles)
 
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
@@ -41,11 +42,35 @@ def _chunk_size(batch):
     return max(1, -(-batch // _pool_size()))
 
 
-def _derive(derived, key, make, *args):
-    """``make(*args)``, kept in the model's ``derived`` dict (None: not kept).
+class Derived(dict):
+    """What the kernels derive from a model's parameters, kept until they change.
 
-    Models hand in a dict that they empty whenever their parameters change,
-    so transposed and blocked weights are built once, not at every call.
+    A model makes a new one whenever its parameters change (a pullback of
+    an earlier call keeps the old one it used).  Nothing it holds refers
+    back to it (:class:`_Direction` holds it weakly), so it dies as soon as
+    nobody uses it any more; then its large arrays, the weight panels, go
+    to :func:`~fastgates._linalg.release` for the next panels to reuse.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def __del__(self):
+        try:
+            # each value held by nothing else has four references when
+            # release counts them: this dict, the pair below, release's
+            # loop variable and getrefcount's argument
+            arrays = [(v, 4) for v in self.values() if type(v) is np.ndarray]
+            release(arrays)
+        except Exception:       # pragma: no cover (interpreter shutdown)
+            pass
+
+
+def _derive(derived, key, make, *args):
+    """``make(*args)``, kept in the model's :class:`Derived` dict (None: not kept).
+
+    Models hand in a dict that they replace whenever their parameters
+    change, so transposed and blocked weights are built once, not at every
+    call.
     """
     if derived is None:
         return make(*args)
@@ -241,7 +266,9 @@ class _Direction:
         b_ih = params.get("bias_ih")
         self.bias = None if b_ih is None else _derive(derived, ("bias", k), cell.input_bias,
                                                       b_ih, params["bias_hh"], H)
-        self.derived = derived
+        # weakly: the direction lives in ``derived`` (a cycle would keep
+        # the dict, and its panels, alive until the cyclic collector runs)
+        self._derived = None if derived is None else weakref.ref(derived)
         self.variant = variant
         self.fast = fast
         self.chunk = chunk
@@ -258,11 +285,11 @@ class _Direction:
 
     def blocks(self, name, w):
         """``w`` in column blocks (:func:`~fastgates._linalg.column_blocks`), kept as ``name``."""
-        return _derive(self.derived, (name, self.k), column_blocks, w)
+        return _derive(self._derived and self._derived(), (name, self.k), column_blocks, w)
 
     def blocks_t(self, name, w):
         """``w.T`` in column blocks, kept as ``name``."""
-        return _derive(self.derived, (name, self.k), _transposed_blocks, w)
+        return _derive(self._derived and self._derived(), (name, self.k), _transposed_blocks, w)
 
     def project(self, grid, a):
         """The input projection ``a W_ih^T + b`` of ``a`` (t, B, I), a run of whole blocks.

@@ -87,7 +87,7 @@ class _Parameters(_FlatParams):
         for value in params.values():
             value.flags.writeable = False
         self._params = params
-        self._derived = {}
+        self._derived = _recurrent.Derived()
 
     def __getattr__(self, name):
         # m.weight_ih_l0 etc.: the parameter itself, read-only (change

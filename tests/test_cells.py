@@ -62,3 +62,51 @@ def test_memory_formula_counts_one_state_array_per_cell_state(name):
     nseg = -(-T // interval)
     y = T * B * 8
     assert kept == 8 * (y + nseg * B * 8 * len(cell.states))
+
+
+def test_weight_panels_of_replaced_parameters_are_reused_and_change_no_bit():
+    # A training step after a parameter update makes the weight panels
+    # again; those of the parameters replaced come back from the pool
+    # (_linalg.release) once nothing holds them, a pullback of the old
+    # parameters included, and every entry is written again.
+    from fastgates import _linalg
+    rng = np.random.default_rng(3)
+    m = fg.GRU(64, 512, seed=0)                 # W_hh panels of 3 MB
+    x = rng.standard_normal((6, 2, 64)).astype(np.float32)
+    dy = rng.standard_normal((6, 2, 512)).astype(np.float32)
+    sd = m.state_dict()
+    sd2 = {k: v + np.float32(1e-3) for k, v in sd.items()}
+    (_, _), held = m.vjp(x)                     # keeps the first parameters' panels
+    m.load_state_dict(sd2)
+    before = sum(len(v) for v in _linalg._pool.values())
+    (_, _), pullback = m.vjp(x)
+    got = pullback(dy)
+    # the pullback of the first parameters still sees its own panels
+    m_ref = fg.GRU(64, 512, seed=0)
+    (_, _), ref_pullback = m_ref.vjp(x)
+    assert_same(held(dy), ref_pullback(dy))
+    del held
+    assert sum(len(v) for v in _linalg._pool.values()) > before
+    del pullback                                # its panels go to the pool
+    m.load_state_dict(sd)
+    m.load_state_dict(sd2)
+    pooled = sum(len(v) for v in _linalg._pool.values())
+    (_, _), again = m.vjp(x)
+    assert sum(len(v) for v in _linalg._pool.values()) < pooled      # reused
+    assert_same(again(dy), got)
+    fresh = fg.GRU(64, 512, seed=0)
+    fresh.load_state_dict(sd2)
+    assert_same(fresh.vjp(x)[1](dy), got)
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v)
+    else:
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
