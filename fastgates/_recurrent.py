@@ -2,9 +2,15 @@
 
 Everything here works on validated, C-contiguous, time-major arrays of the
 model's dtype: ``x`` (T, B, I), states (L*D, B, H), ``lengths`` int64 (B,).
-``weights`` is a list with one ``(W_ih, W_hh, b_ih, b_hh)`` tuple per
-layer-direction, in PyTorch's order (layer-major, then direction); the biases
-are ``None`` in a model without bias.
+``weights`` is a list with one dict per layer-direction, in PyTorch's order
+(layer-major, then direction), of the parameters by their base names
+(``"weight_ih"``, ``"weight_hh"``, ``"bias_ih"``, ``"bias_hh"`` and the
+cell's own); a model without bias has no bias entries.  The state is a tuple
+of arrays, one per state of the cell (``cell.states``).
+
+Nothing here depends on which cell runs: what differs between cells is the
+:class:`~fastgates.cells.base.Cell` object passed in (its kernels, its
+state, its own gradients).
 
 The large, non-sequential matrix products (the input projection of all steps,
 the weight gradients, the gradient with respect to the layer input) are one
@@ -16,6 +22,7 @@ threads with a single-threaded BLAS (see :mod:`fastgates._config`).
 """
 
 import time
+import weakref
 
 import numba
 import numpy as np
@@ -23,9 +30,7 @@ import numpy as np
 from . import _config
 from ._linalg import (WORK_DB, WORK_DW_HH, WORK_DW_IH, WORK_DX, colsum, column_blocks, matmul,
                       panel_width, products_side_by_side, project, project_parallel,
-                      weight_product, weight_product_tiles)
-from ._gru import gru_backward, gru_forward
-from ._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward, lstm_forward_overlapped
+                      release, weight_product, weight_product_tiles)
 
 def _pool_size():
     # Work is split by the size of Numba's pool, never by the thread count in
@@ -37,11 +42,35 @@ def _chunk_size(batch):
     return max(1, -(-batch // _pool_size()))
 
 
-def _derive(derived, key, make, *args):
-    """``make(*args)``, kept in the model's ``derived`` dict (None: not kept).
+class Derived(dict):
+    """What the kernels derive from a model's parameters, kept until they change.
 
-    Models hand in a dict that they empty whenever their parameters change,
-    so transposed and blocked weights are built once, not at every call.
+    A model makes a new one whenever its parameters change (a pullback of
+    an earlier call keeps the old one it used).  Nothing it holds refers
+    back to it (:class:`_Direction` holds it weakly), so it dies as soon as
+    nobody uses it any more; then its large arrays, the weight panels, go
+    to :func:`~fastgates._linalg.release` for the next panels to reuse.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def __del__(self):
+        try:
+            # each value held by nothing else has four references when
+            # release counts them: this dict, the pair below, release's
+            # loop variable and getrefcount's argument
+            arrays = [(v, 4) for v in self.values() if type(v) is np.ndarray]
+            release(arrays)
+        except Exception:       # pragma: no cover (interpreter shutdown)
+            pass
+
+
+def _derive(derived, key, make, *args):
+    """``make(*args)``, kept in the model's :class:`Derived` dict (None: not kept).
+
+    Models hand in a dict that they replace whenever their parameters
+    change, so transposed and blocked weights are built once, not at every
+    call.
     """
     if derived is None:
         return make(*args)
@@ -53,15 +82,6 @@ def _derive(derived, key, make, *args):
 
 def _transposed_blocks(w):
     return column_blocks(w.T)
-
-
-def _gru_input_bias(b_ih, b_hh, H):
-    # b_hr and b_hz join the input projection; b_hn stays inside the reset.
-    return np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H:]])
-
-
-def _gru_bhn(b_hh, H, dtype):
-    return np.zeros(H, dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
 
 
 # Empty placeholders for the kernels' optional arrays, made once per dtype
@@ -78,49 +98,38 @@ def _empty1(dtype):
     return _EMPTY[dtype, 1]
 
 
-def _peep(variant, k, H, dtype):
-    if variant.peeps is None:
-        return np.empty((0, H), dtype=dtype)
-    return np.ascontiguousarray(variant.peeps[k], dtype=dtype)
-
-
 class Tape:
     """What a forward pass keeps for its backward pass."""
 
-    def __init__(self, cell, reset_after, fast, inputs, outputs, gates, aux, h0, c0, lengths,
-                 variant, pre):
-        self.cell = cell
+    def __init__(self, cell, fast, inputs, outputs, gates, aux, state0, lengths, variant, pre):
+        self.cell = cell          # the Cell
         self.variant = variant    # Variant of the forward pass
         self.pre = pre            # per layer-direction: pre-activations when clipping
         self.fast = fast          # the activation mode of the forward pass
-        self.reset_after = reset_after
         self.inputs = inputs      # per layer: its input (T, B, I_k)
         self.outputs = outputs    # per layer: its output (T, B, D*H)
         self.gates = gates        # per layer-direction: (T, B, G) post-activation
-        self.aux = aux            # per layer-direction: LSTM c_t, GRU W_hn h + b_hn
-        self.h0 = h0
-        self.c0 = c0
+        self.aux = aux            # per layer-direction: the cell's (LSTM c_t, GRU W_hn h + b_hn)
+        self.state0 = state0      # tuple of (L*D, B, H) arrays
         self.lengths = lengths
 
 
 class Variant:
-    """Options beyond PyTorch's cells (ONNX's LSTM and GRU have them).
+    """The call's options beyond the weights.
 
     reverse : bool
         A one-direction model that reads each sequence backwards.
     clip : float
         Bound of every gate pre-activation; ``inf`` for none.
-    coupled : bool
-        LSTM: ``f = 1 - i``.
-    peeps : list of (3, H) arrays or None
-        LSTM peephole weights ``p_i, p_f, p_o`` per layer-direction.
+    options : dict
+        The cell's own options by name (LSTM ``input_forget``, GRU
+        ``reset_after``), read by its :meth:`~fastgates.cells.base.Cell.setup`.
     """
 
-    def __init__(self, reverse=False, clip=np.inf, coupled=False, peeps=None):
+    def __init__(self, reverse=False, clip=np.inf, **options):
         self.reverse = reverse
         self.clip = clip
-        self.coupled = coupled
-        self.peeps = peeps
+        self.options = options
 
     def direction_reversed(self, d):
         return d == 1 or self.reverse
@@ -169,7 +178,8 @@ ROWS_PER_BLOCK = 1024
 # ... but a batch of one sequence (one chunk, whatever the pool) is cut into
 # about OVERLAP_BLOCKS blocks of at least OVERLAP_MIN_STEPS steps, so that
 # a second thread can take the products of each block while the backward
-# kernel makes the next ones (lstm_backward_overlapped).  The same on one
+# kernel makes the next ones (a cell with side_by_side: the LSTM's
+# lstm_backward_overlapped).  The same on one
 # thread and in a pool of one, so that the sums, and the bits, do not depend
 # on the pool.  Smaller blocks cost nothing measurable (float32 training on
 # one thread, 1024-row blocks -> these: (100, 1, 32, 64) 16 steps 1.02x the
@@ -177,10 +187,6 @@ ROWS_PER_BLOCK = 1024
 # 16 steps 1.01x).
 OVERLAP_BLOCKS = 8
 OVERLAP_MIN_STEPS = 16
-# In the forward pass of such a batch the second thread makes the input
-# projection ahead of the recurrence, this many steps at a time
-# (lstm_forward_overlapped).
-OVERLAP_PROJECT_STEPS = 16
 
 
 def block_steps(T, batch):
@@ -244,26 +250,25 @@ def _input_grad_tiles(G, I, dtype):
     return I >= P and (item == 4 or G * P * item <= 1 << 19)
 
 
-def _input_bias(cell, weights, k, H, derived):
-    _, _, b_ih, b_hh = weights[k]
-    if b_ih is None:
-        return None
-    if cell == "lstm":
-        return _derive(derived, ("bias", k), np.add, b_ih, b_hh)
-    return _derive(derived, ("bias", k), _gru_input_bias, b_ih, b_hh, H)
-
-
 class _Direction:
-    """One layer-direction of a call: its weights and the kernels' options."""
+    """One layer-direction of a call: its weights and the kernels' options.
 
-    def __init__(self, cell, reset_after, weights, k, derived, variant, fast, chunk, clip, H,
-                 dtype, rev):
+    The cell's :meth:`~fastgates.cells.base.Cell.setup` adds what its
+    kernels need beyond these.
+    """
+
+    def __init__(self, cell, weights, k, derived, variant, fast, chunk, clip, H, dtype, rev):
         self.cell = cell
-        self.reset_after = reset_after
         self.k = k
-        self.w_ih, self.w_hh, _, self.b_hh = weights[k]
-        self.bias = _input_bias(cell, weights, k, H, derived)
-        self.derived = derived
+        params = weights[k]
+        self.w_ih = params["weight_ih"]
+        self.w_hh = params["weight_hh"]
+        b_ih = params.get("bias_ih")
+        self.bias = None if b_ih is None else _derive(derived, ("bias", k), cell.input_bias,
+                                                      b_ih, params["bias_hh"], H)
+        # weakly: the direction lives in ``derived`` (a cycle would keep
+        # the dict, and its panels, alive until the cyclic collector runs)
+        self._derived = None if derived is None else weakref.ref(derived)
         self.variant = variant
         self.fast = fast
         self.chunk = chunk
@@ -271,15 +276,20 @@ class _Direction:
         self.H = H
         self.dtype = dtype
         self.rev = rev
-        self.peep = _peep(variant, k, H, dtype) if cell == "lstm" else None
         # Fixed for the object's life; worked out once (a tiny call counts
         # every microsecond).
         self.G = self.w_hh.shape[0]
         self.clipping = bool(clip < np.inf)
         self.project_fits = self.w_ih.size * dtype.itemsize <= PROJECT_MAX_WEIGHT_BYTES
+        cell.setup(self, params, variant)
 
-    def _blocks(self, name, make, w):
-        return _derive(self.derived, (name, self.k), make, w)
+    def blocks(self, name, w):
+        """``w`` in column blocks (:func:`~fastgates._linalg.column_blocks`), kept as ``name``."""
+        return _derive(self._derived and self._derived(), (name, self.k), column_blocks, w)
+
+    def blocks_t(self, name, w):
+        """``w.T`` in column blocks, kept as ``name``."""
+        return _derive(self._derived and self._derived(), (name, self.k), _transposed_blocks, w)
 
     def project(self, grid, a):
         """The input projection ``a W_ih^T + b`` of ``a`` (t, B, I), a run of whole blocks.
@@ -291,7 +301,7 @@ class _Direction:
         t, B, K = a.shape
         G = self.w_ih.shape[0]
         out = np.empty((t, B, G), dtype=a.dtype)
-        wb = self._blocks("wih_tb", _transposed_blocks, self.w_ih)
+        wb = self.blocks_t("wih_tb", self.w_ih)
         bias = _empty1(a.dtype) if self.bias is None else self.bias
         a2, out2 = a.reshape(t * B, K), out.reshape(t * B, G)
         nparts = grid.parts(K, G, t * B)
@@ -313,7 +323,7 @@ class _Direction:
         if not _input_grad_tiles(G, I, dg.dtype):
             return _product(grid, dg, self.w_ih)
         out = np.empty((t, B, I), dtype=dg.dtype)
-        wb = self._blocks("wih_b", column_blocks, self.w_ih)
+        wb = self.blocks("wih_b", self.w_ih)
         a2, out2 = dg.reshape(t * B, G), out.reshape(t * B, I)
         nparts = grid.parts(G, I, t * B)
         if nparts == 1:
@@ -339,19 +349,21 @@ class _Direction:
             return t * B * I * self.G < SPLIT_MIN_MACS
         return self.chunk >= PROJECT_MIN_ROWS
 
-    def forward(self, grid, a, h0, c0, lengths, y, ycol, keep, hn=None, cn=None):
+    def forward(self, grid, a, s0, lengths, y, ycol, keep, sn=None):
         """Run the recurrence over the layer input ``a`` (t, B, I), a run of whole blocks.
 
-        Returns hn, cn, gates, aux, pre.  ``hn``, ``cn``: (B, H) arrays for
-        the final state, else new ones.
+        ``s0`` the initial state, a tuple of (B, H) arrays; ``sn`` (B, H)
+        arrays for the final state, else new ones.  Returns sn, gates,
+        aux, pre.
         """
         t, B, I = a.shape
         H, dtype = self.H, self.dtype
         G = self.G
-        if self.fused(t, B, I):
+        fused = self.fused(t, B, I)
+        if fused:
             xw = _empty3(dtype)
             x = np.ascontiguousarray(a)
-            wih_tb = self._blocks("wih_tb", _transposed_blocks, self.w_ih)
+            wih_tb = self.blocks_t("wih_tb", self.w_ih)
             bias = _empty1(dtype) if self.bias is None else self.bias
             step_bytes = min(B, self.chunk) * G * dtype.itemsize
             block = max(1, min(t, PROJECT_BLOCK_BYTES // step_bytes))
@@ -359,100 +371,55 @@ class _Direction:
             xw = self.project(grid, a)
             x, wih_tb, bias, block = _empty3(dtype), _empty3(dtype), _empty1(dtype), 1
         gates = np.empty((t, B, G), dtype=dtype) if keep else _empty3(dtype)
-        aux = np.empty((t, B, H), dtype=dtype) if keep else _empty3(dtype)
+        aux = (np.empty((t, B, self.cell.aux_units * H), dtype=dtype) if keep
+               else _empty3(dtype))
         pre = np.empty((t, B, G), dtype=dtype) if keep and self.clipping else _empty3(dtype)
-        if hn is None:
-            hn = np.empty((B, H), dtype=dtype)
-        # one chunk: an idle thread makes the projection ahead of the recurrence
-        overlap = self.cell == "lstm" and xw.shape[0] == 0 and B <= self.chunk \
-            and t > OVERLAP_PROJECT_STEPS and _config.call_threads() > 1
+        if sn is None:
+            sn = tuple([np.empty((B, H), dtype=dtype) for _ in s0])
+        # one chunk: an idle thread may make the projection ahead of the recurrence
+        overlap = self.cell.overlap(self, t, B, fused)
         # Set once (each change costs about 1.6 us).
         _config.kernel_threads(2 if overlap else -(-B // self.chunk))
-        if self.cell == "lstm":
-            if cn is None:
-                cn = np.empty((B, H), dtype=dtype)
-            whh_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
-            if overlap:
-                lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
-                                        np.empty((t, B, G), dtype=dtype), whh_tb, h0, c0,
-                                        lengths, self.rev, self.fast, y, ycol, hn, cn, gates,
-                                        aux, self.peep, self.variant.coupled, self.clip, pre)
-            else:
-                lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, self.rev,
-                             self.chunk, self.fast, y, ycol, hn, cn, gates, aux, self.peep,
-                             self.variant.coupled, self.clip, pre)
-        else:
-            cn = None
-            if self.reset_after:
-                wa_tb = self._blocks("whh_tb", _transposed_blocks, self.w_hh)
-            else:
-                wa_tb = self._blocks("wrz_tb", _transposed_blocks, self.w_hh[: 2 * H])
-            wn_tb = self._blocks("wn_tb", _transposed_blocks, self.w_hh[2 * H:])
-            bhn = _derive(self.derived, ("bhn", self.k), _gru_bhn, self.b_hh, H, dtype)
-            gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, self.rev,
-                        self.reset_after, self.chunk, self.fast, y, ycol, hn, gates, aux,
-                        self.clip, pre)
-        return hn, cn, gates, aux, pre
+        self.cell.forward(self, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux,
+                          pre, overlap)
+        return sn, gates, aux, pre
 
-    def backward(self, dy, dycol, dhn, dcn, gates, aux, pre, y, ycol, h0, c0, lengths,
+    def backward(self, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths,
                  grid=None, acc=None, layer_in=None):
         """Back-propagate through kept values; returns a :class:`_StepGrads`.
 
-        Given ``grid``, the :class:`_WeightGrads` ``acc`` and the layer
-        input, an LSTM whose batch is one chunk may also make the products
-        over time, overlapped with the kernel (:meth:`_WeightGrads.overlap`):
-        then ``g.dx`` holds the input gradient and ``acc`` has them.
+        ``ds`` the final state's gradient and ``s0`` the initial state,
+        tuples of (B, H) arrays.  Given ``grid``, the :class:`_WeightGrads`
+        ``acc`` and the layer input, a cell whose batch is one chunk may
+        also make the products over time, overlapped with the kernel
+        (:meth:`_WeightGrads.overlap`): then ``g.dx`` holds the input
+        gradient and ``acc`` has them.
         """
         t, B, G = gates.shape
         H, dtype = self.H, self.dtype
         g = _StepGrads()
         g.hprev = np.empty((t, B, H), dtype=dtype)
         g.dgx = np.empty((t, B, G), dtype=dtype)
-        g.dh0 = np.empty((B, H), dtype=dtype)
-        # an LSTM's products beside its kernel (None for a GRU)
+        g.ds0 = tuple([np.empty((B, H), dtype=dtype) for _ in s0])
+        # the products beside the kernel (None: after it)
         plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
         # Set once (each change costs about 1.6 us).
         _config.kernel_threads(-(-B // self.chunk) if plan is None else 2)
-        if self.cell == "lstm":
-            g.dc0 = np.empty((B, H), dtype=dtype)
-            whh_b = self._blocks("whh_b", column_blocks, self.w_hh)
-            g.cprev = np.empty((t, B, H), dtype=dtype) if self.peep.shape[0] else _empty3(dtype)
-            g.cs = aux
-            args = (dy, dycol, dhn, dcn, whh_b, gates, aux, y, ycol, h0, c0, lengths, self.rev)
-            if plan is None:
-                lstm_backward(*args, self.chunk, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
-                              self.peep, self.variant.coupled, self.clip, pre, g.cprev)
-            else:
-                products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
-                lstm_backward_overlapped(*args, self.fast, g.dgx, g.hprev, g.dh0, g.dc0,
-                                         self.peep, self.variant.coupled, self.clip, pre,
-                                         g.cprev, *products)
-                if acc.dpeep is not None:
-                    acc._add_peepholes(grid, g, g.dgx.reshape(t * B, G), not self.rev, init)
-            if not self.peep.shape[0]:
-                g.cprev = None
-        else:
-            # The recurrent side's gradient is made from dgx in place, once
-            # dgx has served the input side (_WeightGrads.add_recurrent).
-            g.gates = gates
-            if self.reset_after:
-                wa_b = self._blocks("whh_b", column_blocks, self.w_hh)
-                rhprev = _empty3(dtype)
-            else:
-                wa_b = self._blocks("wrz_b", column_blocks, self.w_hh[: 2 * H])
-                rhprev = g.rhprev = np.empty((t, B, H), dtype=dtype)
-            wn_b = self._blocks("wn_b", column_blocks, self.w_hh[2 * H:])
-            gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, aux, y, ycol, h0, lengths,
-                         self.rev, self.reset_after, self.chunk, g.dgx, g.hprev, rhprev,
-                         g.dh0, self.clip, pre)
+        self.cell.backward(self, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan,
+                           acc, grid, layer_in)
         return g
 
 
 class _StepGrads:
-    """What the backward kernel of one layer-direction gives for a run of steps."""
+    """What the backward kernel of one layer-direction gives for a run of steps.
 
-    dgx = hprev = dh0 = None
-    dc0 = rhprev = cprev = cs = gates = None
+    ``dgx`` (t, B, G) the gate pre-activations' gradient, ``hprev`` (t, B, H)
+    the states the recurrent weights multiplied, ``ds0`` the initial
+    state's gradient (a tuple); cells add what their own gradients read.
+    """
+
+    dgx = hprev = ds0 = None
+    rhprev = cprev = cs = gates = None
     dx = None        # the input gradient, when the kernel made the products too
 
 
@@ -470,20 +437,19 @@ class _WeightGrads:
     them, so that checkpointed segments add up in the same order.
     """
 
+    # A cell whose bias_hh has a gradient of its own (not that of bias_ih)
+    # makes db_hh in its grads_setup.
+    db_hh = None
+
     def __init__(self, direction, I, with_bias):
         self.dir = direction
         H, dtype = direction.H, direction.dtype
         G = direction.w_hh.shape[0]
         self.dw_ih = np.empty((G, I), dtype=dtype)
         self.dw_hh = np.empty((G, H), dtype=dtype)
-        classic = direction.cell == "gru" and not direction.reset_after
-        # GRU reset_after=False: W_hn's gradient, (H, H), from the n part.
-        self.dw_hn = np.empty((H, H), dtype=dtype) if classic else None
         self.db_ih = np.empty(G, dtype=dtype) if with_bias else None
-        self.db_hh = np.empty(G, dtype=dtype) if with_bias and direction.cell == "gru" else None
-        peeps = direction.peep is not None and direction.peep.shape[0]
-        self.dpeep = np.empty(3 * H, dtype=dtype) if peeps else None
         self.first = True
+        direction.cell.grads_setup(self, with_bias)
 
     def add_input(self, grid, g, layer_in):
         """Add the input side's gradients of a run of whole blocks (``dW_ih``, ``b_ih``).
@@ -505,7 +471,8 @@ class _WeightGrads:
         :meth:`_Direction.input_grad` at once, where that pays; returns the
         input gradient, or None when it did nothing.
 
-        For an LSTM (whose recurrent side uses ``g.dgx`` as it is) when
+        For a cell whose recurrent side uses ``g.dgx`` as it is
+        (``side_by_side``: the LSTM) when
         fastgates runs on two or more threads and the input side's products
         are each too small to be split (below SPLIT_MIN_MACS): then they
         would run one after another on one thread.  Here they and the parts
@@ -528,14 +495,14 @@ class _WeightGrads:
         products_side_by_side(d2, x2, g.hprev.reshape(rows, dr.H), dr.w_ih, wb, self.dw_ih,
                               self.dw_hh, db, dx.reshape(rows, I), work, nlanes, grid.rows, desc,
                               init)
-        if self.dpeep is not None:
-            self._add_peepholes(grid, g, d2, desc, init)
+        dr.cell.add_grads(self, grid, g, d2, desc, init)
         return dx
 
     def overlap(self, grid, t, B, I):
-        """The work table for :func:`~fastgates._lstm.lstm_backward_overlapped`, else None.
+        """The work table of the products beside the backward kernel, else None
+        (:func:`~fastgates._lstm.lstm_backward_overlapped`).
 
-        For an LSTM whose batch is one chunk (threads idle in the kernel),
+        For a cell with ``side_by_side`` whose batch is one chunk (threads idle in the kernel),
         over ``t`` steps holding two blocks or more, where
         :meth:`add_side_by_side` would run (two threads or more, the input
         side's products unsplit).
@@ -567,13 +534,13 @@ class _WeightGrads:
         t, B, I = layer_in.shape
         dtype = dr.dtype
         init, self.first = self.first, False
-        wb = dr._blocks("wih_b", column_blocks, dr.w_ih) if dx_tiles else _empty3(dtype)
+        wb = dr.blocks("wih_b", dr.w_ih) if dx_tiles else _empty3(dtype)
         db = _empty1(dtype) if self.db_ih is None else self.db_ih
         return layer_in.reshape(t * B, I), wb, db, np.empty((t, B, I), dtype=dtype), init
 
     def _cached_plan(self, grid, t, B, I):
         dr = self.dir
-        if dr.cell != "lstm":
+        if not dr.cell.side_by_side:
             return False
         key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B, grid.rows,
                _config.call_threads())
@@ -613,9 +580,9 @@ class _WeightGrads:
     def add_recurrent(self, grid, g):
         """Add the recurrent side's gradients of the same blocks; after :meth:`add_input`.
 
-        For a GRU with ``reset_after`` this turns ``g.dgx`` into the
-        recurrent side's gradient in place (its n part times ``r``, the
-        kernel's own product), so ``g.dgx`` must have served the input side
+        The cell may turn ``g.dgx`` into the recurrent side's gradient in
+        place (:meth:`~fastgates.cells.base.Cell.recurrent_side`: a GRU with
+        ``reset_after``), so ``g.dgx`` must have served the input side
         (``dW_ih``, ``b_ih``, ``dx``) first.
         """
         t, B, G = g.dgx.shape
@@ -623,51 +590,25 @@ class _WeightGrads:
         H = self.dir.H
         init, self.first = self.first, False
         desc = not self.dir.rev
-        if self.dir.cell == "gru" and self.dir.reset_after:
-            dn = g.dgx[:, :, 2 * H:]
-            np.multiply(dn, g.gates[:, :, :H], out=dn)
+        cell = self.dir.cell
+        cell.recurrent_side(self, g)
         h2 = g.dgx.reshape(rows, G)          # now the recurrent side's gradient
         nparts = grid.parts(G, H, rows)
         weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
-        if self.dw_hn is not None:
-            # GRU reset_after=False: W_hn acts on r * h, not on h; only the
-            # n part's product is needed (a copy of those columns: the
-            # product over all 3H rows cost twice its size more).
-            dn = np.ascontiguousarray(h2[:, 2 * H:])
-            weight_product(dn, g.rhprev.reshape(rows, H), self.dw_hn, grid.rows,
-                           grid.parts(H, H, rows), desc, init)
-        if self.db_hh is not None:
-            colsum(h2, self.db_hh, grid.rows, desc, init)
-        if self.dpeep is not None:
-            self._add_peepholes(grid, g, h2, desc, init)
-
-    def _add_peepholes(self, grid, g, h2, desc, init):
-        """Add the peephole weights' gradients; ``h2`` (rows, 4H) the LSTM's ``dgx``."""
-        # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
-        # hold zeros in every operand.
-        rows = h2.shape[0]
-        H = self.dir.H
-        cp = g.cprev.reshape(rows, H)
-        prod = np.empty((rows, 3 * H), dtype=h2.dtype)
-        np.multiply(h2[:, :H], cp, out=prod[:, :H])
-        np.multiply(h2[:, H:2 * H], cp, out=prod[:, H:2 * H])
-        np.multiply(h2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
-        colsum(prod, self.dpeep, grid.rows, desc, init)
+        cell.add_grads(self, grid, g, h2, desc, init)
 
     def result(self):
-        """``(dW_ih, dW_hh, db_ih, db_hh, dpeep)``."""
-        H = self.dir.H
-        if self.dw_hn is not None:
-            self.dw_hh[2 * H:] = self.dw_hn
-        db_hh = self.db_hh
-        if self.db_ih is not None and db_hh is None:
-            db_hh = self.db_ih.copy()
-        dpeep = None if self.dpeep is None else self.dpeep.reshape(3, H)
-        return self.dw_ih, self.dw_hh, self.db_ih, db_hh, dpeep
+        """The gradients by parameter base name (``"weight_ih"`` ...)."""
+        out = {"weight_ih": self.dw_ih, "weight_hh": self.dw_hh}
+        if self.db_ih is not None:
+            out["bias_ih"] = self.db_ih
+            out["bias_hh"] = self.db_ih.copy() if self.db_hh is None else self.db_hh
+        self.dir.cell.finish_grads(self, out)
+        return out
 
 
-def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional, reset_after=True,
-            keep=False, derived=None, variant=_PLAIN, checkpoint=None):
+def forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=False,
+            derived=None, variant=_PLAIN, checkpoint=None):
     """Run the stacked recurrence; see :func:`_forward` for the arguments.
 
     The call's thread count is chosen when it starts (:func:`fastgates._config.begin_call`:
@@ -676,18 +617,18 @@ def forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional, reset_
     register tiles of :mod:`~fastgates._linalg`), so it needs no BLAS
     thread setting.
     """
-    key = ("forward", cell, x.shape, h0.shape[2], num_layers, bidirectional, x.dtype.char, keep,
-           checkpoint)
-    return _timed(key, _forward, cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-                  reset_after, keep, derived, variant, checkpoint)
+    key = ("forward", cell.name, x.shape, state0[0].shape[2], num_layers, bidirectional,
+           x.dtype.char, keep, checkpoint)
+    return _timed(key, _forward, cell, weights, x, state0, lengths, num_layers, bidirectional,
+                  keep, derived, variant, checkpoint)
 
 
-def backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
+def backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, derived=None):
     """Back-propagate; see :func:`_backward` for the arguments (timed as :func:`forward`)."""
-    key = ("backward", tape.cell, dy.shape, dhn.shape[2], num_layers, bidirectional,
+    key = ("backward", tape.cell.name, dy.shape, dstate[0].shape[2], num_layers, bidirectional,
            dy.dtype.char, getattr(tape, "interval", None))
     with _config.single_threaded_blas():
-        return _timed(key, _backward, tape, weights, dy, dhn, dcn, num_layers, bidirectional,
+        return _timed(key, _backward, tape, weights, dy, dstate, num_layers, bidirectional,
                       with_bias, derived)
 
 
@@ -704,7 +645,7 @@ def _timed(key, run, *args):
     return out
 
 
-def _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant, fast, chunk):
+def _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk):
     """The :class:`_Direction` objects of a layer, kept in ``derived``.
 
     They depend on the model's parameters and options (which ``derived``
@@ -713,75 +654,71 @@ def _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant
     """
     def make():
         clip = dtype.type(variant.clip)
-        return [_Direction(cell, reset_after, weights, layer * D + d, derived, variant, fast,
-                           chunk, clip, H, dtype, variant.direction_reversed(d))
+        return [_Direction(cell, weights, layer * D + d, derived, variant, fast, chunk, clip, H,
+                           dtype, variant.direction_reversed(d))
                 for d in range(D)]
 
     return _derive(derived, ("directions", layer, fast, chunk), make)
 
 
-def _forward(cell, weights, x, h0, c0, lengths, num_layers, bidirectional,
-             reset_after=True, keep=False, derived=None, variant=_PLAIN, checkpoint=None):
+def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=False,
+             derived=None, variant=_PLAIN, checkpoint=None):
     """Run the stacked recurrence.
 
-    ``checkpoint``: with ``keep``, an interval in steps (see
-    :func:`checkpoint_interval`); the tape then keeps only the states at
-    segment boundaries (:class:`CheckpointTape`).
+    ``state0``: the initial state, a tuple of (L*D, B, H) arrays (one per
+    ``cell.states``).  ``checkpoint``: with ``keep``, an interval in steps
+    (see :func:`checkpoint_interval`); the tape then keeps only the states
+    at segment boundaries (:class:`CheckpointTape`).
 
     Returns
     -------
     y : (T, B, D*H) array
-    hn : (L*D, B, H) array
-    cn : (L*D, B, H) array or None (GRU)
+    state : tuple of (L*D, B, H) arrays
+        The final state.
     tape : Tape, CheckpointTape or None
         Filled when ``keep`` is true.
     """
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
-    H = h0.shape[2]
+    H = state0[0].shape[2]
     dtype = x.dtype
     chunk = _chunk_size(B)
     fast = _config.fast_activations()
     grid = _Grid(T, B)
-    hn = np.empty_like(h0)
-    cn = np.empty_like(c0) if cell == "lstm" else None
+    staten = tuple([np.empty_like(s) for s in state0])
     interval = checkpoint_interval(checkpoint, T, B) if keep and checkpoint is not None else None
     kept = keep and interval is None
     inputs, outputs, gates_kept, aux_kept, pre_kept, states = [], [], [], [], [], []
     x = layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
         y = np.empty((T, B, D * H), dtype=dtype)
-        dirs = _directions(cell, weights, layer, D, H, dtype, reset_after, derived, variant,
-                           fast, chunk)
+        dirs = _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk)
         for d, dr in enumerate(dirs):
             k = dr.k
+            s0 = tuple([s[k] for s in state0])
             if interval is None:
-                _, _, gates, aux, pre = dr.forward(
-                    grid, layer_in, h0[k], None if cn is None else c0[k], lengths, y, d * H, kept,
-                    hn[k], None if cn is None else cn[k])
+                _, gates, aux, pre = dr.forward(grid, layer_in, s0, lengths, y, d * H, kept,
+                                                tuple([s[k] for s in staten]))
                 gates_kept.append(gates)
                 aux_kept.append(aux)
                 pre_kept.append(pre)
             else:
-                hk, ck, kept_states = _forward_segments(dr, grid, interval, layer_in, h0[k],
-                                                        None if cn is None else c0[k], lengths,
-                                                        y, d * H)
+                sk, kept_states = _forward_segments(dr, grid, interval, layer_in, s0, lengths, y,
+                                                    d * H)
                 states.append(kept_states)
-                hn[k] = hk
-                if cn is not None:
-                    cn[k] = ck
+                for s, v in zip(staten, sk):
+                    s[k] = v
         if kept:
             inputs.append(layer_in)
             outputs.append(y)
         layer_in = y
     tape = None
     if kept:
-        tape = Tape(cell, reset_after, fast, inputs, outputs, gates_kept, aux_kept, h0, c0, lengths,
-                    variant, pre_kept)
+        tape = Tape(cell, fast, inputs, outputs, gates_kept, aux_kept, state0, lengths, variant,
+                    pre_kept)
     elif keep:
-        tape = CheckpointTape(cell, reset_after, fast, variant, x, h0, c0, lengths, interval,
-                              states)
-    return layer_in, hn, cn, tape
+        tape = CheckpointTape(cell, fast, variant, x, state0, lengths, interval, states)
+    return layer_in, staten, tape
 
 
 # -- gradient checkpointing ----------------------------------------------------
@@ -802,20 +739,18 @@ def checkpoint_interval(every, T, B):
 class CheckpointTape:
     """What a checkpointed forward pass keeps: the states at segment starts.
 
-    ``states[k]`` is ``(h, c)`` for layer-direction ``k``, each
-    ``(nseg, B, H)`` (``c`` None for a GRU): the state each segment of
+    ``states[k]`` is a tuple with one ``(nseg, B, H)`` array per state of
+    the cell, for layer-direction ``k``: the state each segment of
     ``interval`` steps starts from, in the direction's reading order (for
     a backward direction the state after it has read the later steps).
     """
 
-    def __init__(self, cell, reset_after, fast, variant, x, h0, c0, lengths, interval, states):
+    def __init__(self, cell, fast, variant, x, state0, lengths, interval, states):
         self.cell = cell
-        self.reset_after = reset_after
         self.fast = fast
         self.variant = variant
         self.x = x                # the input, padded steps zero
-        self.h0 = h0
-        self.c0 = c0
+        self.state0 = state0
         self.lengths = lengths
         self.interval = interval
         self.states = states
@@ -830,22 +765,20 @@ def _local_lengths(lengths, t0, t1):
     return np.clip(lengths - t0, 0, t1 - t0).astype(np.int64)
 
 
-def _forward_segments(dr, grid, interval, layer_in, h0, c0, lengths, y, ycol):
+def _forward_segments(dr, grid, interval, layer_in, s0, lengths, y, ycol):
     """Run one layer-direction segment by segment, keeping the starting states."""
     T, B, _ = layer_in.shape
     segs = _segments(T, interval)
-    hs = np.empty((len(segs), B, dr.H), dtype=dr.dtype)
-    cs = np.empty_like(hs) if c0 is not None else None
-    h, c = h0, c0
+    kept = tuple(np.empty((len(segs), B, dr.H), dtype=dr.dtype) for _ in s0)
+    state = s0
     order = range(len(segs) - 1, -1, -1) if dr.rev else range(len(segs))
     for s in order:
         t0, t1 = segs[s]
-        hs[s] = h
-        if cs is not None:
-            cs[s] = c
-        h, c, _, _, _ = dr.forward(grid, layer_in[t0:t1], h, c, _local_lengths(lengths, t0, t1),
-                                   y[t0:t1], ycol, False)
-    return h, c, (hs, cs)
+        for k, v in zip(kept, state):
+            k[s] = v
+        state, _, _, _ = dr.forward(grid, layer_in[t0:t1], state,
+                                    _local_lengths(lengths, t0, t1), y[t0:t1], ycol, False)
+    return state, kept
 
 
 def _segment_input(tape, grid, layers, s, t0, t1):
@@ -861,14 +794,15 @@ def _segment_input(tape, grid, layers, s, t0, t1):
     y = np.empty((t1 - t0, grid.B, len(dirs) * H), dtype=below.dtype)
     local = _local_lengths(tape.lengths, t0, t1)
     for d, dr in enumerate(dirs):
-        hs, cs = tape.states[dr.k]
-        dr.forward(grid, below, hs[s], None if cs is None else cs[s], local, y, d * H, False)
+        start = tuple(v[s] for v in tape.states[dr.k])
+        dr.forward(grid, below, start, local, y, d * H, False)
     return y
 
 
-def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias, derived=None):
-    """Back-propagate ``dy`` (T, B, D*H) and the final-state gradients.
+def _backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, derived=None):
+    """Back-propagate ``dy`` (T, B, D*H) and the final state's gradient.
 
+    ``dstate``: a tuple of (L*D, B, H) arrays, one per state of the cell.
     Layer by layer from the top, and in each direction over its segments in
     the order the backward pass reaches them: a :class:`Tape` is one segment
     holding every step; a :class:`CheckpointTape` recomputes each segment
@@ -880,31 +814,27 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
     Returns
     -------
     dx : (T, B, I) array
-    dh0 : (L*D, B, H) array
-    dc0 : (L*D, B, H) array or None (GRU)
-    dweights : list of ``(dW_ih, dW_hh, db_ih, db_hh, dpeep)`` per
-        layer-direction (biases ``None`` when ``with_bias`` is false;
-        ``dpeep`` (3, H) with peepholes, else ``None``).
+    dstate0 : tuple of (L*D, B, H) arrays
+    dweights : list of dicts per layer-direction
+        The gradients by parameter base name (:meth:`_WeightGrads.result`;
+        no biases when ``with_bias`` is false).
     """
     D = 2 if bidirectional else 1
     T, B, _ = dy.shape
-    H = tape.h0.shape[2]
+    H = tape.state0[0].shape[2]
     grid = _Grid(T, B)
-    lstm = tape.cell == "lstm"
     checkpointed = isinstance(tape, CheckpointTape)
     segs = _segments(T, tape.interval) if checkpointed else [(0, T)]
-    dh0 = np.empty_like(tape.h0)
-    dc0 = np.empty_like(tape.c0) if lstm else None
+    dstate0 = tuple([np.empty_like(s) for s in tape.state0])
     dweights = [None] * (num_layers * D)
-    layers = [_directions(tape.cell, weights, layer, D, H, dy.dtype, tape.reset_after, derived,
-                          tape.variant, tape.fast, _chunk_size(B)) for layer in range(num_layers)]
+    layers = [_directions(tape.cell, weights, layer, D, H, dy.dtype, derived, tape.variant,
+                          tape.fast, _chunk_size(B)) for layer in range(num_layers)]
     dy_layer = dy
     for layer in reversed(range(num_layers)):
         dx = None
         for d, dr in enumerate(layers[layer]):
             k = dr.k
-            dh = dhn[k]
-            dc = dcn[k] if lstm else None
+            ds = tuple([s[k] for s in dstate])
             acc = None
             order = range(len(segs)) if dr.rev else range(len(segs) - 1, -1, -1)
             for s in order:
@@ -914,12 +844,12 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                 else:
                     seg_in = tape.inputs[layer]
                     kept = (tape.gates[k], tape.aux[k], tape.pre[k], tape.outputs[layer], d * H,
-                            tape.h0[k], tape.c0[k] if lstm else None, tape.lengths)
+                            tuple([v[k] for v in tape.state0]), tape.lengths)
                 if acc is None:
                     acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
-                g = dr.backward(dy_layer[t0:t1], d * H, dh, dc, *kept, grid, acc, seg_in)
+                g = dr.backward(dy_layer[t0:t1], d * H, ds, *kept, grid, acc, seg_in)
                 del kept
-                dh, dc = g.dh0, g.dc0
+                ds = g.ds0
                 part = g.dx
                 if part is None:
                     part = acc.add_side_by_side(grid, g, seg_in)
@@ -939,36 +869,33 @@ def _backward(tape, weights, dy, dhn, dcn, num_layers, bidirectional, with_bias,
                         dx[t0:t1] += part
                 del part
             dweights[k] = acc.result()
-            dh0[k] = dh
-            if lstm:
-                dc0[k] = dc
+            for out, v in zip(dstate0, ds):
+                out[k] = v
         dy_layer = dx
         del dx
-    return dy_layer, dh0, dc0, dweights
+    return dy_layer, dstate0, dweights
 
 
 def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
     """Segment ``s`` of a layer-direction, recomputed from its starting state.
 
     Returns its input and what :meth:`_Direction.backward` takes after the
-    state gradients: gates, aux, pre, the direction's outputs and their
+    state gradient: gates, aux, pre, the direction's outputs and their
     column, the starting state and the lengths within the segment.
     """
     seg_in = _segment_input(tape, grid, layers[:layer], s, t0, t1)
     local = _local_lengths(tape.lengths, t0, t1)
-    hs, cs = tape.states[dr.k]
-    c_start = None if cs is None else cs[s]
+    start = tuple(v[s] for v in tape.states[dr.k])
     y = np.empty((t1 - t0, grid.B, dr.H), dtype=seg_in.dtype)
-    _, _, gates, aux, pre = dr.forward(grid, seg_in, hs[s], c_start, local, y, 0, True)
-    return seg_in, (gates, aux, pre, y, 0, hs[s], c_start, local)
+    _, gates, aux, pre = dr.forward(grid, seg_in, start, local, y, 0, True)
+    return seg_in, (gates, aux, pre, y, 0, start, local)
 
 
 # -- memory ------------------------------------------------------------------
 
 
 def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=False,
-                    peephole=False, reset_after=True, num_params=0, checkpoint=None,
-                    padded=False):
+                    options=None, num_params=0, checkpoint=None, padded=False):
     """Bytes of the arrays a ``vjp`` and its pullback allocate (see ``training_memory``).
 
     Returns ``(kept, peak)``: what the pullback holds between the two calls
@@ -976,30 +903,25 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     the start of ``vjp`` to the end of the pullback (its results included).
     Counted: every array of a size proportional to ``T``; not counted: the
     caller's ``x`` and ``dy``, and scratch of a fixed size (per-chunk
-    states, BLAS packing), which does not grow with ``T``.
+    states, BLAS packing), which does not grow with ``T``.  ``options``:
+    the model's options by name, read by the cell's
+    :meth:`~fastgates.cells.base.Cell.memory`.
     """
-    G = (4 if cell == "lstm" else 3) * H
+    G = cell.rows(H)
     N = T * B
     L = num_layers
     sizes = [input_size] + [D * H] * (L - 1)
     pre = G if clip else 0
-    # Per step and row of the backward kernel's results: hprev, dgx, and
-    # for a GRU with reset_after=False r * h_{t-1}, with peepholes c_{t-1}
-    # (a GRU's recurrent-side gradient is made in dgx's place).
-    grads = H + G
-    if cell == "gru":
-        grads += 0 if reset_after else H
-    elif peephole:
-        grads += H
-    # Made after dx (which then exists): the peephole products, or a
-    # classic GRU's n part copied for W_hn's gradient.
-    extra = 3 * H if peephole and cell == "lstm" else 0
-    if cell == "gru" and not reset_after:
-        extra = H
+    own, extra, aux_to_end = cell.memory(H, options or {})
+    # Per step and row of the backward kernel's results: hprev, dgx and the
+    # cell's own.  Made after dx (which then exists): ``extra`` per row,
+    # the cell's own gradient products.
+    grads = H + G + own
+    aux_units = cell.aux_units * H
     pad = N * input_size if padded else 0
     small = num_params + 2 * L * D * B * H * 2             # gradients, states
     if checkpoint is None:
-        kept = pad + L * (N * D * H + D * N * (G + H + pre))
+        kept = pad + L * (N * D * H + D * N * (G + aux_units + pre))
         peak = kept + N * G                                 # the last input projection
         for layer in reversed(range(L)):
             dy_between = N * D * H if layer < L - 1 else 0
@@ -1011,13 +933,13 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     interval = checkpoint_interval(checkpoint, T, B)
     nseg = -(-T // interval)
     n = min(interval, T) * B
-    states = L * D * nseg * B * H * (2 if cell == "lstm" else 1)
+    states = L * D * nseg * B * H * len(cell.states)
     kept = pad + N * D * H + states
     peak = kept + n * G
     if L > 1:
         peak = max(peak, kept + N * D * H + n * G)          # a layer's input and output
-    segment = n * (G + H + pre + H)                         # gates, aux, pre, own outputs
-    aux = n * H if cell == "lstm" else 0                    # cell states, kept to the end
+    segment = n * (G + aux_units + pre + H)                 # gates, aux, pre, own outputs
+    aux = n * aux_to_end                                    # kept to the segment's end
     for layer in reversed(range(L)):
         dy_between = N * D * H if layer < L - 1 else 0
         seg_in = n * D * H if layer else 0

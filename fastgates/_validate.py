@@ -223,18 +223,37 @@ def state_array(value, name, num, batch, hidden, batched, dtype):
     return arr
 
 
-def lstm_state(state, num, batch, hidden, batched, dtype, name="state"):
-    """Check an LSTM state ``(h, c)``; ``None`` means zeros."""
+def state_parts(value, name, cell, prefix=""):
+    """The parts of a state (or, with ``prefix="d"``, of its gradient) of ``cell``.
+
+    Returns ``(values, names)``: one value per state of the cell (``None``
+    everywhere for ``None``) and the name each is checked under.  A cell
+    with one state takes the array itself; with more, a tuple of them.
+    """
+    states = cell.states
+    if len(states) == 1:
+        return (value,), (name,)
+    names = tuple(f"{name}[{j}] ({prefix}{s})" for j, s in enumerate(states))
+    if value is None:
+        return (None,) * len(states), names
+    if not isinstance(value, (tuple, list)) or len(value) != len(states):
+        article = "an" if cell.label[0] in "AEFHILMNORSX" else "a"
+        parts = ", ".join(prefix + s for s in states)
+        raise TypeError(f"{name} of {article} {cell.label} must be a tuple ({parts}) or None, "
+                        f"got {type(value).__name__}")
+    return tuple(value), names
+
+
+def state_tuple(state, cell, num, batch, hidden, batched, dtype, name="state"):
+    """Check the state of ``cell`` (see :func:`state_parts`); ``None`` means zeros.
+
+    Returns a tuple of ``(num, B, H)`` arrays, one per state of the cell.
+    """
     if state is None:
-        h = c = None
-    else:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError(f"{name} of an LSTM must be a tuple (h, c) or None, got {type(state).__name__}")
-        h, c = state
-    return (
-        state_array(h, f"{name}[0] (h)", num, batch, hidden, batched, dtype),
-        state_array(c, f"{name}[1] (c)", num, batch, hidden, batched, dtype),
-    )
+        return tuple([np.zeros((num, batch, hidden), dtype=dtype) for _ in cell.states])
+    values, names = state_parts(state, name, cell)
+    return tuple([state_array(v, n, num, batch, hidden, batched, dtype)
+                  for v, n in zip(values, names)])
 
 
 def integer_array(value, name, expected):

@@ -20,9 +20,6 @@ from .layers import _Recurrent
 
 __all__ = ["GateSummary", "gate_summary", "timescale"]
 
-_KEEP_GATE = {"lstm": "f", "gru": "z"}
-
-
 def timescale(f):
     """The time scale ``-1 / ln f`` of a forget gate ``f``, in steps.
 
@@ -174,7 +171,7 @@ def gate_summary(model, x, state=None, lengths=None, *, horizon=None):
     """
     if not isinstance(model, _Recurrent):
         raise TypeError(f"model must be a fastgates LSTM or GRU, got {type(model).__name__}")
-    gate = _KEEP_GATE[model._cell]
+    gate = model._spec.forget
     horizon_arg = horizon
     if horizon is not None:  # check it before running the model
         _horizon(horizon, 1)

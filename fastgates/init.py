@@ -71,9 +71,6 @@ from .layers import _Cell, _init_params, _Recurrent
 
 __all__ = ["pytorch_default", "xavier_uniform", "orthogonal", "forget_bias", "chrono"]
 
-_NUM_GATES = {"lstm": 4, "gru": 3}
-
-
 # -- argument checking ---------------------------------------------------------
 
 def _check_model(model):
@@ -159,7 +156,7 @@ def _orthogonal_blocks(rng, shape, num_gates, gain):
 
 def _scheme(model, rng, recurrent, input_gain):
     """Xavier input weights, ``recurrent`` for ``weight_hh``, zero biases and peepholes."""
-    G = _NUM_GATES[model._cell]
+    G = len(model._spec.gates)
     params = model.state_dict()
     out = {}
     for name, value in params.items():

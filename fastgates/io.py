@@ -621,7 +621,7 @@ def _implied_count(node):
     bias = opts.get("bias") is True
     if name == "Linear":
         return opts["out_features"] * (opts["in_features"] + bias)
-    G = 4 if name.startswith("LSTM") else 3
+    G = len(_SPECS[name][0]._spec.gates)
     H, I = opts["hidden_size"], opts["input_size"]
     peep = 3 * H if opts.get("peephole") is True else 0
     if name.endswith("Cell"):

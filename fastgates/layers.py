@@ -8,12 +8,14 @@ then runs the compiled recurrence (:mod:`fastgates._recurrent`).
 
 import numpy as np
 
-from . import _recurrent
+from . import _recurrent, cells
 from . import _validate as check
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "flatten_params", "unflatten_params"]
 
-_GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+# The parameters every cell has, by base name (a cell may add its own:
+# Cell.params); the keys of the driver's per-direction weight dicts.
+_BASES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 # More parameters than this (8 GiB in float32) is taken for a mistake in the
 # sizes rather than attempted.
@@ -85,7 +87,7 @@ class _Parameters(_FlatParams):
         for value in params.values():
             value.flags.writeable = False
         self._params = params
-        self._derived = {}
+        self._derived = _recurrent.Derived()
 
     def __getattr__(self, name):
         # m.weight_ih_l0 etc.: the parameter itself, read-only (change
@@ -259,7 +261,8 @@ def unflatten_params(model, v):
 
 
 class _Recurrent(_Parameters):
-    _cell = None
+    _cell = None      # the cell's registry name ("lstm"): what users and files see
+    _spec = None      # its Cell (fastgates.cells): everything that differs between cells
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, seed=None, reset_after=True,
@@ -287,7 +290,7 @@ class _Recurrent(_Parameters):
         return 2 if self.bidirectional else 1
 
     def _param_shapes(self):
-        G = len(_GATE_NAMES[self._cell]) * self.hidden_size
+        G = self._spec.rows(self.hidden_size)
         D = self.num_directions
         shapes = {}
         for layer in range(self.num_layers):
@@ -305,12 +308,16 @@ class _Recurrent(_Parameters):
                 shapes["weight_peep" + s] = (3, self.hidden_size)
         return shapes
 
+    def _options(self):
+        """The options the cell reads (its kernels, its memory formula), by name."""
+        return {"reset_after": self.reset_after, "input_forget": self.input_forget,
+                "peephole": self.peephole}
+
     def _variant(self):
         variant = self._derived.get("variant")
         if variant is None:
-            peeps = [self._params["weight_peep" + s] for s in self._suffixes()] if self.peephole else None
             variant = self._derived["variant"] = _recurrent.Variant(
-                self.reverse, self.clip, self.input_forget, peeps)
+                self.reverse, self.clip, **self._options())
         return variant
 
     def _suffixes(self):
@@ -327,10 +334,8 @@ class _Recurrent(_Parameters):
     def _weights(self):
         weights = self._derived.get("weights")
         if weights is None:
-            p = self._params
             weights = self._derived["weights"] = [
-                (p["weight_ih" + s], p["weight_hh" + s], p.get("bias_ih" + s), p.get("bias_hh" + s))
-                for s in self._suffixes()]
+                _direction_params(self._params, self._spec, s) for s in self._suffixes()]
         return weights
 
     # -- argument handling -------------------------------------------------
@@ -340,11 +345,7 @@ class _Recurrent(_Parameters):
         x3, batched = check.sequence(x, self.input_size, self.dtype, self.batch_first)
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
-        if self._cell == "lstm":
-            h0, c0 = check.lstm_state(state, num, B, self.hidden_size, batched, self.dtype)
-        else:
-            h0 = check.state_array(state, "state", num, B, self.hidden_size, batched, self.dtype)
-            c0 = None
+        s0 = check.state_tuple(state, self._spec, num, B, self.hidden_size, batched, self.dtype)
         given = lengths is not None
         lengths = check.lengths_array(lengths, B, T, batched)
         if check_finite:
@@ -352,12 +353,10 @@ class _Recurrent(_Parameters):
             check.finite(x3, "x", check.valid_steps(lengths, T) if given else None)
             # A state of None is zeros made here (about 3 us a check saved
             # in a tiny call).
-            if state is not None and c0 is None:
-                check.finite(h0, "state")
-            elif state is not None:
-                check.finite(h0, "state[0] (h)")
-                check.finite(c0, "state[1] (c)")
-        return x3, batched, h0, c0, lengths
+            if state is not None:
+                for value, name in zip(s0, check.state_parts(state, "state", self._spec)[1]):
+                    check.finite(value, name)
+        return x3, batched, s0, lengths
 
     def _seq_out(self, y, batched):
         """Time-major (T, B, F) to the caller's layout."""
@@ -376,19 +375,18 @@ class _Recurrent(_Parameters):
             return np.ascontiguousarray(arr.transpose(1, 0, 2))
         return check.gradient(dy, name, (T, B, F), self.dtype)
 
-    def _state_out(self, h, c, batched):
+    def _state_out(self, state, batched):
+        """A state tuple (L*D, B, H) each to the caller's form (one array for one state)."""
         if not batched:
-            h = h[:, 0, :]
-            c = None if c is None else c[:, 0, :]
-        return h if c is None else (h, c)
+            state = tuple([s[:, 0, :] for s in state])
+        return state[0] if len(state) == 1 else state
 
     def _run(self, x, state, lengths, keep, check_finite=True, checkpoint=None):
-        x3, batched, h0, c0, lengths = self._prepare(x, state, lengths, check_finite)
-        y, hn, cn, tape = _recurrent.forward(
-            self._cell, self._weights(), x3, h0, c0, lengths, self.num_layers,
-            self.bidirectional, self.reset_after, keep, derived=self._derived,
-            variant=self._variant(), checkpoint=checkpoint)
-        return x3, batched, y, hn, cn, tape
+        x3, batched, s0, lengths = self._prepare(x, state, lengths, check_finite)
+        y, sn, tape = _recurrent.forward(
+            self._spec, self._weights(), x3, s0, lengths, self.num_layers, self.bidirectional,
+            keep, derived=self._derived, variant=self._variant(), checkpoint=checkpoint)
+        return x3, batched, y, sn, tape
 
     # -- public API ----------------------------------------------------------
 
@@ -421,8 +419,8 @@ class _Recurrent(_Parameters):
         state : ndarray or tuple of ndarray
             Final state, shaped like ``state``.
         """
-        _, batched, y, hn, cn, _ = self._run(x, state, lengths, keep=False, check_finite=check_finite)
-        return self._seq_out(y, batched), self._state_out(hn, cn, batched)
+        _, batched, y, sn, _ = self._run(x, state, lengths, keep=False, check_finite=check_finite)
+        return self._seq_out(y, batched), self._state_out(sn, batched)
 
     def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None):
         """Run the model and return a function for its vector-Jacobian product.
@@ -461,8 +459,8 @@ class _Recurrent(_Parameters):
         """
         if checkpoint is not None:
             checkpoint = check.positive_int(checkpoint, "checkpoint")
-        x3, batched, y, hn, cn, tape = self._run(x, state, lengths, keep=True,
-                                                 check_finite=check_finite, checkpoint=checkpoint)
+        x3, batched, y, sn, tape = self._run(x, state, lengths, keep=True,
+                                             check_finite=check_finite, checkpoint=checkpoint)
         valid = None if lengths is None else check.valid_steps(tape.lengths, x3.shape[0])
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
@@ -471,8 +469,10 @@ class _Recurrent(_Parameters):
         suffixes = self._suffixes()
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
-        F = self.num_directions * self.hidden_size
-        shape = (num, B, self.hidden_size) if batched else (num, self.hidden_size)
+        H = self.hidden_size
+        F = self.num_directions * H
+        shape = (num, B, H) if batched else (num, H)
+        spec = self._spec
 
         check_forward = check_finite
 
@@ -480,38 +480,32 @@ class _Recurrent(_Parameters):
             # None: the setting the forward pass was called with.
             check_finite = check_forward if check_finite is None else check.boolean(check_finite, "check_finite")
             dy3 = self._seq_in(dy, batched, T, B, F, "dy")
-            if self._cell == "lstm":
-                dh, dc = (None, None) if dstate is None else _pair(dstate, "dstate")
-                dhn = check.gradient(dh, "dstate[0] (dh)", shape, self.dtype).reshape(num, B, -1)
-                dcn = check.gradient(dc, "dstate[1] (dc)", shape, self.dtype).reshape(num, B, -1)
+            if dstate is None:
+                ds = tuple([np.zeros((num, B, H), dtype=self.dtype) for _ in spec.states])
+                if check_finite:
+                    check.finite(dy3, "dy", valid)
             else:
-                dh, dc = dstate, None
-                dhn = check.gradient(dstate, "dstate", shape, self.dtype).reshape(num, B, -1)
-                dcn = None
-            if check_finite:
-                # dy at padded steps multiplies outputs that are constant 0;
-                # a dstate part of None is zeros made here, not checked.
-                check.finite(dy3, "dy", valid)
-                if dh is not None:
-                    check.finite(dhn, "dstate" if dcn is None else "dstate[0] (dh)")
-                if dc is not None:
-                    check.finite(dcn, "dstate[1] (dc)")
-            dx, dh0, dc0, dweights = _recurrent.backward(
-                tape, weights, dy3, dhn, dcn, self.num_layers, self.bidirectional, self.bias,
+                parts, names = check.state_parts(dstate, "dstate", spec, "d")
+                ds = tuple([check.gradient(v, n, shape, self.dtype).reshape(num, B, -1)
+                            for v, n in zip(parts, names)])
+                if check_finite:
+                    # dy at padded steps multiplies outputs that are constant 0;
+                    # a dstate part of None is zeros made here, not checked.
+                    check.finite(dy3, "dy", valid)
+                    for value, arr, name in zip(parts, ds, names):
+                        if value is not None:
+                            check.finite(arr, name)
+            dx, ds0, dweights = _recurrent.backward(
+                tape, weights, dy3, ds, self.num_layers, self.bidirectional, self.bias,
                 derived=derived)
             dparams = {}
-            for s, (dw_ih, dw_hh, db_ih, db_hh, dpeep) in zip(suffixes, dweights):
-                dparams["weight_ih" + s] = dw_ih
-                dparams["weight_hh" + s] = dw_hh
-                if self.bias:
-                    dparams["bias_ih" + s] = db_ih
-                    dparams["bias_hh" + s] = db_hh
-                if dpeep is not None:
-                    dparams["weight_peep" + s] = dpeep
+            for s, grads in zip(suffixes, dweights):
+                for base, value in grads.items():
+                    dparams[base + s] = value
             dparams = {name: dparams[name] for name in self._shapes}
-            return self._seq_out(dx, batched), self._state_out(dh0, dc0, batched), dparams
+            return self._seq_out(dx, batched), self._state_out(ds0, batched), dparams
 
-        return (self._seq_out(y, batched), self._state_out(hn, cn, batched)), pullback
+        return (self._seq_out(y, batched), self._state_out(sn, batched)), pullback
 
     def gates(self, x, state=None, lengths=None, *, check_finite=True):
         """Post-activation gate values at every step, layer and direction.
@@ -526,13 +520,13 @@ class _Recurrent(_Parameters):
             LSTM: ``"i" "f" "g" "o"`` and the cell state ``"c"``; GRU:
             ``"r" "z" "n"``.
         """
-        _, batched, _, _, _, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
+        _, batched, _, _, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
         H = self.hidden_size
         out = {}
-        for j, name in enumerate(_GATE_NAMES[self._cell]):
+        for j, name in enumerate(self._spec.gates):
             out[name] = np.stack([g[:, :, j * H:(j + 1) * H] for g in tape.gates])
-        if self._cell == "lstm":
-            out["c"] = np.stack(tape.aux)
+        for name in self._spec.shown:
+            out[name] = np.stack(tape.aux)
         if not batched:
             out = {name: v[:, :, 0, :] for name, v in out.items()}
         return {name: np.ascontiguousarray(v) for name, v in out.items()}
@@ -568,10 +562,10 @@ class _Recurrent(_Parameters):
         if checkpoint is not None:
             checkpoint = check.positive_int(checkpoint, "checkpoint")
         kept, peak = _recurrent.training_memory(
-            self._cell, T, B, self.input_size, self.hidden_size, self.num_layers,
+            self._spec, T, B, self.input_size, self.hidden_size, self.num_layers,
             self.num_directions, self.dtype.itemsize, clip=self.clip < np.inf,
-            peephole=self.peephole, reset_after=self.reset_after, num_params=self.num_params,
-            checkpoint=checkpoint, padded=check.boolean(padded, "padded"))
+            options=self._options(), num_params=self.num_params, checkpoint=checkpoint,
+            padded=check.boolean(padded, "padded"))
         return {"kept": kept, "peak": peak}
 
     def __repr__(self):
@@ -584,7 +578,7 @@ class _Recurrent(_Parameters):
             args.append("batch_first=True")
         if self.bidirectional:
             args.append("bidirectional=True")
-        if self._cell == "gru" and not self.reset_after:
+        if not self.reset_after:
             args.append("reset_after=False")
         args += _variant_repr(self)
         args.append(f"dtype={self.dtype.name}")
@@ -604,10 +598,14 @@ def _variant_repr(model):
     return args
 
 
-def _pair(value, name):
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name} of an LSTM must be a tuple (dh, dc) or None, got {type(value).__name__}")
-    return value
+def _direction_params(params, cell, suffix):
+    """One layer-direction's parameters by base name: the driver's weights entry."""
+    out = {}
+    for base in _BASES + cell.params:
+        value = params.get(base + suffix)
+        if value is not None:
+            out[base] = value
+    return out
 
 
 class LSTM(_Recurrent):
@@ -672,6 +670,7 @@ class LSTM(_Recurrent):
     """
 
     _cell = "lstm"
+    _spec = cells.LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, seed=None, reverse=False, clip=None,
@@ -709,6 +708,7 @@ class GRU(_Recurrent):
     """
 
     _cell = "gru"
+    _spec = cells.GRU
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, reset_after=True, dtype=np.float32, seed=None,
@@ -722,6 +722,7 @@ class _Cell(_Parameters):
     """One step of a recurrent cell: a one-layer, one-step sequence model."""
 
     _cell = None
+    _spec = None
 
     def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None,
                  reset_after=True, clip=None, peephole=False, input_forget=False):
@@ -733,7 +734,7 @@ class _Cell(_Parameters):
         self.peephole = check.boolean(peephole, "peephole")
         self.input_forget = check.boolean(input_forget, "input_forget")
         self.dtype = check.model_dtype(dtype)
-        G = len(_GATE_NAMES[self._cell]) * self.hidden_size
+        G = self._spec.rows(self.hidden_size)
         shapes = {"weight_ih": (G, self.input_size), "weight_hh": (G, self.hidden_size)}
         if self.bias:
             shapes["bias_ih"] = (G,)
@@ -743,12 +744,11 @@ class _Cell(_Parameters):
         self._setup_params(shapes, seed)
 
     def _weights(self):
-        p = self._params
-        return [(p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"))]
+        return [_direction_params(self._params, self._spec, "")]
 
     def _variant(self):
-        peeps = [self._params["weight_peep"]] if self.peephole else None
-        return _recurrent.Variant(False, self.clip, self.input_forget, peeps)
+        return _recurrent.Variant(False, self.clip, reset_after=self.reset_after,
+                                  input_forget=self.input_forget)
 
     def _prepare(self, x, state, check_finite):
         check_finite = check.boolean(check_finite, "check_finite")
@@ -762,42 +762,28 @@ class _Cell(_Parameters):
         B = x3.shape[1]
         if B == 0:
             raise ValueError(f"x must have at least one sample, got shape {arr.shape}")
-        if self._cell == "lstm":
-            if state is None:
-                h = c = None
-            else:
-                h, c = _pair(state, "state")
-            h0 = self._state_in(h, "state[0] (h)", B, batched)
-            c0 = self._state_in(c, "state[1] (c)", B, batched)
-        else:
-            h0 = self._state_in(state, "state", B, batched)
-            c0 = None
+        parts, names = check.state_parts(state, "state", self._spec)
+        s0 = tuple(self._state_in(v, n, B, batched) for v, n in zip(parts, names))
         if check_finite:
             check.finite(x3, "x")
-            if c0 is None:
-                check.finite(h0, "state")
-            else:
-                check.finite(h0, "state[0] (h)")
-                check.finite(c0, "state[1] (c)")
-        return x3, batched, h0, c0
+            for value, name in zip(s0, names):
+                check.finite(value, name)
+        return x3, batched, s0
 
     def _state_in(self, value, name, B, batched):
         shape = (B, self.hidden_size) if batched else (self.hidden_size,)
         return check.gradient(value, name, shape, self.dtype).reshape(1, B, self.hidden_size)
 
-    def _state_out(self, h, c, batched):
-        h = h[0] if batched else h[0, 0]
-        if c is None:
-            return h
-        return h, (c[0] if batched else c[0, 0])
+    def _state_out(self, state, batched):
+        state = tuple([s[0] if batched else s[0, 0] for s in state])
+        return state[0] if len(state) == 1 else state
 
     def _forward(self, x, state, keep, check_finite=True):
-        x3, batched, h0, c0 = self._prepare(x, state, check_finite)
+        x3, batched, s0 = self._prepare(x, state, check_finite)
         lengths = np.ones(x3.shape[1], dtype=np.int64)
-        _, hn, cn, tape = _recurrent.forward(self._cell, self._weights(), x3, h0, c0, lengths,
-                                             1, False, self.reset_after, keep, derived=self._derived,
-                                             variant=self._variant())
-        return x3, batched, hn, cn, tape
+        _, sn, tape = _recurrent.forward(self._spec, self._weights(), x3, s0, lengths, 1, False,
+                                         keep, derived=self._derived, variant=self._variant())
+        return x3, batched, sn, tape
 
     def __call__(self, x, state=None, *, check_finite=True):
         """Advance the cell one step.
@@ -818,8 +804,8 @@ class _Cell(_Parameters):
         ndarray or tuple of ndarray
             The new state, shaped like ``state``.
         """
-        _, batched, hn, cn, _ = self._forward(x, state, keep=False, check_finite=check_finite)
-        return self._state_out(hn, cn, batched)
+        _, batched, sn, _ = self._forward(x, state, keep=False, check_finite=check_finite)
+        return self._state_out(sn, batched)
 
     def vjp(self, x, state=None, *, check_finite=True):
         """Advance one step and return a function for the vector-Jacobian product.
@@ -836,44 +822,32 @@ class _Cell(_Parameters):
             ``<out, dout>`` with respect to ``x``, the state (shaped like it)
             and the parameters (keyed like :meth:`state_dict`).
         """
-        x3, batched, hn, cn, tape = self._forward(x, state, keep=True, check_finite=check_finite)
+        x3, batched, sn, tape = self._forward(x, state, keep=True, check_finite=check_finite)
         weights = self._weights()
         derived = self._derived
         B = x3.shape[1]
         H = self.hidden_size
 
         def pullback(dout):
-            if self._cell == "lstm":
-                dh, dc = _pair(dout, "dout")
-                dhn = self._state_in(dh, "dout[0] (dh)", B, batched)
-                dcn = self._state_in(dc, "dout[1] (dc)", B, batched)
-            else:
-                dhn = self._state_in(dout, "dout", B, batched)
-                dcn = None
+            parts, names = check.state_parts(dout, "dout", self._spec, "d")
+            ds = tuple(self._state_in(v, n, B, batched) for v, n in zip(parts, names))
             if check_finite:
-                check.finite(dhn, "dout" if dcn is None else "dout[0] (dh)")
-                if dcn is not None:
-                    check.finite(dcn, "dout[1] (dc)")
+                for value, name in zip(ds, names):
+                    check.finite(value, name)
             dy = np.zeros((1, B, H), dtype=self.dtype)
-            dx, dh0, dc0, dweights = _recurrent.backward(tape, weights, dy, dhn, dcn, 1, False, self.bias,
-                                                         derived=derived)
-            dw_ih, dw_hh, db_ih, db_hh, dpeep = dweights[0]
-            dparams = {"weight_ih": dw_ih, "weight_hh": dw_hh}
-            if self.bias:
-                dparams["bias_ih"] = db_ih
-                dparams["bias_hh"] = db_hh
-            if dpeep is not None:
-                dparams["weight_peep"] = dpeep
+            dx, ds0, dweights = _recurrent.backward(tape, weights, dy, ds, 1, False, self.bias,
+                                                    derived=derived)
+            dparams = {name: dweights[0][name] for name in self._shapes}
             dx = dx[0] if batched else dx[0, 0]
-            return dx, self._state_out(dh0, dc0, batched), dparams
+            return dx, self._state_out(ds0, batched), dparams
 
-        return self._state_out(hn, cn, batched), pullback
+        return self._state_out(sn, batched), pullback
 
     def __repr__(self):
         args = [str(self.input_size), str(self.hidden_size)]
         if not self.bias:
             args.append("bias=False")
-        if self._cell == "gru" and not self.reset_after:
+        if not self.reset_after:
             args.append("reset_after=False")
         args += _variant_repr(self)
         args.append(f"dtype={self.dtype.name}")
@@ -897,6 +871,7 @@ class LSTMCell(_Cell):
     """
 
     _cell = "lstm"
+    _spec = cells.LSTM
 
     def __init__(self, input_size, hidden_size, *, bias=True, dtype=np.float32, seed=None,
                  clip=None, peephole=False, input_forget=False):
@@ -923,6 +898,7 @@ class GRUCell(_Cell):
     """
 
     _cell = "gru"
+    _spec = cells.GRU
 
     def __init__(self, input_size, hidden_size, *, bias=True, reset_after=True, dtype=np.float32,
                  seed=None, clip=None):

@@ -570,7 +570,7 @@ def test_gates_unbatched_drop_the_batch_axis():
 # watching which kernels run, that it really does:
 #
 # - "overlap fwd" / "overlap bwd": B = 1 is one chunk, so a second thread makes
-#   the input projection ahead of the LSTM's recurrence (T > OVERLAP_PROJECT_STEPS
+#   the input projection ahead of the LSTM's recurrence (T > cells.lstm.OVERLAP_PROJECT_STEPS
 #   = 16) and the products over time of each block beside the backward kernel
 #   (lstm_forward_overlapped / lstm_backward_overlapped: T > one block);
 # - "fused chunks": B > one chunk (ceil(B / 2) rows) of at least
@@ -624,6 +624,8 @@ def watch_paths(monkeypatch):
     """Two threads, and the set of size-dependent paths the calls take."""
     import numba
 
+    import fastgates.cells.gru as gru_cell
+    import fastgates.cells.lstm as lstm_cell
     from fastgates import _linalg, _recurrent
     if numba.config.NUMBA_NUM_THREADS != 2:
         pytest.skip("the shapes are chosen for a pool of two threads")
@@ -653,10 +655,10 @@ def watch_paths(monkeypatch):
     def blas(a, b, out, block_rows, *rest):
         return {"BLAS", "blocks"} if a.shape[0] > block_rows else {"BLAS"}
 
-    spy(_recurrent, "lstm_forward", lambda *a: fused(a[0], a[3], a[4], a[10]))
-    spy(_recurrent, "gru_forward", lambda *a: fused(a[0], a[3], a[4], a[12]))
-    spy(_recurrent, "lstm_forward_overlapped", lambda *a: {"overlap fwd"})
-    spy(_recurrent, "lstm_backward_overlapped", lambda *a: {"overlap bwd"})
+    spy(lstm_cell, "lstm_forward", lambda *a: fused(a[0], a[3], a[4], a[10]))
+    spy(gru_cell, "gru_forward", lambda *a: fused(a[0], a[3], a[4], a[12]))
+    spy(lstm_cell, "lstm_forward_overlapped", lambda *a: {"overlap fwd"})
+    spy(lstm_cell, "lstm_backward_overlapped", lambda *a: {"overlap bwd"})
     spy(_recurrent, "products_side_by_side", lambda *a: {"side by side"})
     spy(_recurrent, "project_parallel", lambda *a: {"split tiles"})
     spy(_linalg, "weight_grad", weights)

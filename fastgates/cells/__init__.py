@@ -1,0 +1,23 @@
+"""The recurrent cells, one module each, by name.
+
+Each module defines a :class:`~fastgates.cells.base.Cell` subclass and its
+instance ``CELL``; :func:`get` finds it by name.  What a cell is made of and
+what the driver asks of it: :mod:`fastgates.cells.base`.
+"""
+
+from .base import Cell
+from .gru import CELL as GRU
+from .lstm import CELL as LSTM
+
+REGISTRY = {cell.name: cell for cell in (LSTM, GRU)}
+
+
+def get(name):
+    """The cell registered as ``name`` (``"lstm"``, ``"gru"``)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown cell {name!r}; expected one of {sorted(REGISTRY)}") from None
+
+
+__all__ = ["Cell", "GRU", "LSTM", "REGISTRY", "get"]

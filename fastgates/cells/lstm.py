@@ -1,0 +1,110 @@
+"""The LSTM cell on the shared driver (kernels: :mod:`fastgates._lstm`).
+
+Rows i, f, g, o; state ``(h, c)``; the tape keeps the cell states as its
+``aux`` array.  Options: ``input_forget`` (``f = 1 - i``) and peephole
+weights ``weight_peep`` (3, H) (ONNX's LSTM has both).  A batch of one
+sequence runs on two threads where a second one is free: the forward pass
+makes the input projection ahead of the recurrence, the backward pass makes
+the weight-gradient products beside the kernel.
+"""
+
+import numpy as np
+
+from .. import _config
+from .._linalg import colsum
+from .._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward, lstm_forward_overlapped
+from .._recurrent import _empty3
+from .base import Cell
+
+# In the forward pass of a batch that is one chunk the second thread makes
+# the input projection ahead of the recurrence, this many steps at a time
+# (lstm_forward_overlapped).
+OVERLAP_PROJECT_STEPS = 16
+
+
+class LSTMCell(Cell):
+    name = "lstm"
+    label = "LSTM"
+    gates = ("i", "f", "g", "o")
+    states = ("h", "c")
+    forget = "f"
+    shown = ("c",)
+    params = ("weight_peep",)
+    side_by_side = True
+
+    def setup(self, dr, params, variant):
+        peep = params.get("weight_peep")
+        dr.peep = (np.empty((0, dr.H), dtype=dr.dtype) if peep is None
+                   else np.ascontiguousarray(peep, dtype=dr.dtype))
+        dr.coupled = bool(variant.options.get("input_forget", False))
+
+    def overlap(self, dr, t, B, fused):
+        return (fused and B <= dr.chunk and t > OVERLAP_PROJECT_STEPS
+                and _config.call_threads() > 1)
+
+    def forward(self, dr, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux, pre,
+                overlap):
+        (h0, c0), (hn, cn) = s0, sn
+        whh_tb = dr.blocks_t("whh_tb", dr.w_hh)
+        if overlap:
+            t, B, _ = x.shape
+            lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
+                                    np.empty((t, B, dr.G), dtype=dr.dtype), whh_tb, h0, c0,
+                                    lengths, dr.rev, dr.fast, y, ycol, hn, cn, gates, aux,
+                                    dr.peep, dr.coupled, dr.clip, pre)
+        else:
+            lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, dr.rev, dr.chunk,
+                         dr.fast, y, ycol, hn, cn, gates, aux, dr.peep, dr.coupled, dr.clip, pre)
+
+    def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
+                 grid, layer_in):
+        t, B, G = gates.shape
+        (dh, dc), (h0, c0), (dh0, dc0) = ds, s0, g.ds0
+        whh_b = dr.blocks("whh_b", dr.w_hh)
+        peeps = dr.peep.shape[0] > 0
+        g.cprev = np.empty((t, B, dr.H), dtype=dr.dtype) if peeps else _empty3(dr.dtype)
+        g.cs = aux
+        args = (dy, dycol, dh, dc, whh_b, gates, aux, y, ycol, h0, c0, lengths, dr.rev)
+        if plan is None:
+            lstm_backward(*args, dr.chunk, dr.fast, g.dgx, g.hprev, dh0, dc0, dr.peep,
+                          dr.coupled, dr.clip, pre, g.cprev)
+        else:
+            products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
+            lstm_backward_overlapped(*args, dr.fast, g.dgx, g.hprev, dh0, dc0, dr.peep,
+                                     dr.coupled, dr.clip, pre, g.cprev, *products)
+            self.add_grads(acc, grid, g, g.dgx.reshape(t * B, G), not dr.rev, init)
+        if not peeps:
+            g.cprev = None
+
+    def grads_setup(self, acc, with_bias):
+        dr = acc.dir
+        acc.dpeep = np.empty(3 * dr.H, dtype=dr.dtype) if dr.peep.shape[0] else None
+
+    def add_grads(self, acc, grid, g, h2, desc, init):
+        """The peephole weights' gradients; ``h2`` (rows, 4H) the LSTM's ``dgx``."""
+        if acc.dpeep is None:
+            return
+        # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
+        # hold zeros in every operand.
+        rows = h2.shape[0]
+        H = acc.dir.H
+        cp = g.cprev.reshape(rows, H)
+        prod = np.empty((rows, 3 * H), dtype=h2.dtype)
+        np.multiply(h2[:, :H], cp, out=prod[:, :H])
+        np.multiply(h2[:, H:2 * H], cp, out=prod[:, H:2 * H])
+        np.multiply(h2[:, 3 * H:], g.cs.reshape(rows, H), out=prod[:, 2 * H:])
+        colsum(prod, acc.dpeep, grid.rows, desc, init)
+
+    def finish_grads(self, acc, out):
+        if acc.dpeep is not None:
+            out["weight_peep"] = acc.dpeep.reshape(3, acc.dir.H)
+
+    def memory(self, H, options):
+        # with peepholes c_{t-1} per step, then the peephole products (3H);
+        # the cell states are kept to the end of a segment (the peephole
+        # gradients read them after the kernel)
+        peep = bool(options.get("peephole", False))
+        return (H if peep else 0), (3 * H if peep else 0), H
+
+
+CELL = LSTMCell()
