@@ -92,7 +92,9 @@ import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastgates as fg
+from fastgates import cells as _cells
 from fastgates._bench_jax import timed_calls
+from fastgates.layers import layer_class
 
 __all__ = ["main", "add_arguments", "run", "numpy_forward", "kept_bytes", "MATRIX", "QUICK"]
 
@@ -152,7 +154,8 @@ GROUPS = ["tiny", "small", "medium", "large", "stacked"]
 # BENCHMARKS.md where there is a choice.
 QUICK = [MATRIX[0], MATRIX[2], MATRIX[5], MATRIX[7], MATRIX[8]]
 
-GATES = {"lstm": 4, "gru": 3}
+# Gate rows of every cell (fastgates.cells): what --cells offers.
+GATES = {name: len(cell.gates) for name, cell in _cells.REGISTRY.items()}
 DTYPES = {"float32": np.float32, "float64": np.float64}
 PEERS = ["torch", "onnxruntime", "jax", "numpy"]
 
@@ -514,14 +517,15 @@ def gemm_gflops(dtype, n=GEMM_N, repeats=5):
 
 
 def _fg_model(cell, shape, dtype):
-    cls = fg.LSTM if cell == "lstm" else fg.GRU
-    return cls(shape.I, shape.H, shape.layers,
-               bidirectional=shape.bidirectional, dtype=dtype, seed=0)
+    return layer_class(cell)(shape.I, shape.H, shape.layers,
+                                bidirectional=shape.bidirectional, dtype=dtype, seed=0)
 
 
 def _zero_state(cell, shape, dtype):
-    h0 = np.zeros((shape.layers * shape.D, shape.B, shape.H), dtype=dtype)
-    return (h0, h0.copy()) if cell == "lstm" else h0
+    """The zero initial state of ``cell``: an array, or a tuple of them (fastgates.cells)."""
+    n = len(_cells.get(cell).states)
+    parts = [np.zeros((shape.layers * shape.D, shape.B, shape.H), dtype=dtype) for _ in range(n)]
+    return parts[0] if n == 1 else tuple(parts)
 
 
 def _torch_model(torch, cell, shape, dtype, state_dict):
@@ -604,8 +608,9 @@ def _to_np(t):
 def _grad_dict(cell, dx, dstate, dparams):
     """Gradients keyed dx, dh0 (dc0) and by parameter name."""
     grads = {"dx": dx}
-    for name, g in zip(("dh0", "dc0"), dstate if cell == "lstm" else (dstate,)):
-        grads[name] = g
+    states = _cells.get(cell).states
+    for s, g in zip(states, dstate if len(states) > 1 else (dstate,)):
+        grads[f"d{s}0"] = g
     grads.update(dparams)
     return grads
 
@@ -1342,7 +1347,7 @@ def load_rows(rows):
     n = max(r.threads for r in rows)
     out = []
     for r in rows:
-        if r.threads != n or r.samples is None or f"fastgates@1" not in r.samples:
+        if r.threads != n or r.samples is None or "fastgates@1" not in r.samples:
             continue
         item = {"row": r, "n": n, "sides": {}}
         for peer in ["fastgates"] + sorted({s.peer for s in r.sides} - {"fastgates"}):
@@ -1547,8 +1552,7 @@ def compile_cost(cells, dtypes, log):
         for dtype_name in dtypes:
             with tempfile.TemporaryDirectory() as cache:
                 env = _child_env(NUMBA_CACHE_DIR=cache)
-                code = _COMPILE_SCRIPT.format(cls="LSTM" if cell == "lstm" else "GRU",
-                                              dtype=dtype_name)
+                code = _COMPILE_SCRIPT.format(cls=layer_class(cell).__name__, dtype=dtype_name)
                 for kind in ("empty", "warm"):
                     r = _run_child(code, env)
                     log(f"compile {cell} {dtype_name} {kind} cache: "
@@ -1578,7 +1582,7 @@ def gradient_bytes(cell, shape, itemsize):
     for k in range(shape.layers):
         i_k = shape.I if k == 0 else D * H
         params += D * (G * H * (i_k + H) + 2 * G * H)
-    states = (2 if cell == "lstm" else 1) * shape.layers * D * shape.B * H
+    states = len(_cells.get(cell).states) * shape.layers * D * shape.B * H
     return itemsize * (shape.T * shape.B * shape.I + states + params)
 
 

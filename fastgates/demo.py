@@ -41,10 +41,10 @@ import time
 
 import numpy as np
 
-from . import _config, init
+from . import _config, cells, init
 from .analysis import gate_summary
 from .datasets import load_sunspots
-from .layers import GRU, LSTM
+from .layers import layer_class
 from .training import Adam, Linear, Readout, clip_grad_norm, mse_loss
 
 __all__ = ["main", "add_arguments", "run", "make_windows", "Transform", "fit_autoregression"]
@@ -226,8 +226,7 @@ def build_model(cell, hidden, window, seed):
     :func:`fastgates.init.chrono` with ``t_max = window``, so that the units
     start with memories spread over 1 to ``window`` steps.
     """
-    layer = {"lstm": LSTM, "gru": GRU}[cell]
-    rnn = layer(1, hidden, dtype=np.float32, seed=seed)
+    rnn = layer_class(cell)(1, hidden, dtype=np.float32, seed=seed)
     init.orthogonal(rnn, seed=seed)
     if cell == "lstm":
         init.chrono(rnn, window, seed=seed + 1)
@@ -317,7 +316,7 @@ def _plots(out, summary, cell, years, values, prediction, split_year, sample_yea
     from . import plot   # imports matplotlib inside its functions only
 
     out.mkdir(parents=True, exist_ok=True)
-    gate = "forget gate f" if cell == "lstm" else "update gate z"
+    gate = cells.get(cell).forget_name
     first, last = sample_years
     paths = [
         plot.forget_heatmap(
@@ -441,7 +440,7 @@ def _run(args):
     tau = summary.timescale[0]
     with np.errstate(invalid="ignore"):    # inf - inf between two units that never forget
         q1, med, q3 = np.percentile(tau, [25, 50, 75])
-    gate = "forget gate f" if cell == "lstm" else "update gate z"
+    gate = cells.get(cell).forget_name
     print()
     print(f"Memory of the {args.hidden} units ({gate}, mean over the held-out windows; "
           f"time scale -1/ln(mean), in years):")
@@ -477,7 +476,8 @@ def add_arguments(p):
     p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the shuffling (default 0)")
     p.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden units (default {HIDDEN})")
-    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell (default lstm)")
+    p.add_argument("--cell", choices=sorted(cells.REGISTRY), default="lstm",
+                   help="recurrent cell (default lstm)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the compiled kernels (default: fastgates' current setting)")
     p.add_argument("--out", default=OUT, metavar="DIR",

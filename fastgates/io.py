@@ -92,7 +92,7 @@ import zipfile
 
 import numpy as np
 
-from .layers import GRU, LSTM, GRUCell, LSTMCell
+from .layers import _LAYERS, _STEPS
 from .training import Linear, Readout
 
 __all__ = ["load", "save"]
@@ -106,16 +106,22 @@ _DTYPES = {"float32": "<f4", "float64": "<f8"}
 # model depend on the model only.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
-_RECURRENT = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional")
-# class name -> (class, options in the manifest, {child: allowed classes})
-_SPECS = {
-    "LSTM": (LSTM, _RECURRENT + ("reverse", "clip", "peephole", "input_forget", "dtype"), {}),
-    "GRU": (GRU, _RECURRENT + ("reset_after", "reverse", "clip", "dtype"), {}),
-    "LSTMCell": (LSTMCell, ("input_size", "hidden_size", "bias", "clip", "peephole", "input_forget", "dtype"), {}),
-    "GRUCell": (GRUCell, ("input_size", "hidden_size", "bias", "reset_after", "clip", "dtype"), {}),
-    "Linear": (Linear, ("in_features", "out_features", "bias", "dtype"), {}),
-    "Readout": (Readout, ("mode",), {"rnn": ("LSTM", "GRU"), "head": ("Linear",)}),
-}
+
+
+def _constructor_options(cls):
+    """The options a file stores for ``cls``: its constructor's, ``dtype`` last, no ``seed``."""
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")]
+    return tuple(n for n in names if n != "dtype") + ("dtype",)
+
+
+# class name -> (class, options in the manifest, {child: allowed classes});
+# every cell's layer and one-step classes (fastgates.cells), by their
+# constructors' options
+_SPECS = {cls.__name__: (cls, _constructor_options(cls), {})
+          for cls in (*_LAYERS.values(), *_STEPS.values())}
+_SPECS["Linear"] = (Linear, ("in_features", "out_features", "bias", "dtype"), {})
+_SPECS["Readout"] = (Readout, ("mode",), {"rnn": tuple(cls.__name__ for cls in _LAYERS.values()),
+                                          "head": ("Linear",)})
 _CLASS_NAMES = {spec[0]: name for name, spec in _SPECS.items()}
 
 

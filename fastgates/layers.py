@@ -904,3 +904,24 @@ class GRUCell(_Cell):
                  seed=None, clip=None):
         super().__init__(input_size, hidden_size, bias=bias, dtype=dtype, seed=seed,
                          reset_after=reset_after, clip=clip)
+
+
+# The layer and one-step classes of each cell, by the cell's name.
+_LAYERS = {cls._cell: cls for cls in (LSTM, GRU)}
+_STEPS = {cls._cell: cls for cls in (LSTMCell, GRUCell)}
+
+
+def layer_class(cell):
+    """The sequence layer class of the cell named ``cell`` (``"lstm"`` -> :class:`LSTM`)."""
+    try:
+        return _LAYERS[cell]
+    except (KeyError, TypeError):
+        raise ValueError(f"cell must be one of {sorted(_LAYERS)}, got {cell!r}") from None
+
+
+def cell_class(cell):
+    """The one-step class of the cell named ``cell`` (``"lstm"`` -> :class:`LSTMCell`)."""
+    try:
+        return _STEPS[cell]
+    except (KeyError, TypeError):
+        raise ValueError(f"cell must be one of {sorted(_STEPS)}, got {cell!r}") from None

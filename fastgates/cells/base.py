@@ -37,6 +37,8 @@ class Cell:
     forget : str
         The gate whose value is the fraction of the state kept at a step
         (the gate analysis and the forget-bias initialiser read it).
+    forget_name : str
+        How messages and plots name it (``"forget gate f"``).
     forget_complement : bool
         The memory is ``1 - forget`` rather than ``forget`` (GRU's ``z`` is
         the kept fraction itself: False).
@@ -60,6 +62,7 @@ class Cell:
     gates = ()
     states = ("h",)
     forget = None
+    forget_name = None
     forget_complement = False
     shown = ()
     aux_units = 1

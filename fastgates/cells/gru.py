@@ -21,6 +21,7 @@ class GRUCell(Cell):
     gates = ("r", "z", "n")
     states = ("h",)
     forget = "z"
+    forget_name = "update gate z"
 
     def input_bias(self, b_ih, b_hh, H):
         # b_hr and b_hz join the input projection; b_hn stays inside the reset.

@@ -28,6 +28,7 @@ class LSTMCell(Cell):
     gates = ("i", "f", "g", "o")
     states = ("h", "c")
     forget = "f"
+    forget_name = "forget gate f"
     shown = ("c",)
     params = ("weight_peep",)
     side_by_side = True
