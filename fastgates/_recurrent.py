@@ -54,6 +54,12 @@ class Derived(dict):
 
     __slots__ = ("__weakref__",)
 
+    def __reduce__(self):
+        # A copy or a pickled model starts with an empty cache (its
+        # directions refer to this dict weakly, which cannot be pickled,
+        # and the panels are remade from the parameters on the first call).
+        return (Derived, ())
+
     def __del__(self):
         try:
             # each value held by nothing else has four references when
