@@ -107,7 +107,8 @@ def _empty1(dtype):
 class Tape:
     """What a forward pass keeps for its backward pass."""
 
-    def __init__(self, cell, fast, inputs, outputs, gates, aux, state0, lengths, variant, pre):
+    def __init__(self, cell, fast, inputs, outputs, gates, aux, state0, lengths, variant, pre,
+                 masks=None):
         self.cell = cell          # the Cell
         self.variant = variant    # Variant of the forward pass
         self.pre = pre            # per layer-direction: pre-activations when clipping
@@ -118,6 +119,7 @@ class Tape:
         self.aux = aux            # per layer-direction: the cell's (LSTM c_t, GRU W_hn h + b_hn)
         self.state0 = state0      # tuple of (L*D, B, H) arrays
         self.lengths = lengths
+        self.masks = masks        # dropout: per layer but the last, (T, B, D*H) scales; or None
 
 
 class Variant:
@@ -614,7 +616,7 @@ class _WeightGrads:
 
 
 def forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=False,
-            derived=None, variant=_PLAIN, checkpoint=None):
+            derived=None, variant=_PLAIN, checkpoint=None, masks=None):
     """Run the stacked recurrence; see :func:`_forward` for the arguments.
 
     The call's thread count is chosen when it starts (:func:`fastgates._config.begin_call`:
@@ -626,7 +628,7 @@ def forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=F
     key = ("forward", cell.name, x.shape, state0[0].shape[2], num_layers, bidirectional,
            x.dtype.char, keep, checkpoint)
     return _timed(key, _forward, cell, weights, x, state0, lengths, num_layers, bidirectional,
-                  keep, derived, variant, checkpoint)
+                  keep, derived, variant, checkpoint, masks)
 
 
 def backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, derived=None):
@@ -668,13 +670,16 @@ def _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk
 
 
 def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=False,
-             derived=None, variant=_PLAIN, checkpoint=None):
+             derived=None, variant=_PLAIN, checkpoint=None, masks=None):
     """Run the stacked recurrence.
 
     ``state0``: the initial state, a tuple of (L*D, B, H) arrays (one per
     ``cell.states``).  ``checkpoint``: with ``keep``, an interval in steps
     (see :func:`checkpoint_interval`); the tape then keeps only the states
-    at segment boundaries (:class:`CheckpointTape`).
+    at segment boundaries (:class:`CheckpointTape`).  ``masks``: dropout
+    between layers, one (T, B, D*H) array per layer but the last, each 0 or
+    ``1 / (1 - p)``: the output of layer ``k`` times ``masks[k]`` is the
+    input of layer ``k + 1`` (the tape keeps them for the backward pass).
 
     Returns
     -------
@@ -717,13 +722,18 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
         if kept:
             inputs.append(layer_in)
             outputs.append(y)
-        layer_in = y
+        if masks is None or layer == num_layers - 1:
+            layer_in = y
+        else:
+            layer_in = None       # the layer's input goes first (unless the tape keeps it)
+            layer_in = np.multiply(y, masks[layer])
+        del y
     tape = None
     if kept:
         tape = Tape(cell, fast, inputs, outputs, gates_kept, aux_kept, state0, lengths, variant,
-                    pre_kept)
+                    pre_kept, masks)
     elif keep:
-        tape = CheckpointTape(cell, fast, variant, x, state0, lengths, interval, states)
+        tape = CheckpointTape(cell, fast, variant, x, state0, lengths, interval, states, masks)
     return layer_in, staten, tape
 
 
@@ -751,7 +761,7 @@ class CheckpointTape:
     a backward direction the state after it has read the later steps).
     """
 
-    def __init__(self, cell, fast, variant, x, state0, lengths, interval, states):
+    def __init__(self, cell, fast, variant, x, state0, lengths, interval, states, masks=None):
         self.cell = cell
         self.fast = fast
         self.variant = variant
@@ -760,6 +770,7 @@ class CheckpointTape:
         self.lengths = lengths
         self.interval = interval
         self.states = states
+        self.masks = masks        # dropout between layers, as Tape.masks
 
 
 def _segments(T, interval):
@@ -802,6 +813,8 @@ def _segment_input(tape, grid, layers, s, t0, t1):
     for d, dr in enumerate(dirs):
         start = tuple(v[s] for v in tape.states[dr.k])
         dr.forward(grid, below, start, local, y, d * H, False)
+    if tape.masks is not None:
+        np.multiply(y, tape.masks[len(layers) - 1][t0:t1], out=y)
     return y
 
 
@@ -877,6 +890,10 @@ def _backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, d
             dweights[k] = acc.result()
             for out, v in zip(dstate0, ds):
                 out[k] = v
+        if tape.masks is not None and layer > 0:
+            # through the dropout between layer - 1 and this one (dx is the
+            # backward pass's own array)
+            np.multiply(dx, tape.masks[layer - 1], out=dx)
         dy_layer = dx
         del dx
     return dy_layer, dstate0, dweights
@@ -901,7 +918,7 @@ def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
 
 
 def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=False,
-                    options=None, num_params=0, checkpoint=None, padded=False):
+                    options=None, num_params=0, checkpoint=None, padded=False, dropout=False):
     """Bytes of the arrays a ``vjp`` and its pullback allocate (see ``training_memory``).
 
     Returns ``(kept, peak)``: what the pullback holds between the two calls
@@ -911,7 +928,9 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     caller's ``x`` and ``dy``, and scratch of a fixed size (per-chunk
     states, BLAS packing), which does not grow with ``T``.  ``options``:
     the model's options by name, read by the cell's
-    :meth:`~fastgates.cells.base.Cell.memory`.
+    :meth:`~fastgates.cells.base.Cell.memory`.  ``dropout``: masks between
+    the layers (one (T, B, D*H) array per layer but the last, and without
+    checkpointing the dropped copy of each output, the next layer's input).
     """
     G = cell.rows(H)
     N = T * B
@@ -926,8 +945,9 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     aux_units = cell.aux_units * H
     pad = N * input_size if padded else 0
     small = num_params + 2 * L * D * B * H * 2             # gradients, states
+    masks = (L - 1) * N * D * H if dropout else 0
     if checkpoint is None:
-        kept = pad + L * (N * D * H + D * N * (G + aux_units + pre))
+        kept = pad + 2 * masks + L * (N * D * H + D * N * (G + aux_units + pre))
         peak = kept + N * G                                 # the last input projection
         for layer in reversed(range(L)):
             dy_between = N * D * H if layer < L - 1 else 0
@@ -940,7 +960,7 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     nseg = -(-T // interval)
     n = min(interval, T) * B
     states = L * D * nseg * B * H * len(cell.states)
-    kept = pad + N * D * H + states
+    kept = pad + N * D * H + states + masks
     peak = kept + n * G
     if L > 1:
         peak = max(peak, kept + N * D * H + n * G)          # a layer's input and output

@@ -72,6 +72,24 @@ def clip_bound(value, name="clip"):
     return value
 
 
+def real(value, name):
+    """Return ``value`` as a finite ``float``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def probability(value, name):
+    """Return ``value`` as a ``float`` in ``[0, 1]``."""
+    value = real(value, name)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
 def model_dtype(dtype):
     """Return the model dtype, which must be float32 or float64."""
     try:
@@ -90,9 +108,12 @@ def as_float_array(value, name, dtype, allow_int=False):
     ``allow_int``): ``None``, booleans, complex numbers, objects, strings,
     datetimes and ragged nested lists raise.  Any byte order and memory layout
     is accepted (a copy is made when converting); the caller's array is
-    returned unchanged when it already has the right dtype and layout, and is
-    never written to.  A 0-d input stays 0-d (the caller's rank check then
-    names it).
+    returned unchanged when it already has the right dtype and layout and is
+    writeable, and is never written to.  A read-only array is copied: Numba
+    types read-only arrays apart, so handing one to the kernels would
+    compile each of them again (about 25 s for an LSTM's, measured) to save
+    a copy of the input.  A 0-d input stays 0-d (the caller's rank check
+    then names it).
 
     Raises
     ------
@@ -103,7 +124,8 @@ def as_float_array(value, name, dtype, allow_int=False):
     """
     if value is None:
         raise TypeError(f"{name} must be an array of floats, got None")
-    if type(value) is np.ndarray and value.dtype == dtype and value.flags.c_contiguous:
+    if (type(value) is np.ndarray and value.dtype == dtype and value.flags.c_contiguous
+            and value.flags.writeable):
         return value            # nothing to convert (about 1 us saved in a tiny call)
     try:
         arr = np.asarray(value)
@@ -118,7 +140,8 @@ def as_float_array(value, name, dtype, allow_int=False):
     # A value beyond the range of ``dtype`` becomes inf, as every cast does;
     # the finite checks then name it, so NumPy's warning would only repeat it.
     with np.errstate(over="ignore"):
-        return np.asarray(arr, dtype=dtype, order="C")
+        out = np.asarray(arr, dtype=dtype, order="C")
+    return out if out.flags.writeable else out.copy()
 
 
 def finite(arr, name, valid=None):

@@ -80,15 +80,17 @@ class GateSummary:
     Attributes
     ----------
     cell : str
-        ``"lstm"`` or ``"gru"``.
+        The cell's name: ``"lstm"``, ``"gru"``, ``"janet"``, ``"mgu"``.
     gate : str
-        The gate summarised: ``"f"`` for an LSTM, ``"z"`` (the update gate,
-        the fraction of ``h`` kept) for a GRU.
+        What is summarised, the fraction of the state each step keeps:
+        ``"f"`` for an LSTM and JANET, ``"z"`` (the update gate) for a GRU,
+        ``"1 - f"`` for an MGU (whose gate ``f`` lets the candidate in).
     names : tuple of str
         ``K`` labels of the layer-directions, e.g. ``("l0", "l0_reverse")``.
     gates : ndarray
-        ``(K, T, B, H)``, the model's dtype: the raw gate values (time-major
-        whatever ``batch_first`` is), 0 at padded steps.
+        ``(K, T, B, H)``, the model's dtype: the kept fractions at every
+        step (the gate's values, ``1 - f`` for an MGU; time-major whatever
+        ``batch_first`` is), 0 at padded steps.
     lengths : ndarray
         ``(B,)`` int64: valid steps of each sequence.
     mask : ndarray
@@ -148,7 +150,9 @@ def gate_summary(model, x, state=None, lengths=None, *, horizon=None):
 
     Parameters
     ----------
-    model : LSTM or GRU
+    model : LSTM, GRU, JANET or MGU
+        Any fastgates recurrent layer: what is read is the fraction of the
+        state its cell keeps at a step (``GateSummary.gate``).
     x, state, lengths :
         As for :meth:`fastgates.LSTM.__call__` (``lengths`` respected: padded
         steps count nowhere).
@@ -163,15 +167,17 @@ def gate_summary(model, x, state=None, lengths=None, *, horizon=None):
     Raises
     ------
     TypeError
-        If ``model`` is not a fastgates LSTM or GRU (cells have no sequence
+        If ``model`` is not a fastgates recurrent layer (cells have no sequence
         to summarise), or ``horizon`` is not a number.
     ValueError
         For a bad ``x``, ``state`` or ``lengths`` (as the model's own checks)
         or a ``horizon`` that is not positive.
     """
     if not isinstance(model, _Recurrent):
-        raise TypeError(f"model must be a fastgates LSTM or GRU, got {type(model).__name__}")
-    gate = model._spec.forget
+        raise TypeError(f"model must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU), "
+                        f"got {type(model).__name__}")
+    spec = model._spec
+    gate = spec.forget
     horizon_arg = horizon
     if horizon is not None:  # check it before running the model
         _horizon(horizon, 1)
@@ -181,6 +187,10 @@ def gate_summary(model, x, state=None, lengths=None, *, horizon=None):
     K, T, B, H = g.shape
     lengths = np.full(B, T, dtype=np.int64) if lengths is None else np.asarray(lengths).astype(np.int64)
     mask = np.arange(T)[:, None] < lengths[None, :]
+    if spec.forget_complement:
+        # the kept fraction is 1 - gate (0 again at padded steps)
+        g = np.where(mask[None, :, :, None], 1 - g, g.dtype.type(0))
+        gate = f"1 - {gate}"
 
     g64 = g.astype(np.float64)
     weight = mask.astype(np.float64)[None, :, :, None]

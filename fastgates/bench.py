@@ -19,6 +19,11 @@ implements the protocol of ``docs/benchmarks.md``:
   :func:`numpy_forward`, a batch-vectorised NumPy forward pass; past the
   dtype's tolerance (``AGREE_TOL``) the row is not timed and the run exits
   with 1, naming the row, the peer, the array and the error;
+- **cells no framework ships** (``--cells janet mgu``, opt-in): PyTorch,
+  onnxruntime and JAX run the cells they ship (``FRAMEWORK_CELLS``: LSTM,
+  GRU) only; any other cell is checked against :func:`numpy_forward` and
+  timed beside fastgates' own LSTM of the same shape (``YARDSTICK``), which
+  is neither compared nor counted as a peer;
 - **training steps change the weights**: before each timed training step
   every side loads the other of two weight sets that differ in every entry
   (fastgates ``m.load_state_dict``, PyTorch an in-place ``copy_`` under
@@ -159,6 +164,26 @@ GATES = {name: len(cell.gates) for name, cell in _cells.REGISTRY.items()}
 DTYPES = {"float32": np.float32, "float64": np.float64}
 PEERS = ["torch", "onnxruntime", "jax", "numpy"]
 
+# The cells the frameworks ship (torch.nn.LSTM/GRU, ONNX's LSTM/GRU
+# operators, the JAX worker's scans): PyTorch, onnxruntime and JAX sides are
+# built for these cells only.  They are also the default of --cells: the
+# full matrix of every registered cell would take twice as long.
+FRAMEWORK_CELLS = ("lstm", "gru")
+
+# For a cell no framework ships there is no peer to be faster than, so it is
+# timed against fastgates' own LSTM of the same shape (T, B, I, H, layers,
+# direction), dtype, mode and thread counts, in the same alternation and
+# under the same rules (training: new weights before each step, untimed):
+# what the cell costs next to the layer it would replace.  The yardstick
+# computes another function, so its answers are not compared (it never
+# enters agreement()), and it is not a peer: a user who needs a JANET cannot
+# switch to an LSTM for speed, so it is no "best peer" either.  Its side is
+# ``YARDSTICK@n``; the table shows it as "fastgates LSTM" and the ratio
+# LSTM time / cell time.  The NumPy forward pass computes every cell, so it
+# stays a check of y (and a peer when asked for) for these cells too.
+YARDSTICK_CELL = "lstm"
+YARDSTICK = "fastgates-lstm"
+
 # Agreement bounds on max|a - b| / max(1, max|b|) (for y, whose entries lie
 # in (-1, 1): the max abs error), per dtype, for y and for the gradients.
 # TOLERANCES ARE SET HERE AND NOWHERE ELSE.  Measured on 2026-12-06 over the
@@ -297,27 +322,41 @@ def _sigmoid(a):
     return 0.5 * (1.0 + np.tanh(0.5 * a))
 
 
-def numpy_forward(cell, params, x, num_layers=1, bidirectional=False):
-    """Output ``y`` (T, B, D*H) of a stacked LSTM or GRU from a zero state, in NumPy.
+def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
+    """Output ``y`` (T, B, D*H) of a stacked recurrent layer from a zero state, in NumPy.
 
     Batch-vectorised: per layer and direction one product for the input
-    projection of all steps, then per step one (B, H) x (H, G*H) product and
-    the gate arithmetic on whole (B, H) blocks.  The GRU is PyTorch's
-    (``reset_after=True``).  Computes in the dtype of ``x`` and ``params``.
+    projection of all steps, then per step one (B, H) x (H, G*H) product
+    (MGU: two, the second on ``f ⊙ h``) and the gate arithmetic on whole
+    (B, H) blocks.  The GRU is PyTorch's (``reset_after=True``); JANET and
+    MGU are written from their equations (rows f, n)::
+
+        JANET: s  = W_if x + b_if + W_hf h + b_hf
+               n  = tanh(W_in x + b_in + W_hn h + b_hn)
+               h' = σ(s) h + (1 - σ(s - β)) n
+        MGU:   f  = σ(W_if x + b_if + W_hf h + b_hf)
+               n  = tanh(W_in x + b_in + W_hn (f ⊙ h) + b_hn)
+               h' = (1 - f) h + f n
+
+    Computes in the dtype of ``x`` and ``params``.
 
     Parameters
     ----------
-    cell : {"lstm", "gru"}
+    cell : {"lstm", "gru", "janet", "mgu"}
     params : dict of str to ndarray
         Keyed as ``state_dict()`` (missing biases count as zero).
     x : ndarray, shape (T, B, I)
     num_layers : int
     bidirectional : bool
+    beta : float, default 1.0
+        JANET's shift ``β`` (ignored by the other cells).
 
     Returns
     -------
     ndarray, shape (T, B, D*H)
     """
+    if cell not in ("lstm", "gru", "janet", "mgu"):
+        raise ValueError(f"numpy_forward has no {cell!r} cell")
     T, B = x.shape[:2]
     suffixes = ["", "_reverse"] if bidirectional else [""]
     inp = x
@@ -330,11 +369,19 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False):
             b_ih = params.get(f"bias_ih_l{k}{suffix}", np.zeros(R.shape[0], R.dtype))
             b_hh = params.get(f"bias_hh_l{k}{suffix}", np.zeros(R.shape[0], R.dtype))
             xw = inp @ W.T + b_ih                                  # (T, B, G*H)
+            shift = R.dtype.type(beta)       # a float64 β must not widen float32
             h = np.zeros((B, H), dtype=R.dtype)
             c = np.zeros_like(h)
             out = np.empty((T, B, H), dtype=R.dtype)
             steps = range(T) if suffix == "" else range(T - 1, -1, -1)
             for t in steps:
+                if cell == "mgu":
+                    # W_hn acts on f ⊙ h: a second product, after f.
+                    f = _sigmoid(xw[t, :, :H] + h @ R[:H].T + b_hh[:H])
+                    n = np.tanh(xw[t, :, H:] + (f * h) @ R[H:].T + b_hh[H:])
+                    h = (1.0 - f) * h + f * n
+                    out[t] = h
+                    continue
                 hw = h @ R.T + b_hh
                 if cell == "lstm":
                     a = xw[t] + hw
@@ -342,11 +389,16 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False):
                     g, o = np.tanh(a[:, 2 * H:3 * H]), _sigmoid(a[:, 3 * H:])
                     c = f * c + i * g
                     h = o * np.tanh(c)
-                else:
+                elif cell == "gru":
                     r = _sigmoid(xw[t, :, :H] + hw[:, :H])
                     z = _sigmoid(xw[t, :, H:2 * H] + hw[:, H:2 * H])
                     n = np.tanh(xw[t, :, 2 * H:] + r * hw[:, 2 * H:])
                     h = (1.0 - z) * n + z * h
+                else:   # janet
+                    a = xw[t] + hw
+                    s = a[:, :H]
+                    n = np.tanh(a[:, H:])
+                    h = _sigmoid(s) * h + (1.0 - _sigmoid(s - shift)) * n
                 out[t] = h
             outs.append(out)
         inp = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
@@ -754,17 +806,21 @@ def _alternate(load, weights):
     return between
 
 
-def _fastgates_sides(ctx, case, m, x, dy, state, add):
-    between = None
-    if case.mode == "train":
-        between = _alternate(m.load_state_dict, [m.state_dict(), _next_weights(m.state_dict())])
+def _fastgates_call(mode, m, x, dy, state):
+    """One call of a fastgates model and the weight update between training
+    steps (None for inference)."""
+    if mode != "train":
+        return functools.partial(m, x), None
+    between = _alternate(m.load_state_dict, [m.state_dict(), _next_weights(m.state_dict())])
 
-        def call():
-            (y, _), pullback = m.vjp(x, state)
-            return y, pullback(dy)
-    else:
-        def call():
-            return m(x)
+    def call():
+        (y, _), pullback = m.vjp(x, state)
+        return y, pullback(dy)
+    return call, between
+
+
+def _fastgates_sides(ctx, case, m, x, dy, state, add):
+    call, between = _fastgates_call(case.mode, m, x, dy, state)
     for n in ctx.args.threads:
         ctx.threads(n)
         if case.mode == "train":
@@ -773,6 +829,21 @@ def _fastgates_sides(ctx, case, m, x, dy, state, add):
         else:
             answer = {"y": m(x)[0]}
         add(Side("fastgates", n, call, ctx.threads.setter(n), between=between), answer)
+
+
+def _yardstick_sides(ctx, case, x, dy, add):
+    """fastgates' LSTM of the case's shape at each of fastgates' thread counts
+    (see YARDSTICK): timed, never compared."""
+    dtype = DTYPES[case.dtype]
+    m = _fg_model(YARDSTICK_CELL, case.shape, dtype)
+    state = _zero_state(YARDSTICK_CELL, case.shape, dtype)
+    call, between = _fastgates_call(case.mode, m, x, dy, state)
+    for n in ctx.args.threads:
+        ctx.threads(n)
+        # Untimed, as fastgates' answer is: the first call compiles or loads
+        # the kernels, and the warm-up call that sizes the runs must not.
+        call()
+        add(Side(YARDSTICK, n, call, ctx.threads.setter(n), between=between), None)
 
 
 def _torch_training(torch, tm, cell, x, state, dy, sd):
@@ -867,21 +938,29 @@ def case_sides(ctx, case, m, x, dy):
     An answer is a dict of array name to array: ``y`` for inference (and
     the forward half of fastgates' training step) and, for training, the
     gradients ``dx``, ``dh0`` (``dc0``) and one per parameter, all at the
-    initial weights (the timed steps then update them).  Returns (sides,
-    answers keyed by side label, the NumPy forward pass's ``y``).
+    initial weights (the timed steps then update them).  PyTorch,
+    onnxruntime and JAX sides are built for FRAMEWORK_CELLS only; for any
+    other cell fastgates' LSTM is timed instead (YARDSTICK), and it has no
+    answer.  Returns (sides, answers keyed by side label, the NumPy forward
+    pass's ``y``).
     """
     sides, answers = [], {}
 
     def add(side, answer):
         sides.append(side)
-        answers[side.label] = answer
+        if answer is not None:          # None: timed, not compared
+            answers[side.label] = answer
 
     dtype = DTYPES[case.dtype]
     sd = m.state_dict()
     state = _zero_state(case.cell, case.shape, dtype)
-    ref = numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional)
+    ref = numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional,
+                        beta=getattr(m, "beta", 1.0))
     _fastgates_sides(ctx, case, m, x, dy, state, add)
-    if ctx.peers.torch is not None:
+    shipped = case.cell in FRAMEWORK_CELLS
+    if not shipped:
+        _yardstick_sides(ctx, case, x, dy, add)
+    if ctx.peers.torch is not None and shipped:
         _torch_sides(ctx, case, sd, x, dy, state, add)
     def attempt(peer, build):
         """Add a peer's sides; if it fails, a note, and the peer is left out."""
@@ -899,14 +978,16 @@ def case_sides(ctx, case, m, x, dy):
                 del answers[side.label]
             del sides[before:]
 
-    if ctx.peers.ort is not None and case.dtype == "float32" and case.mode == "infer":
+    if (ctx.peers.ort is not None and shipped and case.dtype == "float32"
+            and case.mode == "infer"):
         attempt("onnxruntime", lambda: _onnx_sides(ctx, case, sd, x, add))
     if ctx.peers.numpy and case.mode == "infer":
         def call():
-            return numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional)
+            return numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional,
+                                 beta=getattr(m, "beta", 1.0))
         for k in ctx.peer_threads:
             add(Side("numpy", k, call, ctx.threads.setter(k)), {"y": ref})
-    if ctx.workers:
+    if ctx.workers and shipped:
         attempt("JAX", lambda: _jax_sides(ctx, case, sd, x, dy, state, add))
         if any(w.proc.poll() is not None for w in ctx.workers):   # a worker died
             ctx.close_workers()
@@ -937,7 +1018,10 @@ def agreement(case, n, answers, ref):
     past its tolerance; failures names every array past its tolerance (a
     NaN counts as past it)."""
     mine = answers[f"fastgates@{n}"]
-    others = [(label, a) for label, a in answers.items() if not label.startswith("fastgates@")]
+    # fastgates' other thread counts are its own; the yardstick (which
+    # case_sides gives no answer) computes another function.
+    others = [(label, a) for label, a in answers.items()
+              if not label.startswith(("fastgates@", f"{YARDSTICK}@"))]
     errs, failures = {}, []
     for label, theirs in [("numpy forward", {"y": ref})] + others:
         worst = None
@@ -1069,10 +1153,20 @@ class Row:
         return min(timed, key=lambda ts: ts[0]) if timed else None
 
     def best_peer(self):
-        """(median, SideInfo) of the fastest side of any peer at its best, or None."""
+        """(median, SideInfo) of the fastest side of any peer at its best, or None.
+
+        fastgates' own sides are no peers, its LSTM yardstick included (see
+        YARDSTICK): nobody switches to another cell for its speed."""
         best = [b for b in (self.peer(p) for p in {s.peer for s in self.sides}
-                            if p != "fastgates") if b is not None]
+                            if p not in ("fastgates", YARDSTICK)) if b is not None]
         return min(best, key=lambda ts: ts[0]) if best else None
+
+    def yardstick(self):
+        """(median, SideInfo) of fastgates' LSTM at this row's thread count, or
+        None (a cell that frameworks ship, or a row not timed)."""
+        if self.samples is None:
+            return None
+        return self.peer(YARDSTICK, self.threads)
 
 
 class _Context:
@@ -1114,7 +1208,9 @@ def run_matrix(args, peers, progress):
             progress.log(f"threads={n} {dtype_name}: np.dot {args.gemm_n}^2 "
                          f"{gemm[(dtype_name, n)]:.1f} GFLOP/s")
     ctx = _Context(args, peers, progress)
-    if peers.jax:
+    # The workers take seconds to start: not for a run that has no case JAX
+    # could run (its version is then "not used").
+    if peers.jax and any(c in FRAMEWORK_CELLS for c in args.cells):
         ctx.workers, note = start_jax_workers(ctx.peer_threads, progress.log)
         if note:
             peers.notes.append(note)
@@ -1180,6 +1276,8 @@ def _run_shape(ctx, shape, cell, dtype_name, gemm):
                 s = samples[side.label]
                 solo[side.label] = abs(time_solo(side, s.calls_per_run, args.repeats)
                                        / s.median - 1.0)
+        # The cell's own gate count: GFLOP/s and %GEMM are of the cell's
+        # work in the cell's time (the yardstick's do not enter a row).
         flops = shape.forward_flops(GATES[cell]) * (3 if mode == "train" else 1)
         for row in case_rows:
             row.samples = samples
@@ -1280,7 +1378,8 @@ def _cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "jax": "jax", "numpy": "numpy"}
+_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "jax": "jax", "numpy": "numpy",
+                YARDSTICK: "fastgates LSTM"}
 
 
 def _shown(peers):
@@ -1292,11 +1391,22 @@ def _setting(side):
     return f"{side.threads} thr" + (f", {side.variant}" if side.variant else "")
 
 
+def _has_yardstick(rows):
+    return any(s.peer == YARDSTICK for r in rows for s in r.sides)
+
+
 def table_lines(rows, peers, spin_check=False):
-    """The side-by-side table, one markdown row per case and fastgates thread count."""
+    """The side-by-side table, one markdown row per case and fastgates thread count.
+
+    With a cell that no framework ships, two more columns follow fastgates:
+    its LSTM of the same shape and thread count (YARDSTICK) and the ratio
+    LSTM time / cell time (above 1: the cell is faster than the LSTM)."""
     shown = _shown(peers)
     cols = [_PEER_COLUMN[p] for p in shown]
+    yard = _has_yardstick(rows)
     header = ["group", "(T, B, I, H)", "cell", "dtype", "mode", "thr", "fastgates"]
+    if yard:
+        header += ["fastgates LSTM", "LSTM/cell"]
     for c in cols:
         header += [c, f"{c} best"]
     for c in cols:
@@ -1317,6 +1427,9 @@ def table_lines(rows, peers, spin_check=False):
         at_n = [r.peer(p, r.threads) for p in shown]
         best = [r.peer(p) for p in shown]
         cells.append(_fmt_ms(mine))
+        if yard:
+            lstm = r.yardstick()
+            cells += [_fmt_ms(lstm and lstm[0]), _fmt_ratio(lstm and lstm[0], mine)]
         for a, b in zip(at_n, best, strict=True):
             cells += [_fmt_ms(a and a[0]),
                       "" if b is None else f"{_fmt_ms(b[0])} ({_setting(b[1])})"]
@@ -1365,9 +1478,13 @@ def load_rows(rows):
 
 
 def load_table_lines(items, peers):
-    """The --load table: per-call median / p90 (ms) at 1 and n threads."""
+    """The --load table: per-call median / p90 (ms) at 1 and n threads.
+
+    The target and fg n/1 are the cell's own; fastgates' LSTM yardstick (a
+    cell no framework ships) gets columns of its own, as a peer does."""
     n = items[0]["n"]
-    shown = ["fastgates"] + _shown(peers)
+    yard = [YARDSTICK] if _has_yardstick([it["row"] for it in items]) else []
+    shown = ["fastgates"] + yard + _shown(peers)
     header = ["group", "(T, B, I, H)", "cell", "dtype", "mode",
               "fastgates 1 thr", f"fastgates {n} thr", f"fg {n}/1 median", f"fg {n}/1 p90",
               f"<= {LOAD_TARGET}", f"fg {n}-thr calls on fewer"]
@@ -1392,6 +1509,17 @@ def _notes(rows, args, peers):
     notes = list(peers.notes)
     if args.no_onnx:
         notes.append("onnxruntime skipped (--no-onnx).")
+    alone = [c for c in GATES if c not in FRAMEWORK_CELLS and any(r.cell == c for r in rows)]
+    if alone:
+        gates = ", ".join(f"{_cells.get(c).label} G = {GATES[c]}" for c in alone)
+        notes.append(f"{', '.join(_cells.get(c).label for c in alone)}: no framework "
+                     "ships the cell, so PyTorch, onnxruntime and JAX are not run for it; "
+                     "fastgates' own LSTM of the same shape, dtype, mode and thread "
+                     "count is timed beside it instead (fastgates LSTM; LSTM/cell = "
+                     "LSTM time / cell time, above 1: the cell is faster). The LSTM "
+                     "computes another function: it is not compared (max err is "
+                     "against the NumPy forward pass) and it is no peer (best peer). "
+                     f"GFLOP/s and %GEMM count the cell's own gates ({gates}).")
     timed = [r for r in rows if r.samples is not None]
     over = []
     for r in timed:
@@ -1451,7 +1579,11 @@ def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
                 "max |fastgates - peer| / max(1, max|peer|), worst over the peers' "
                 "sides and the NumPy forward pass, over y (inference, and the NumPy "
                 "check in training) or every gradient (training); above the "
-                "tolerance the row fails and is not timed.", ""]
+                "tolerance the row fails and is not timed."
+                + (" fastgates LSTM: fastgates' LSTM of the row's shape and thread "
+                   "count, timed in the same alternation beside a cell no framework "
+                   "ships; LSTM/cell: its time over the cell's (not compared, no peer)."
+                   if _has_yardstick(rows) else ""), ""]
         out += table_lines(rows, peers, args.spin_check)
         items = load_rows(rows) if args.load else []
         if items:
@@ -1483,6 +1615,15 @@ def report(rows, gemm, args, peers, compile_rows=None, memory_rows=None):
     return "\n".join(out) + "\n"
 
 
+def _json_yardstick(r):
+    """A row's yardstick (fastgates' LSTM, timed and not compared), or None."""
+    lstm = r.yardstick()
+    if lstm is None:
+        return None
+    return {"cell": YARDSTICK_CELL, "side": lstm[1].label, "median_ms": lstm[0] * 1e3,
+            "lstm_over_cell": lstm[0] / r.fastgates, "compared": False}
+
+
 def json_report(rows, gemm, args, peers):
     """The rows as plain data (``--json``): every side's samples and the errors."""
     def side(s, info):
@@ -1501,7 +1642,8 @@ def json_report(rows, gemm, args, peers):
             "errors": {k: {"max_error": e, "array": a} for k, (e, a) in r.errs.items()},
             "failures": r.failures, "gflops": r.gflops, "load_fewer_threads": r.held,
             "sides": None if r.samples is None else {
-                i.label: side(r.samples[i.label], i) for i in r.sides}})
+                i.label: side(r.samples[i.label], i) for i in r.sides},
+            "yardstick": _json_yardstick(r)})
     return {"command": args.command_line, "environment": environment_lines(peers, gemm, args.gemm_n),
             "load": args.load, "repeats": args.repeats, "weight_step": WEIGHT_STEP,
             "tolerances": AGREE_TOL, "rows": out}
@@ -1564,14 +1706,16 @@ def compile_cost(cells, dtypes, log):
 def kept_bytes(cell, shape, itemsize):
     """Bytes of the activations a training step must keep for its backward pass.
 
-    Per layer and direction the gates (T, B, G*H) and one more (T, B, H)
-    array (LSTM: the cell states c; GRU: W_hn h + b_hn, which reset_after
-    needs), per layer its output (T, B, D*H), and the input x (T, B, I) once
-    (a layer's input is the previous layer's output, already counted):
-    ``itemsize * T * B * (I + L * D * (G + 2) * H)``.
+    Per layer and direction the gates (T, B, G*H) and the cell's ``aux``
+    array (``Cell.aux_units`` of H: LSTM the cell states c; GRU W_hn h +
+    b_hn, which reset_after needs; JANET sigmoid(s - beta); an MGU none),
+    per layer its output (T, B, D*H), and the input x (T, B, I) once (a
+    layer's input is the previous layer's output, already counted):
+    ``itemsize * T * B * (I + L * D * (G + aux + 1) * H)``.
     """
     G = GATES[cell]
-    per_layer = shape.D * (G + 1) * shape.H + shape.D * shape.H
+    aux = _cells.get(cell).aux_units
+    per_layer = shape.D * (G + aux) * shape.H + shape.D * shape.H
     return itemsize * shape.T * shape.B * (shape.I + shape.layers * per_layer)
 
 
@@ -1850,8 +1994,16 @@ def add_arguments(p):
     p.add_argument("--shape", type=parse_shape, action="append", metavar="T,B,I,H[,L[,bi]]",
                    help="a shape of your own instead of the matrix (repeatable), "
                         "e.g. 100,16,64,128 or 50,16,256,256,2,bi")
-    p.add_argument("--cells", nargs="+", choices=list(GATES), default=list(GATES),
-                   metavar="CELL", help="lstm, gru (default: both)")
+    # Every registered cell is offered; the default stays the frameworks'
+    # cells, so that a new cell does not lengthen the default matrix.
+    others = [c for c in GATES if c not in FRAMEWORK_CELLS]
+    cells_help = f"from {' '.join(GATES)} (default: {' '.join(FRAMEWORK_CELLS)})"
+    if others:
+        cells_help += (f"; {' '.join(others)}: opt-in; no framework ships them, so "
+                       "they are timed against fastgates' own LSTM of the same shape "
+                       "(not compared: another function)")
+    p.add_argument("--cells", nargs="+", choices=list(GATES), default=list(FRAMEWORK_CELLS),
+                   metavar="CELL", help=cells_help)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                    metavar="DTYPE", help="float32, float64 (default: both)")
     p.add_argument("--modes", nargs="+", choices=["infer", "train"],

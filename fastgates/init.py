@@ -1,9 +1,10 @@
 """Initialisers that rewrite a model's parameters in place.
 
-Each function takes a fastgates :class:`~fastgates.LSTM`, :class:`~fastgates.GRU`,
-:class:`~fastgates.LSTMCell` or :class:`~fastgates.GRUCell`, computes new
-parameters in PyTorch's layout (names, shapes, gate order i, f, g, o or
-r, z, n), loads them with ``model.load_state_dict`` and returns the model, so
+Each function takes a fastgates recurrent model (:class:`~fastgates.LSTM`,
+:class:`~fastgates.GRU`, :class:`~fastgates.JANET`, :class:`~fastgates.MGU`,
+:class:`~fastgates.LSTMCell`, :class:`~fastgates.GRUCell`), computes new
+parameters in PyTorch's layout (names, shapes, gate order: i, f, g, o;
+r, z, n; f, n), loads them with ``model.load_state_dict`` and returns the model, so
 calls chain::
 
     m = fg.init.forget_bias(fg.init.orthogonal(fg.LSTM(8, 32), seed=0), 1.0)
@@ -16,7 +17,7 @@ Gate blocks
 -----------
 PyTorch stacks the weights of the gates of one layer-direction in one matrix:
 ``weight_ih`` is ``(G*H, I)`` and ``weight_hh`` ``(G*H, H)`` with ``G = 4``
-(LSTM) or ``3`` (GRU).  Each block of ``H`` rows is the weight matrix of one
+(LSTM), ``3`` (GRU) or ``2`` (JANET, MGU).  Each block of ``H`` rows is the weight matrix of one
 gate, a separate linear map whose ``H`` outputs go through their own
 nonlinearity.  :func:`xavier_uniform` and :func:`orthogonal` therefore work
 per block, with ``fan_in = I`` (or ``H``) and ``fan_out = H``:
@@ -75,18 +76,13 @@ __all__ = ["pytorch_default", "xavier_uniform", "orthogonal", "forget_bias", "ch
 
 def _check_model(model):
     if not isinstance(model, (_Recurrent, _Cell)):
-        raise TypeError("model must be a fastgates LSTM, GRU, LSTMCell or GRUCell, "
-                        f"got {type(model).__name__}")
+        raise TypeError("model must be a fastgates recurrent model (LSTM, GRU, JANET, MGU, "
+                        f"LSTMCell or GRUCell), got {type(model).__name__}")
     return model
 
 
-def _check_lstm(model, function):
+def _check_biased(model, function):
     _check_model(model)
-    if model._cell != "lstm":
-        raise TypeError(
-            f"{function} needs an LSTM or LSTMCell (a model with a forget gate f), got "
-            f"{type(model).__name__}; in a GRU the gate that keeps h is the update gate z "
-            "(rows H:2H of bias_ih/bias_hh): set those with load_state_dict")
     if not model.bias:
         raise ValueError(f"{function} sets biases, but model {model!r} was built with bias=False "
                          "and has none; build it with bias=True")
@@ -256,7 +252,7 @@ def orthogonal(model, seed=None, gain=1.0, *, input_gain=1.0):
     return _load(model, params)
 
 
-def _set_lstm_biases(model, values):
+def _set_biases(model, values):
     """Set effective biases: ``values`` maps a gate index to ``(H,)`` arrays per suffix.
 
     The effective bias of a gate is ``bias_ih + bias_hh`` (both are added);
@@ -273,23 +269,36 @@ def _set_lstm_biases(model, values):
     return _load(model, params)
 
 
-def forget_bias(model, value=1.0):
-    """Set the effective forget-gate bias of an LSTM to ``value`` (Jozefowicz et al. 2015).
+def _memory_gate(model):
+    """The row block of the gate that sets the fraction of the state kept, and its sign.
 
-    The f rows (``H:2H``) of ``bias_ih`` get ``value`` and those of
-    ``bias_hh`` get 0, so ``b_ih_f + b_hh_f == value`` exactly (in the
-    model's dtype) in every layer and direction.  Nothing else changes,
-    except for a model built with ``input_forget=True``: its forget gate is
-    ``f = 1 - i`` and the f rows are unused, so the i rows get ``-value``
-    (split the same way), which makes ``f = sigmoid(value + ...)`` there too.
+    The sign is -1 where the fraction kept is ``1 - gate`` (an MGU's f):
+    a bias ``-b`` there keeps ``sigmoid(b)``.
+    """
+    spec = model._spec
+    return spec.gates.index(spec.forget), (-1 if spec.forget_complement else 1)
+
+
+def forget_bias(model, value=1.0):
+    """Set the effective bias of the gate that keeps the state to ``value`` (Jozefowicz et al. 2015).
+
+    The gate is the one the cell keeps its state with: an LSTM's and
+    JANET's forget gate ``f``, a GRU's update gate ``z``; an MGU keeps
+    ``1 - f``, so its f rows get ``-value``.  Those rows of ``bias_ih`` get
+    the value and those of ``bias_hh`` 0, so ``b_ih + b_hh`` is it exactly
+    (in the model's dtype) in every layer and direction.  Nothing else
+    changes, except for an LSTM built with ``input_forget=True``: its
+    forget gate is ``f = 1 - i`` and the f rows are unused, so the i rows
+    get ``-value`` (split the same way), which makes ``f = sigmoid(value + ...)``
+    there too.
 
     Parameters
     ----------
-    model : LSTM or LSTMCell
+    model : LSTM, GRU, JANET, MGU, LSTMCell or GRUCell
         Changed in place; it must have biases.
     value : float, default 1.0
-        With zero weights and state, the forget gate is ``sigmoid(value)``
-        (0.73 for 1.0).
+        With zero weights and state, the fraction of the state kept at a
+        step is ``sigmoid(value)`` (0.73 for 1.0).
 
     Returns
     -------
@@ -298,37 +307,41 @@ def forget_bias(model, value=1.0):
     Raises
     ------
     TypeError
-        If ``model`` is a GRU or GRUCell (its gate that keeps ``h`` is the
-        update gate ``z``) or not a fastgates model.
+        If ``model`` is not a fastgates model.
     ValueError
         If ``model`` has no biases, or ``value`` is not finite.
     """
-    _check_lstm(model, "forget_bias")
+    _check_biased(model, "forget_bias")
     value = _real(value, "value")
+    gate, sign = _memory_gate(model)
     n = len(_suffixes(model.state_dict()))
-    const = [np.full(model.hidden_size, value)] * n
-    values = {1: const}
-    if model.input_forget:
-        values[0] = [-v for v in const]
-    return _set_lstm_biases(model, values)
+    const = [np.full(model.hidden_size, sign * value)] * n
+    values = {gate: const}
+    if getattr(model, "input_forget", False):
+        values[model._spec.gates.index(model._spec.input_gate)] = [-v for v in const]
+    return _set_biases(model, values)
 
 
 def chrono(model, t_max, seed=None):
-    """Chrono initialisation of an LSTM's input and forget biases (Tallec & Ollivier 2018).
+    """Chrono initialisation of the biases that set the time scales (Tallec & Ollivier 2018).
 
     For every unit of every layer and direction, independently::
 
         b_f = log(u),  u ~ Uniform[1, t_max - 1]
-        b_i = -b_f
 
-    as effective biases (``bias_ih`` holds them, ``bias_hh`` 0 in those
-    rows), so the forget gates start with characteristic forgetting times
-    spread over ``[1, t_max]`` steps and the input gates are the complement.
-    The g and o biases, the weights and any peepholes are unchanged.
+    as the effective bias of the gate that keeps the state (see
+    :func:`forget_bias`: ``-b_f`` for an MGU, whose memory is ``1 - f``),
+    and for an LSTM ``b_i = -b_f`` for its input gate, so that the gates
+    start with characteristic forgetting times spread over ``[1, t_max]``
+    steps and the input is their complement.  ``bias_ih`` holds the values,
+    ``bias_hh`` 0 in those rows.  JANET's authors initialise its forget gate
+    this way (van der Westhuizen & Lasenby 2018); its input share
+    ``1 - sigmoid(s - beta)`` follows from ``f``, as a GRU's ``1 - z`` does.
+    Every other bias, the weights and any peepholes are unchanged.
 
     Parameters
     ----------
-    model : LSTM or LSTMCell
+    model : LSTM, GRU, JANET, MGU, LSTMCell or GRUCell
         Changed in place; it must have biases.
     t_max : float
         The longest dependency (in steps) the model should start able to
@@ -342,12 +355,12 @@ def chrono(model, t_max, seed=None):
     Raises
     ------
     TypeError
-        If ``model`` is a GRU or GRUCell or not a fastgates model, or
-        ``t_max`` is not a real number.
+        If ``model`` is not a fastgates model, or ``t_max`` is not a real
+        number.
     ValueError
         If ``model`` has no biases or ``t_max`` is not a finite number > 2.
     """
-    _check_lstm(model, "chrono")
+    _check_biased(model, "chrono")
     t_max = _real(t_max, "t_max")
     if not t_max > 2:
         raise ValueError(f"t_max must be > 2 (b_f = log(U[1, t_max - 1])), got {t_max!r}")
@@ -356,4 +369,8 @@ def chrono(model, t_max, seed=None):
     b_f = [np.log(rng.uniform(1.0, t_max - 1.0, size=model.hidden_size)) for _ in range(n)]
     # Round b_f to the model's dtype first, so that b_i is exactly -b_f there.
     b_f = [b.astype(model.dtype) for b in b_f]
-    return _set_lstm_biases(model, {1: b_f, 0: [-b for b in b_f]})
+    gate, sign = _memory_gate(model)
+    values = {gate: [sign * b for b in b_f]}
+    if model._spec.input_gate is not None:
+        values[model._spec.gates.index(model._spec.input_gate)] = [-b for b in b_f]
+    return _set_biases(model, values)

@@ -108,6 +108,13 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 
+# Options added to the constructors after the file format was fixed, and
+# their defaults: a file leaves one out when the model has the default (a
+# model that does not use it writes the bytes it always did, which older
+# versions read), and a file without it loads with the default.
+_ADDED_OPTIONS = {"dropout": 0.0}
+
+
 def _constructor_options(cls):
     """The options a file stores for ``cls``: its constructor's, ``dtype`` last, no ``seed``."""
     names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "seed")]
@@ -196,7 +203,9 @@ def _describe(model):
         # rather than write a file that loads as a different model.
         raise TypeError(f"fastgates.io cannot save {name} option(s) {unknown} yet; "
                         "the file would load as a different model")
-    node = {"class": name, "options": {opt: _option(model, opt) for opt in options}}
+    node = {"class": name, "options": {
+        opt: _option(model, opt) for opt in options
+        if not (opt in _ADDED_OPTIONS and _option(model, opt) == _ADDED_OPTIONS[opt])}}
     if children:
         node["children"] = {child: _describe(getattr(model, child)) for child in children}
     return node
@@ -223,6 +232,8 @@ def _option(model, name):
         return int(value)
     if isinstance(value, str):
         return value
+    if isinstance(value, (float, np.floating)) and np.isfinite(value):
+        return float(value)      # JSON keeps a float64 exactly (repr round-trips)
     raise TypeError(f"cannot save option {name}={value!r} of {type(model).__name__}")  # pragma: no cover
 
 
@@ -480,8 +491,8 @@ def _manifest(entries):
     return manifest
 
 
-def _exact_keys(obj, expected, where):
-    missing = sorted(expected - obj.keys())
+def _exact_keys(obj, expected, where, optional=()):
+    missing = sorted(expected - obj.keys() - set(optional))
     unexpected = sorted(obj.keys() - expected)
     if missing or unexpected:
         parts = ([f"missing keys {missing}"] if missing else []) + \
@@ -563,7 +574,8 @@ def _check_node(node, where, allowed):
     _exact_keys(node, {"class", "options"} | ({"children"} if children else set()), f"fastgates.json: {where}")
     if not isinstance(node["options"], dict):
         raise _Invalid(f"fastgates.json: {where}.options must be an object")
-    _exact_keys(node["options"], set(options), f"fastgates.json: {where}.options of {name}")
+    _exact_keys(node["options"], set(options), f"fastgates.json: {where}.options of {name}",
+                optional=_ADDED_OPTIONS.keys())
     dtype = node["options"].get("dtype", "float32")
     if dtype not in _DTYPES:
         raise _Invalid(f"fastgates.json: {where}.options.dtype must be \"float32\" or \"float64\", got {dtype!r}")

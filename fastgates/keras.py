@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from . import _validate as check
-from .layers import GRU, LSTM, GRUCell, LSTMCell
+from .layers import GRU, LSTM, GRUCell, LSTMCell, refuse_without_counterpart
 
 __all__ = ["from_keras", "from_keras_weights", "to_keras", "keras_weights"]
 
@@ -513,6 +513,7 @@ def from_keras_weights(weights, cell, *, bidirectional=False, reset_after=None, 
 
 
 def _model_kind(model, where):
+    refuse_without_counterpart(model, "Keras", f"{where}: ")
     for kind, classes in (("lstm", (LSTM, LSTMCell)), ("gru", (GRU, GRUCell))):
         if isinstance(model, classes):
             return kind, isinstance(model, classes[1])

@@ -6,12 +6,15 @@ public method validates its arguments in Python (:mod:`fastgates._validate`),
 then runs the compiled recurrence (:mod:`fastgates._recurrent`).
 """
 
+import warnings
+
 import numpy as np
 
 from . import _recurrent, cells
 from . import _validate as check
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "flatten_params", "unflatten_params"]
+__all__ = ["LSTM", "GRU", "JANET", "MGU", "LSTMCell", "GRUCell", "flatten_params",
+           "unflatten_params"]
 
 # The parameters every cell has, by base name (a cell may add its own:
 # Cell.params); the keys of the driver's per-direction weight dicts.
@@ -260,13 +263,21 @@ def unflatten_params(model, v):
     return out
 
 
+def _second_stream(seed):
+    """A generator from ``seed`` that does not repeat the parameters' draws."""
+    seed = check.seed(seed)
+    if isinstance(seed, np.random.Generator):
+        return seed.spawn(1)[0]
+    return np.random.default_rng(None if seed is None else [seed, 1])
+
+
 class _Recurrent(_Parameters):
     _cell = None      # the cell's registry name ("lstm"): what users and files see
     _spec = None      # its Cell (fastgates.cells): everything that differs between cells
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, seed=None, reset_after=True,
-                 reverse=False, clip=None, peephole=False, input_forget=False):
+                 reverse=False, clip=None, peephole=False, input_forget=False, dropout=0.0):
         self.input_size = check.positive_int(input_size, "input_size")
         self.hidden_size = check.positive_int(hidden_size, "hidden_size")
         self.num_layers = check.positive_int(num_layers, "num_layers")
@@ -281,8 +292,16 @@ class _Recurrent(_Parameters):
         self.clip = check.clip_bound(clip)
         self.peephole = check.boolean(peephole, "peephole")
         self.input_forget = check.boolean(input_forget, "input_forget")
+        self.dropout = check.probability(dropout, "dropout")
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(f"dropout={self.dropout} acts between layers, and a model with "
+                          "num_layers=1 has none: it will not drop anything (as torch.nn.LSTM)",
+                          UserWarning, stacklevel=3)
         self.dtype = check.model_dtype(dtype)
         self._setup_params(self._param_shapes(), seed)
+        # The dropout masks' own generator (vjp's rng=None), from the seed's
+        # second stream: the parameters' draws do not depend on it.
+        self._generator = _second_stream(seed)
 
     @property
     def num_directions(self):
@@ -381,12 +400,41 @@ class _Recurrent(_Parameters):
             state = tuple([s[:, 0, :] for s in state])
         return state[0] if len(state) == 1 else state
 
-    def _run(self, x, state, lengths, keep, check_finite=True, checkpoint=None):
+    def _run(self, x, state, lengths, keep, check_finite=True, checkpoint=None, masks=None):
         x3, batched, s0, lengths = self._prepare(x, state, lengths, check_finite)
+        if callable(masks):
+            masks = masks(x3.shape[0], x3.shape[1])
         y, sn, tape = _recurrent.forward(
             self._spec, self._weights(), x3, s0, lengths, self.num_layers, self.bidirectional,
-            keep, derived=self._derived, variant=self._variant(), checkpoint=checkpoint)
+            keep, derived=self._derived, variant=self._variant(), checkpoint=checkpoint,
+            masks=masks)
         return x3, batched, y, sn, tape
+
+    def _dropout_masks(self, rng):
+        """A function of (T, B) drawing the dropout masks from ``rng``, or None (nothing drops).
+
+        Each mask is ``(T, B, D*H)`` in the model's dtype: 0 with
+        probability ``dropout``, else ``1 / (1 - dropout)``, one per layer
+        but the last, drawn in that order from ``rng.random`` (float64).
+        """
+        p = self.dropout
+        if p == 0 or self.num_layers == 1:
+            return None
+        if rng is None:
+            rng = self._generator
+        elif not isinstance(rng, np.random.Generator):
+            if isinstance(rng, (bool, np.bool_)) or not isinstance(rng, (int, np.integer)):
+                raise TypeError("rng must be None, a numpy.random.Generator or an int seed, got "
+                                f"{type(rng).__name__} {rng!r}")
+            rng = np.random.default_rng(check.seed(rng, "rng"))
+        scale = self.dtype.type(0 if p == 1 else 1 / (1 - p))
+        F = self.num_directions * self.hidden_size
+
+        def draw(T, B):
+            return [np.where(rng.random((T, B, F)) >= p, scale, self.dtype.type(0))
+                    for _ in range(self.num_layers - 1)]
+
+        return draw
 
     # -- public API ----------------------------------------------------------
 
@@ -422,7 +470,7 @@ class _Recurrent(_Parameters):
         _, batched, y, sn, _ = self._run(x, state, lengths, keep=False, check_finite=check_finite)
         return self._seq_out(y, batched), self._state_out(sn, batched)
 
-    def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None):
+    def vjp(self, x, state=None, lengths=None, *, check_finite=True, checkpoint=None, rng=None):
         """Run the model and return a function for its vector-Jacobian product.
 
         Parameters
@@ -441,6 +489,14 @@ class _Recurrent(_Parameters):
             up to a whole number of blocks of ``ceil(1024 / B)`` steps (the
             blocks in which products over time are taken; see
             ``docs/guarantees.md``).  ``None`` (default) keeps everything.
+        rng : numpy.random.Generator, int or None
+            Where the dropout masks come from (a model built with
+            ``dropout > 0`` and more than one layer; else unused): a
+            generator, advanced by the draw; an int, the seed of a new one;
+            ``None`` (default), the model's own generator, seeded by its
+            ``seed`` (its second stream: not the parameters' draws).  The
+            same masks give the same bits; the pullback differentiates the
+            function with the masks that were drawn.
 
         Returns
         -------
@@ -457,10 +513,16 @@ class _Recurrent(_Parameters):
             setting of this call) refuses NaN or inf in ``dy`` at valid steps
             (``dy`` at padded steps is ignored) and in ``dstate``.
         """
+        return self._vjp(x, state, lengths, check_finite, checkpoint, self._dropout_masks(rng))
+
+    def _vjp(self, x, state, lengths, check_finite, checkpoint, masks):
+        """:meth:`vjp` with the dropout masks given: None, a list, or a function of (T, B)
+        (the torch drop-in draws them from torch's generator)."""
         if checkpoint is not None:
             checkpoint = check.positive_int(checkpoint, "checkpoint")
         x3, batched, y, sn, tape = self._run(x, state, lengths, keep=True,
-                                             check_finite=check_finite, checkpoint=checkpoint)
+                                             check_finite=check_finite, checkpoint=checkpoint,
+                                             masks=masks)
         valid = None if lengths is None else check.valid_steps(tape.lengths, x3.shape[0])
         # The pullback differentiates the forward pass just run, whatever
         # load_state_dict does to the model in between.
@@ -550,6 +612,10 @@ class _Recurrent(_Parameters):
             Some sequences are shorter than ``T`` (``lengths``): the input
             is then copied once, with its padded steps set to zero.
 
+        With ``dropout`` between layers the masks are counted (one array
+        like a layer's output per layer but the last) and, without
+        checkpointing, the dropped copy of each of those outputs.
+
         Returns
         -------
         dict
@@ -565,7 +631,8 @@ class _Recurrent(_Parameters):
             self._spec, T, B, self.input_size, self.hidden_size, self.num_layers,
             self.num_directions, self.dtype.itemsize, clip=self.clip < np.inf,
             options=self._options(), num_params=self.num_params, checkpoint=checkpoint,
-            padded=check.boolean(padded, "padded"))
+            padded=check.boolean(padded, "padded"),
+            dropout=self._dropout_masks(None) is not None)
         return {"kept": kept, "peak": peak}
 
     def __repr__(self):
@@ -595,6 +662,10 @@ def _variant_repr(model):
         args.append("peephole=True")
     if model.input_forget:
         args.append("input_forget=True")
+    if getattr(model, "dropout", 0.0):
+        args.append(f"dropout={model.dropout!r}")
+    if getattr(model, "beta", 1.0) != 1.0:
+        args.append(f"beta={model.beta!r}")
     return args
 
 
@@ -636,6 +707,12 @@ class LSTM(_Recurrent):
     bidirectional : bool, default False
         Each layer also reads the sequence backwards (parameters with the
         suffix ``_reverse``); outputs are concatenated, forward first.
+    dropout : float, default 0.0
+        PyTorch's dropout between layers: in training (:meth:`vjp` only)
+        each output of every layer but the last is zeroed with probability
+        ``dropout`` before the next layer reads it, and the kept ones are
+        scaled by ``1 / (1 - dropout)``; :meth:`__call__` and :meth:`gates`
+        never drop.  The masks come from ``vjp``'s ``rng``.
     dtype : {np.float32, np.float64}, default np.float32
         The dtype of parameters, outputs and gradients.
     seed : int or None
@@ -673,11 +750,11 @@ class LSTM(_Recurrent):
     _spec = cells.LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, seed=None, reverse=False, clip=None,
-                 peephole=False, input_forget=False):
+                 bidirectional=False, dropout=0.0, dtype=np.float32, seed=None, reverse=False,
+                 clip=None, peephole=False, input_forget=False):
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
                          bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
-                         clip=clip, peephole=peephole, input_forget=input_forget)
+                         clip=clip, peephole=peephole, input_forget=input_forget, dropout=dropout)
 
 
 class GRU(_Recurrent):
@@ -694,7 +771,7 @@ class GRU(_Recurrent):
 
     Parameters
     ----------
-    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dtype, seed
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dropout, dtype, seed
         As for :class:`LSTM`.
     reset_after : bool, default True
         Apply the reset gate after the recurrent product (PyTorch, cuDNN and
@@ -711,11 +788,106 @@ class GRU(_Recurrent):
     _spec = cells.GRU
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, reset_after=True, dtype=np.float32, seed=None,
+                 bidirectional=False, dropout=0.0, reset_after=True, dtype=np.float32, seed=None,
                  reverse=False, clip=None):
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
                          bidirectional=bidirectional, dtype=dtype, seed=seed, reset_after=reset_after,
-                         reverse=reverse, clip=clip)
+                         reverse=reverse, clip=clip, dropout=dropout)
+
+
+class JANET(_Recurrent):
+    """Multi-layer JANET (van der Westhuizen & Lasenby 2018): an LSTM with only a forget gate.
+
+    For each layer and step, with gate order f, n in the rows of the
+    weights (``2H`` rows; the state ``h`` is also the cell state)::
+
+        s  = W_if x + b_if + W_hf h + b_hf
+        n  = tanh(W_in x + b_in + W_hn h + b_hn)
+        h' = σ(s) ⊙ h + (1 - σ(s - β)) ⊙ n
+
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dropout, dtype, seed
+        As for :class:`LSTM`.
+    beta : float, default 1.0
+        The shift ``β`` of the input's sigmoid (the paper's 1): the input's
+        share ``1 - σ(s - β)`` stays a little open when the forget gate
+        ``σ(s)`` is near 1.  0 gives the coupled form ``h' = f h + (1 - f) n``.
+    reverse : bool, default False
+        As for :class:`LSTM`.
+
+    Notes
+    -----
+    The paper initialises the forget bias with chrono initialisation
+    (:func:`fastgates.init.chrono`).  ``gates()`` returns ``"f"`` (the
+    forget gate ``σ(s)``) and ``"n"``.  See ``docs/janet.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.JANET(3, 5, seed=0)
+    >>> y, h = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, h.shape
+    ((7, 2, 5), (1, 2, 5))
+    """
+
+    _cell = "janet"
+    _spec = cells.JANET
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dropout=0.0, beta=1.0, dtype=np.float32, seed=None,
+                 reverse=False):
+        self.beta = check.real(beta, "beta")
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
+                         dropout=dropout)
+
+    def _options(self):
+        return {**super()._options(), "beta": self.beta}
+
+
+class MGU(_Recurrent):
+    """Multi-layer minimal gated unit (Zhou et al. 2016): a GRU with one gate.
+
+    For each layer and step, with gate order f, n in the rows of the
+    weights (``2H`` rows)::
+
+        f  = σ(W_if x + b_if + W_hf h + b_hf)
+        n  = tanh(W_in x + b_in + W_hn (f ⊙ h) + b_hn)
+        h' = (1 - f) ⊙ h + f ⊙ n
+
+    ``f`` opens the state to the candidate: the fraction kept at a step is
+    ``1 - f``, which is what :func:`fastgates.gate_summary` and
+    :func:`fastgates.timescale` read.
+
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dropout, dtype, seed
+        As for :class:`LSTM`.
+    reverse : bool, default False
+        As for :class:`LSTM`.
+
+    Notes
+    -----
+    ``gates()`` returns ``"f"`` and ``"n"``.  See ``docs/mgu.md``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.MGU(3, 5, seed=0)
+    >>> y, h = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, h.shape
+    ((7, 2, 5), (1, 2, 5))
+    """
+
+    _cell = "mgu"
+    _spec = cells.MGU
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dropout=0.0, dtype=np.float32, seed=None, reverse=False):
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
+                         dropout=dropout)
 
 
 class _Cell(_Parameters):
@@ -907,8 +1079,21 @@ class GRUCell(_Cell):
 
 
 # The layer and one-step classes of each cell, by the cell's name.
-_LAYERS = {cls._cell: cls for cls in (LSTM, GRU)}
+_LAYERS = {cls._cell: cls for cls in (LSTM, GRU, JANET, MGU)}
 _STEPS = {cls._cell: cls for cls in (LSTMCell, GRUCell)}
+
+
+def refuse_without_counterpart(model, framework, where=""):
+    """Refuse by name a recurrent layer whose cell ``framework`` has no layer for.
+
+    The converters (:mod:`fastgates.torch`, :mod:`fastgates.onnx`,
+    :mod:`fastgates.keras`) know LSTM and GRU, the cells every framework
+    ships; a JANET or an MGU has no counterpart to become.
+    """
+    if isinstance(model, _Recurrent) and model._cell not in ("lstm", "gru"):
+        label = model._spec.label
+        raise TypeError(f"{where}{framework} has no {label} layer: a fastgates {label} cannot be "
+                        f"converted to {framework} (LSTM and GRU models can)")
 
 
 def layer_class(cell):

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
 from . import _validate as check
-from .layers import GRU, LSTM
+from .layers import GRU, LSTM, refuse_without_counterpart
 
 __all__ = ["to_onnx", "from_onnx", "DEFAULT_OPSET", "MIN_OPSET"]
 
@@ -246,6 +246,7 @@ def to_onnx(model, path=None, *, opset=DEFAULT_OPSET, layout=0, sequence_lens=Fa
     ValueError
         For an opset, layout or initial state out of range.
     """
+    refuse_without_counterpart(model, "ONNX")
     if not isinstance(model, (LSTM, GRU)):
         raise TypeError(f"model must be a fastgates LSTM or GRU, got {type(model).__name__} "
                         "(cells export as a one-layer model: copy their parameters into one)")

@@ -115,10 +115,7 @@ def from_torch(module):
     NotImplementedError
         If an LSTM has ``proj_size > 0`` (fastgates has no projection).
     ValueError
-        If the module has ``dropout > 0`` between layers and is in training
-        mode: fastgates models have no dropout and compute the module's
-        eval-mode function, so call ``module.eval()`` first.  Also if a
-        parameter is not on the CPU.
+        If a parameter is not on the CPU.
 
     Examples
     --------
@@ -136,18 +133,12 @@ def from_torch(module):
                 f"{what} has proj_size={proj}, expected 0: fastgates LSTMs have no "
                 "projection of the hidden state (weight_hr_l*)"
             )
-        if module.training and module.dropout > 0 and module.num_layers > 1:
-            raise ValueError(
-                f"{what} has dropout={module.dropout} between its {module.num_layers} layers "
-                "and is in training mode: fastgates models have no dropout and compute the "
-                "module's eval-mode function; call module.eval() before converting"
-            )
         names = _param_names(module.num_layers, module.bidirectional, module.bias)
         params, dtype = _params_as_numpy(module, names, what)
         cls = layers.LSTM if kind == "lstm" else layers.GRU
         model = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
                     batch_first=module.batch_first, bidirectional=module.bidirectional,
-                    dtype=dtype, seed=0)
+                    dropout=module.dropout, dtype=dtype, seed=0)
     elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
         what = f"module {type(module).__name__}"
         names = _param_names(1, False, module.bias, cell=True)
@@ -201,7 +192,8 @@ def to_torch(model, dropin=False):
     Raises
     ------
     TypeError
-        If ``model`` is not a fastgates model.
+        If ``model`` is not a fastgates LSTM, GRU or one of their cells
+        (torch.nn has no JANET or MGU).
     NotImplementedError
         For a model with an option ``torch.nn`` lacks: ``reverse=True``,
         ``clip``, ``peephole=True`` or ``input_forget=True``; and for a GRU
@@ -212,6 +204,7 @@ def to_torch(model, dropin=False):
     """
     if not isinstance(dropin, bool):
         raise TypeError(f"dropin must be True or False, got {type(dropin).__name__} {dropin!r}")
+    layers.refuse_without_counterpart(model, "torch.nn")
     variants = _variants_torch_lacks(model)
     if variants:
         raise NotImplementedError(
@@ -232,7 +225,7 @@ def to_torch(model, dropin=False):
             cls = nn.LSTM if isinstance(model, layers.LSTM) else nn.GRU
         args = dict(input_size=model.input_size, hidden_size=model.hidden_size,
                     num_layers=model.num_layers, bias=model.bias, batch_first=model.batch_first,
-                    bidirectional=model.bidirectional)
+                    bidirectional=model.bidirectional, dropout=model.dropout)
     elif isinstance(model, (layers.LSTMCell, layers.GRUCell)):
         if dropin:
             raise NotImplementedError(
@@ -350,10 +343,11 @@ class _Run:
     sequence's data ``(N, F)`` to and from right-padded ``(T, B, F)``.
     """
 
-    def __init__(self, model, kind, names, batch_sizes=None):
+    def __init__(self, model, kind, names, batch_sizes=None, masks=None):
         self.model = model
         self.kind = kind
         self.names = names
+        self.masks = masks        # dropout between layers: a function of (T, B), or None
         self.valid = self.lengths = None
         self.full = True
         if batch_sizes is not None:
@@ -400,9 +394,18 @@ class _Run:
 
     def infer(self, x, h0, c0):
         """The forward pass without a tape (nothing will be differentiated)."""
-        y, state = self.model(self.to_padded(x.detach().numpy()), self.state_in(h0, c0),
-                              self.lengths_or_none(), check_finite=False)
+        args = (self.to_padded(x.detach().numpy()), self.state_in(h0, c0), self.lengths_or_none())
+        if self.masks is None:
+            y, state = self.model(*args, check_finite=False)
+        else:
+            # training mode drops under no_grad too (as torch.nn.LSTM)
+            (y, state), _ = self.model._vjp(*args, False, None, self.masks)
         return self.outputs(y, state)
+
+    def vjp(self, x, h0, c0):
+        """The forward pass and its pullback (``check_finite=False``: NaN propagates)."""
+        return self.model._vjp(self.to_padded(x.detach().numpy()), self.state_in(h0, c0),
+                               self.lengths_or_none(), False, None, self.masks)
 
 
 def _as_numpy(grad):
@@ -417,9 +420,7 @@ class _Recurrence(torch.autograd.Function):
         # Unused outputs get no zero gradient: fastgates reads None as zeros.
         ctx.set_materialize_grads(False)
         # check_finite=False, here and in the pullback: NaN propagates as in torch.nn.
-        (y, state), pullback = run.model.vjp(run.to_padded(x.detach().numpy()),
-                                             run.state_in(h0, c0), run.lengths_or_none(),
-                                             check_finite=False)
+        (y, state), pullback = run.vjp(x, h0, c0)
         ctx.run = run
         ctx.pullback = pullback
         return run.outputs(y, state)
@@ -499,17 +500,31 @@ def _check_sizes(module, kind, x, h0, c0, batch, dtype, what):
                              f"the parameters of {what}")
 
 
+def _dropout_masks(module, dtype):
+    """The dropout between layers of a module in training mode, drawn from torch's generator.
+
+    A function of (T, B) returning one ``(T, B, D*H)`` mask per layer but
+    the last (0 with probability ``dropout``, else ``1 / (1 - dropout)``),
+    or None when nothing drops: ``torch.manual_seed`` repeats the masks.
+    """
+    p = float(module.dropout)
+    if not (module.training and p > 0 and module.num_layers > 1):
+        return None
+    F = (2 if module.bidirectional else 1) * module.hidden_size
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+
+    def draw(T, B):
+        return [torch.empty((T, B, F), dtype=dtype).bernoulli_(1.0 - p).mul_(scale).numpy()
+                for _ in range(module.num_layers - 1)]
+
+    return draw
+
+
 def _forward(module, kind, input, hx):
     """The forward pass shared by :class:`LSTM` and :class:`GRU`."""
     what = f"fastgates.torch.{type(module).__name__}"
     if getattr(module, "proj_size", 0):
         raise NotImplementedError(f"{what}: proj_size={module.proj_size} is not supported, expected 0")
-    if module.training and module.dropout > 0 and module.num_layers > 1:
-        raise NotImplementedError(
-            f"{what} has dropout={module.dropout} between its {module.num_layers} layers and is "
-            "in training mode: fastgates has no dropout between layers. Build it with "
-            "dropout=0.0 (apply torch.nn.Dropout to the output instead), or call .eval()"
-        )
     names = _param_names(module.num_layers, module.bidirectional, module.bias)
     params = [getattr(module, name) for name in names]
     for name, p in zip(names, params):
@@ -552,7 +567,7 @@ def _forward(module, kind, input, hx):
 
     slot = _fastgates_model(module, kind, _NUMPY_DTYPE[dtype])
     _sync_parameters(slot, names, params)
-    run = _Run(slot.model, kind, names, batch_sizes)
+    run = _Run(slot.model, kind, names, batch_sizes, _dropout_masks(module, dtype))
 
     inputs = [x, h0, c0] + params
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -597,9 +612,10 @@ class LSTM(nn.LSTM):
     bias : bool, default True
     batch_first : bool, default False
     dropout : float, default 0.0
-        Accepted as in PyTorch, but a forward pass in training mode with
-        ``dropout > 0`` and ``num_layers > 1`` raises ``NotImplementedError``
-        (fastgates has no dropout); in eval mode dropout has no effect anyway.
+        As in PyTorch: in training mode each output of every layer but the
+        last is zeroed with probability ``dropout`` and the others scaled
+        by ``1 / (1 - dropout)``; the masks come from torch's generator, so
+        ``torch.manual_seed`` repeats a run.  No effect in eval mode.
     bidirectional : bool, default False
     proj_size : int, default 0
         Must be 0: ``proj_size > 0`` raises ``NotImplementedError``.
@@ -673,7 +689,7 @@ class GRU(nn.GRU):
     bias : bool, default True
     batch_first : bool, default False
     dropout : float, default 0.0
-        As for :class:`LSTM`: only in eval mode (or with one layer).
+        As for :class:`LSTM`.
     bidirectional : bool, default False
     device : None, "cpu" or torch.device
     dtype : None, torch.float32 or torch.float64

@@ -1,4 +1,4 @@
-"""Slow, obviously correct NumPy implementations of the LSTM and GRU equations.
+"""Slow, obviously correct NumPy implementations of the recurrent cells' equations.
 
 This module is the test oracle. It is written to be read side by side with
 the equations, not to be fast: Python loops run over layers, directions,
@@ -56,6 +56,8 @@ from scipy.special import expit
 
 LSTM_GATES = ("i", "f", "g", "o")
 GRU_GATES = ("r", "z", "n")
+JANET_GATES = ("f", "n")
+MGU_GATES = ("f", "n")
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +178,58 @@ def gru_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, reset_after=True, clip=None
         n = tanh(_clip(W_in @ x + b_in + W_hn @ (r * h) + b_hn, clip))
     h_new = (1 - z) * n + z * h
     return h_new, {"r": r, "z": z, "n": n}
+
+
+def janet_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None, beta=1.0):
+    """One JANET step (van der Westhuizen & Lasenby 2018) for one sequence.
+
+    Rows f, n::
+
+        s  = W_if x + b_if + W_hf h + b_hf
+        n  = tanh(W_in x + b_in + W_hn h + b_hn)
+        h' = sigmoid(s) * h + (1 - sigmoid(s - beta)) * n
+
+    Returns ``h_new, gates`` with ``gates`` mapping ``"f"`` (``sigmoid(s)``)
+    and ``"n"``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 2 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 2 * H, w_hh.dtype)
+    W_if, W_in = (gate_rows(w_ih, k, H) for k in range(2))
+    W_hf, W_hn = (gate_rows(w_hh, k, H) for k in range(2))
+    b_if, b_in = (gate_rows(b_ih, k, H) for k in range(2))
+    b_hf, b_hn = (gate_rows(b_hh, k, H) for k in range(2))
+
+    s = W_if @ x + b_if + W_hf @ h + b_hf
+    f = sigmoid(s)
+    n = tanh(W_in @ x + b_in + W_hn @ h + b_hn)
+    h_new = f * h + (1 - sigmoid(s - beta)) * n
+    return h_new, {"f": f, "n": n}
+
+
+def mgu_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One minimal gated unit step (Zhou et al. 2016) for one sequence.
+
+    Rows f, n::
+
+        f  = sigmoid(W_if x + b_if + W_hf h + b_hf)
+        n  = tanh(W_in x + b_in + W_hn (f * h) + b_hn)
+        h' = (1 - f) * h + f * n
+
+    Returns ``h_new, gates`` with ``gates`` mapping ``"f"`` and ``"n"``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 2 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 2 * H, w_hh.dtype)
+    W_if, W_in = (gate_rows(w_ih, k, H) for k in range(2))
+    W_hf, W_hn = (gate_rows(w_hh, k, H) for k in range(2))
+    b_if, b_in = (gate_rows(b_ih, k, H) for k in range(2))
+    b_hf, b_hn = (gate_rows(b_hh, k, H) for k in range(2))
+
+    f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
+    n = tanh(W_in @ x + b_in + W_hn @ (f * h) + b_hn)
+    h_new = (1 - f) * h + f * n
+    return h_new, {"f": f, "n": n}
 
 
 # ---------------------------------------------------------------------------
@@ -388,13 +442,45 @@ def reference_gru(x, params, num_layers=1, bidirectional=False, h0=None,
     Same conventions as :func:`reference_lstm`; returns ``y, h_n, gates``
     with gates ``"r" "z" "n"``.
     """
+    def step(x, h, w_ih, w_hh, b_ih, b_hh):
+        return gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after=reset_after, clip=clip)
+
+    return _reference_h(step, GRU_GATES, x, params, num_layers, bidirectional, h0, lengths,
+                        reverse)
+
+
+def reference_janet(x, params, num_layers=1, bidirectional=False, h0=None, lengths=None,
+                    reverse=False, beta=1.0):
+    """Multi-layer, optionally bidirectional JANET (:func:`janet_step`).
+
+    Same conventions as :func:`reference_gru`; gates ``"f" "n"``.
+    """
+    def step(x, h, w_ih, w_hh, b_ih, b_hh):
+        return janet_step(x, h, w_ih, w_hh, b_ih, b_hh, beta=beta)
+
+    return _reference_h(step, JANET_GATES, x, params, num_layers, bidirectional, h0, lengths,
+                        reverse)
+
+
+def reference_mgu(x, params, num_layers=1, bidirectional=False, h0=None, lengths=None,
+                  reverse=False):
+    """Multi-layer, optionally bidirectional MGU (:func:`mgu_step`).
+
+    Same conventions as :func:`reference_gru`; gates ``"f" "n"``.
+    """
+    return _reference_h(mgu_step, MGU_GATES, x, params, num_layers, bidirectional, h0, lengths,
+                        reverse)
+
+
+def _reference_h(step, gate_names, x, params, num_layers, bidirectional, h0, lengths, reverse):
+    """A stacked recurrence whose state is ``h`` alone, one ``step`` at a time."""
     x, T, B, D, H, lengths, dtype = _sequence_setup(
         x, params, num_layers, bidirectional, lengths)
     if h0 is None:
         h0 = np.zeros((num_layers * D, B, H), dtype=dtype)
 
     h_n = np.zeros((num_layers * D, B, H), dtype=dtype)
-    gates = {k: np.zeros((num_layers * D, T, B, H), dtype=dtype) for k in GRU_GATES}
+    gates = {k: np.zeros((num_layers * D, T, B, H), dtype=dtype) for k in gate_names}
 
     layer_input = x
     for layer in range(num_layers):
@@ -406,8 +492,7 @@ def reference_gru(x, params, num_layers=1, bidirectional=False, h0=None,
             for b in range(B):
                 h = h0[s, b]
                 for t in _valid_steps(lengths[b], 1 if reverse else direction):
-                    h, g = gru_step(layer_input[t, b], h, w_ih, w_hh, b_ih, b_hh,
-                                    reset_after=reset_after, clip=clip)
+                    h, g = step(layer_input[t, b], h, w_ih, w_hh, b_ih, b_hh)
                     out[t, b] = h
                     for k in g:
                         gates[k][s, t, b] = g[k]
@@ -426,10 +511,10 @@ def random_params(rng, kind, input_size, hidden_size, num_layers=1,
                   bidirectional=False, bias=True, dtype=np.float64, scale=None):
     """Random parameters keyed like ``torch.nn.LSTM`` / ``torch.nn.GRU``.
 
-    ``kind`` is ``"lstm"`` or ``"gru"``. Entries are uniform in
-    ``(-scale, scale)``; the default scale is PyTorch's ``1/sqrt(H)``.
+    ``kind`` is ``"lstm"``, ``"gru"``, ``"janet"`` or ``"mgu"``. Entries are
+    uniform in ``(-scale, scale)``; the default scale is PyTorch's ``1/sqrt(H)``.
     """
-    G = {"lstm": 4, "gru": 3}[kind]
+    G = {"lstm": 4, "gru": 3, "janet": 2, "mgu": 2}[kind]
     D = 2 if bidirectional else 1
     H = hidden_size
     if scale is None:

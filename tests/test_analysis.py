@@ -177,7 +177,7 @@ def test_summary_layouts_and_immutability():
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda x: fg.gate_summary(fg.LSTMCell(2, 3), x), TypeError, "model must be a fastgates LSTM or GRU"),
+    (lambda x: fg.gate_summary(fg.LSTMCell(2, 3), x), TypeError, "model must be a fastgates recurrent layer"),
     (lambda x: fg.gate_summary(fg.LSTM(2, 3), x, horizon=0), ValueError, "horizon must be a positive"),
     (lambda x: fg.gate_summary(fg.LSTM(2, 3), x, horizon="10"), TypeError, "horizon must be"),
     (lambda x: fg.gate_summary(fg.GRU(2, 3), x, lengths=[1, 7]), ValueError, "lengths"),

@@ -7,6 +7,7 @@ NumPy forward pass used as fallback peer and check, the progress display and
 the memory measurement.  The numbers themselves are not benchmarks.
 """
 
+import contextlib
 import io
 import json
 import math
@@ -64,15 +65,33 @@ def restore_threads():
 # the NumPy forward pass
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+ORACLES = {"lstm": ref.reference_lstm, "gru": ref.reference_gru,
+           "janet": ref.reference_janet, "mgu": ref.reference_mgu}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "janet", "mgu"])
 @pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
 def test_numpy_forward_matches_the_reference(cell, layers, bidirectional):
     rng = np.random.default_rng(0)
     params = ref.random_params(rng, cell, 3, 5, layers, bidirectional)
     x = rng.standard_normal((7, 4, 3))
     y = bench.numpy_forward(cell, params, x, layers, bidirectional)
-    oracle = ref.reference_lstm if cell == "lstm" else ref.reference_gru
-    assert_close(y, oracle(x, params, layers, bidirectional)[0], np.float64)
+    assert_close(y, ORACLES[cell](x, params, layers, bidirectional)[0], np.float64)
+
+
+def test_numpy_forward_uses_janets_beta():
+    rng = np.random.default_rng(2)
+    params = ref.random_params(rng, "janet", 3, 5)
+    x = rng.standard_normal((6, 2, 3))
+    y = bench.numpy_forward("janet", params, x, beta=0.3)
+    assert_close(y, ref.reference_janet(x, params, beta=0.3)[0], np.float64)
+    # beta matters: the default's answer is another one
+    assert np.max(np.abs(y - bench.numpy_forward("janet", params, x))) > 1e-3
+
+
+def test_numpy_forward_refuses_a_cell_it_does_not_know():
+    with pytest.raises(ValueError, match="no 'rnn' cell"):
+        bench.numpy_forward("rnn", {}, np.zeros((1, 1, 1)))
 
 
 def test_numpy_forward_keeps_float32_and_saturates_without_overflow():
@@ -302,6 +321,146 @@ def test_jax_is_a_peer(request, monkeypatch, capsys, restore_threads):
         assert r["best peer"] == "jax (1 thr)"
         assert float(r["max err"]) < 1e-13
     assert "jax 0." in out or "jax 1." in out
+
+
+# ---------------------------------------------------------------------------
+# cells no framework ships: timed against fastgates' LSTM
+
+
+def test_default_cells_are_the_frameworks_and_help_lists_every_cell(capsys):
+    args = bench._parser("x").parse_args([])
+    assert args.cells == ["lstm", "gru"] == list(bench.FRAMEWORK_CELLS)
+    with pytest.raises(SystemExit):
+        bench._parser("x").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "from lstm gru janet mgu (default: lstm gru); janet mgu: opt-in" in text
+    assert "fastgates' own LSTM" in text
+
+
+def test_a_cell_no_framework_ships_gets_the_lstm_yardstick_not_peers(monkeypatch,
+                                                                      restore_threads):
+    pytest.importorskip("torch")
+    made = []
+    real = bench._fg_model
+
+    def keep(cell, shape, dtype):
+        made.append((cell, real(cell, shape, dtype)))
+        return made[-1][1]
+
+    monkeypatch.setattr(bench, "_fg_model", keep)
+    args = bench._parser("x").parse_args([*TINY, "--peers", "torch", "numpy"])
+    assert bench._check_args(args) is None
+    ctx = bench._Context(args, bench.load_peers(["torch", "numpy"]),
+                         bench.Progress(0, io.StringIO()))
+    shape = bench.Shape("custom", 6, 2, 3, 4)
+    case = bench.Case(shape, "mgu", "float64", "train")
+    m = bench._fg_model("mgu", shape, np.float64)
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((6, 2, 3)), rng.standard_normal((6, 2, 4))
+    sides, answers, ref_y = bench.case_sides(ctx, case, m, x, dy)
+    # PyTorch is loaded but has no MGU: no side; numpy is inference only.
+    assert [s.label for s in sides] == ["fastgates@1", "fastgates-lstm@1"]
+    assert list(answers) == ["fastgates@1"]          # the yardstick is not compared
+    errs, failures = bench.agreement(case, 1, answers, ref_y)
+    assert not failures and list(errs) == ["numpy forward"]
+    assert errs["numpy forward"][0] < 1e-13
+    # The yardstick is an LSTM of the same shape and dtype, and its training
+    # steps get new weights in between, as the cell's do.
+    [(cell, lstm)] = made[1:]
+    assert cell == "lstm" and lstm.hidden_size == 4 and lstm.dtype == np.float64
+    first = lstm.state_dict()
+    yard = sides[1]
+    yard.call()
+    yard.between()
+    for k in first:
+        assert np.allclose(lstm.state_dict()[k] - first[k], bench.WEIGHT_STEP, rtol=1e-6), k
+    # An inference case of the cell keeps the NumPy peer (it computes MGU).
+    sides, answers, _ = bench.case_sides(ctx, bench.Case(shape, "mgu", "float64", "infer"),
+                                         m, x, dy)
+    assert [s.label for s in sides] == ["fastgates@1", "fastgates-lstm@1", "numpy@1"]
+    assert sorted(answers) == ["fastgates@1", "numpy@1"]
+
+
+def test_bench_janet_and_mgu_against_the_lstm_yardstick(tmp_path, capsys, restore_threads):
+    # Every peer asked for (the default): none of them is built for these
+    # cells, and no note says one failed.
+    path = tmp_path / "rows.json"
+    code = bench.main([*TINY, "--cells", "janet", "mgu", "--dtypes", "float64",
+                       "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header, rows = _table(out)
+    at = header.index("fastgates")
+    assert header[at:at + 3] == ["fastgates", "fastgates LSTM", "LSTM/cell"]
+    assert [(r["cell"], r["mode"]) for r in rows] == [
+        ("janet", "infer"), ("janet", "train"), ("mgu", "infer"), ("mgu", "train")]
+    for r in rows:
+        mine, lstm = float(r["fastgates"]), float(r["fastgates LSTM"])
+        assert mine > 0 and lstm > 0
+        assert float(r["LSTM/cell"]) == pytest.approx(lstm / mine, rel=0.05, abs=0.01)
+        assert all(r[c] == "" for c in PEER_COLUMNS + RATIO_COLUMNS)
+        assert r["best peer"] == r["best peer/fg"] == ""        # the yardstick is no peer
+        assert float(r["max err"]) < bench.AGREE_TOL["float64"]["y"]
+    assert "could not run" not in err + out
+    assert "jax not used" in out                     # no JAX worker was started
+    assert "JANET, MGU: no framework ships the cell" in out
+    data = json.loads(path.read_text())["rows"]
+    for row in data:
+        assert sorted(row["sides"]) == ["fastgates-lstm@1", "fastgates@1"]
+        # checked against the NumPy forward pass only, and agreeing with it
+        assert list(row["errors"]) == ["numpy forward"] and not row["failures"]
+        assert row["errors"]["numpy forward"]["array"] == "y"
+        assert row["errors"]["numpy forward"]["max_error"] < 1e-13
+        yard = row["yardstick"]
+        assert yard["cell"] == "lstm" and yard["side"] == "fastgates-lstm@1"
+        assert yard["compared"] is False
+        assert yard["median_ms"] == row["sides"]["fastgates-lstm@1"]["median_ms"] > 0
+        assert row["sides"]["fastgates-lstm@1"]["calls_per_run"] >= 1
+        # GFLOP/s of the cell's own two gate rows, in the cell's time
+        flops = 2 * 6 * 2 * 2 * 4 * (3 + 4) * (3 if row["mode"] == "train" else 1)
+        assert row["gflops"] == pytest.approx(
+            flops / row["sides"]["fastgates@1"]["median_ms"] / 1e6, rel=1e-9)
+
+
+def test_a_wrong_janet_fails_against_the_numpy_forward_pass(monkeypatch, capsys,
+                                                             restore_threads):
+    # The NumPy forward pass is the only check of a cell no framework ships:
+    # a wrong fastgates JANET must fail the run, however its LSTM fares.
+    _wrong_fastgates(monkeypatch, 1e-3)
+    code = bench.main([*TINY, "--cells", "janet", "--dtypes", "float32", "--modes", "infer"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert ("DISAGREEMENT: (6, 2, 3, 4) janet float32 infer thr=1: fastgates@1 against "
+            "numpy forward: y differs by") in err
+    [row] = _table(out)[1]
+    assert row["fastgates"] == row["fastgates LSTM"] == ""         # not timed
+
+
+def test_compile_cost_covers_every_cell_asked_for(monkeypatch, capsys, restore_threads):
+    # The fresh process is replaced by the same script run in this one
+    # (compiling from an empty cache takes ~20 s a cell); what is checked is
+    # that each cell's own class is built and its row reported.
+    scripts = []
+
+    def in_process(code, env, arg=None):
+        assert os.path.isdir(env["NUMBA_CACHE_DIR"])
+        scripts.append(code)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            exec(code, {})
+        return json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+    monkeypatch.setattr(bench, "_run_child", in_process)
+    code = bench.main(["--compile-cost", "--no-timing", "--cells", "janet", "mgu",
+                       "--dtypes", "float64"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert sum("fg.JANET(" in c for c in scripts) == sum("fg.MGU(" in c for c in scripts) == 2
+    header, rows = _table(out.split("## Compile cost", 1)[1])
+    assert [(r["cell"], r["dtype"], r["cache"]) for r in rows] == [
+        ("janet", "float64", "empty"), ("janet", "float64", "warm"),
+        ("mgu", "float64", "empty"), ("mgu", "float64", "warm")]
+    assert all(float(r["first vjp+pullback s"]) >= 0 for r in rows)
 
 
 # ---------------------------------------------------------------------------

@@ -22,13 +22,13 @@ SEEDED = ["pytorch_default", "xavier_uniform", "orthogonal", "chrono"]
 
 
 @st.composite
-def model_case(draw, kinds=("LSTM", "GRU", "LSTMCell", "GRUCell"), bias=None):
+def model_case(draw, kinds=("LSTM", "GRU", "JANET", "MGU", "LSTMCell", "GRUCell"), bias=None):
     kind = draw(st.sampled_from(kinds))
     I = draw(st.integers(1, 6))
     H = draw(st.integers(1, 6))
     options = {"dtype": draw(st.sampled_from(DTYPES)), "seed": draw(st.integers(0, 2**16)),
                "bias": draw(st.booleans()) if bias is None else bias}
-    if kind in ("LSTM", "GRU"):
+    if not kind.endswith("Cell"):
         options["bidirectional"] = draw(st.booleans())
         args = (I, H, draw(st.integers(1, 3)))
     else:
@@ -36,7 +36,7 @@ def model_case(draw, kinds=("LSTM", "GRU", "LSTMCell", "GRUCell"), bias=None):
     if kind.startswith("LSTM"):
         options["peephole"] = draw(st.booleans())
         options["input_forget"] = draw(st.booleans())
-    elif draw(st.booleans()):
+    elif kind.startswith("GRU") and draw(st.booleans()):
         options["reset_after"] = False
     return getattr(fg, kind)(*args, **options)
 
@@ -50,9 +50,9 @@ def apply(name, model, seed=0):
 
 
 def cases_for(name):
-    """Models an initialiser applies to: the forget-gate ones need an LSTM with biases."""
+    """Models an initialiser applies to: the forget-gate ones need biases."""
     if name in ("forget_bias", "chrono"):
-        return model_case(kinds=("LSTM", "LSTMCell"), bias=True)
+        return model_case(bias=True)
     return model_case()
 
 
@@ -174,23 +174,31 @@ def test_orthogonal_recurrent_blocks(model, gain, input_gain):
         assert all(not np.allclose(a, b) for i, a in enumerate(seen) for b in seen[:i])
 
 
-@given(model=model_case(kinds=("LSTM", "LSTMCell"), bias=True),
-       value=st.floats(-8.0, 8.0, allow_subnormal=False))
+def memory_rows(model):
+    """The rows of the gate that keeps the state, and the sign of its bias (-1: keeps 1 - gate)."""
+    spec, H = model._spec, model.hidden_size
+    k = spec.gates.index(spec.forget)
+    return slice(k * H, (k + 1) * H), (-1 if spec.forget_complement else 1)
+
+
+@given(model=model_case(bias=True), value=st.floats(-8.0, 8.0, allow_subnormal=False))
 def test_forget_bias_sets_the_effective_forget_bias_exactly(model, value):
     before = model.state_dict()
     init.forget_bias(model, value)
     after = model.state_dict()
     H = model.hidden_size
-    f, i = slice(H, 2 * H), slice(0, H)
-    expected = np.asarray(value, dtype=model.dtype)
-    changed = [(f, expected)] + ([(i, -expected)] if model.input_forget else [])
+    rows, sign = memory_rows(model)
+    expected = np.asarray(sign * value, dtype=model.dtype)
+    changed = [(rows, expected)]
+    if getattr(model, "input_forget", False):
+        changed.append((slice(0, H), -expected))
     for s in suffixes(model):
         b_ih, b_hh = after["bias_ih" + s], after["bias_hh" + s]
-        for rows, want in changed:
-            assert np.all(b_ih[rows] + b_hh[rows] == want), s
-        untouched = np.ones(4 * H, bool)
-        for rows, _ in changed:
-            untouched[rows] = False
+        for r, want in changed:
+            assert np.all(b_ih[r] + b_hh[r] == want), s
+        untouched = np.ones(b_ih.shape[0], bool)
+        for r, _ in changed:
+            untouched[r] = False
         np.testing.assert_array_equal(b_ih[untouched], before["bias_ih" + s][untouched])
         np.testing.assert_array_equal(b_hh[untouched], before["bias_hh" + s][untouched])
     for key in after:
@@ -209,22 +217,27 @@ def test_forget_bias_sets_the_forget_gate(input_forget):
     np.testing.assert_allclose(f, 1 / (1 + np.exp(-2.0)), **tol(np.float64))
 
 
-@given(model=model_case(kinds=("LSTM", "LSTMCell"), bias=True),
-       t_max=st.floats(2.001, 1e5), seed=st.integers(0, 2**16))
+@given(model=model_case(bias=True), t_max=st.floats(2.001, 1e5), seed=st.integers(0, 2**16))
 def test_chrono_range_and_input_bias_minus_forget_bias(model, t_max, seed):
     before = model.state_dict()
     init.chrono(model, t_max, seed=seed)
     after = model.state_dict()
     H = model.hidden_size
+    rows, sign = memory_rows(model)
+    has_input = model._spec.input_gate is not None     # an LSTM's i
     upper = np.log(t_max - 1)
     slack = 4 * np.finfo(model.dtype).eps * max(upper, 1)  # rounding to the dtype
     for s in suffixes(model):
         b = (after["bias_ih" + s] + after["bias_hh" + s]).astype(np.float64)
-        b_i, b_f = b[:H], b[H:2 * H]
+        b_f = sign * b[rows]
         assert np.all(b_f >= 0) and np.all(b_f <= upper + slack), (s, b_f, upper)
-        np.testing.assert_array_equal(b_i, -b_f)
-        for key in ("bias_ih", "bias_hh"):  # g and o unchanged
-            np.testing.assert_array_equal(after[key + s][2 * H:], before[key + s][2 * H:])
+        untouched = np.ones(b.shape[0], bool)
+        untouched[rows] = False
+        if has_input:
+            np.testing.assert_array_equal(b[:H], -b_f)
+            untouched[:H] = False
+        for key in ("bias_ih", "bias_hh"):  # the other gates unchanged
+            np.testing.assert_array_equal(after[key + s][untouched], before[key + s][untouched])
     for key in after:
         if not key.startswith("bias"):
             np.testing.assert_array_equal(after[key], before[key], err_msg=key)
@@ -238,13 +251,6 @@ def test_chrono_spreads_forget_biases_over_the_whole_range():
     u = np.exp(np.concatenate([m.bias_ih_l0[256:512], m.bias_ih_l0_reverse[256:512]]))
     assert u.min() < 1 + 0.02 * (t_max - 2) and u.max() > t_max - 1 - 0.02 * (t_max - 2)
     assert abs(u.mean() - t_max / 2) < 5
-
-
-@pytest.mark.parametrize("function", [init.forget_bias, lambda m: init.chrono(m, 10.0)])
-@pytest.mark.parametrize("model", [fg.GRU(2, 3), fg.GRUCell(2, 3)])
-def test_forget_gate_initialisers_reject_a_gru(function, model):
-    with pytest.raises(TypeError, match=r"GRU.*update gate z"):
-        function(model)
 
 
 @pytest.mark.parametrize("function", [init.forget_bias, lambda m: init.chrono(m, 10.0)])
@@ -268,7 +274,7 @@ def test_chrono_checks_t_max(t_max):
     (lambda: init.pytorch_default(fg.GRU(2, 3), seed="abc"), TypeError, "seed must be"),
     (lambda: init.pytorch_default(fg.GRU(2, 3), seed=-1), ValueError, "seed must be"),
     (lambda: init.orthogonal({"weight_hh_l0": np.zeros((12, 3))}), TypeError,
-     "model must be a fastgates LSTM, GRU, LSTMCell or GRUCell, got dict"),
+     "model must be a fastgates recurrent model"),
 ])
 def test_argument_errors(call, error, match):
     with pytest.raises(error, match=match):

@@ -174,12 +174,10 @@ def test_converters_reject_what_fastgates_lacks():
     with pytest.raises(NotImplementedError, match="proj_size=2"):
         fgt.from_torch(nn.LSTM(I, H, proj_size=2))
     two_layers = nn.LSTM(I, H, num_layers=2, dropout=0.5)
-    with pytest.raises(ValueError, match=r"dropout=0\.5 between its 2 layers.*module\.eval\(\)"):
-        fgt.from_torch(two_layers)
-    assert_same_parameters(two_layers, fgt.from_torch(two_layers.eval()))
-    with pytest.warns(UserWarning, match="dropout"):  # torch's own warning
-        one_layer = nn.GRU(I, H, dropout=0.5)
-    fgt.from_torch(one_layer)  # dropout acts between layers only: nothing to lose here
+    converted = fgt.from_torch(two_layers)            # dropout is converted, as an option
+    assert converted.dropout == 0.5
+    assert_same_parameters(two_layers, converted)
+    assert fgt.to_torch(converted).dropout == 0.5
     with pytest.raises(TypeError, match=r"torch\.float16.*float32 or torch\.float64"):
         fgt.from_torch(nn.GRU(I, H).half())
     with pytest.raises(TypeError, match="bfloat16"):
@@ -495,15 +493,7 @@ def test_dropin_rejects_unsupported_options():
     with pytest.raises(TypeError, match="proj_size"):  # not an argument of GRU
         fgt.GRU(I, H, proj_size=2)
 
-    ref, mine = twins("gru", num_layers=2, dropout=0.5)
     x = torch.randn(4, 2, I, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match=r"dropout=0\.5 between its 2 layers.*\.eval\(\)"):
-        mine(x)
-    mine.eval()
-    ref.eval()
-    for a, b in zip(flat(mine(x)), flat(ref(x))):
-        assert_close(n_(a), n_(b), F64)
-
     _, lstm = twins("lstm")
     with pytest.raises(ValueError, match="input has dtype torch.float32, expected torch.float64"):
         lstm(x.float())

@@ -22,8 +22,7 @@ from fastgates import _recurrent
 
 
 def make(kind, I, H, dtype, **kw):
-    cls = fg.LSTM if kind == "lstm" else fg.GRU
-    return cls(I, H, dtype=dtype, seed=kw.pop("seed", 0), **kw)
+    return fg.layers.layer_class(kind)(I, H, dtype=dtype, seed=kw.pop("seed", 0), **kw)
 
 
 def step(m, x, dy, lengths=None, checkpoint=None, dstate=None):
@@ -48,6 +47,8 @@ def random_problem(m, T, B, rng, padded):
 VARIANTS = {
     "lstm": [{}, {"peephole": True}, {"clip": 1.5, "input_forget": True}, {"reverse": True}],
     "gru": [{}, {"reset_after": False}, {"clip": 1.5}, {"reverse": True}],
+    "janet": [{}, {"beta": 0.0}, {"bias": False}, {"reverse": True}],
+    "mgu": [{}, {"bias": False}, {}, {"reverse": True}],
 }
 
 
@@ -62,7 +63,7 @@ def check_checkpointing(kind, dtype, variant, layers, bidirectional, T, B, every
     assert_bitwise(step(m, x, dy, lengths, every, dstate), full)
 
 
-PROBLEMS = dict(kind=st.sampled_from(["lstm", "gru"]), dtype=st.sampled_from([np.float32, np.float64]),
+PROBLEMS = dict(kind=st.sampled_from(list(VARIANTS)), dtype=st.sampled_from([np.float32, np.float64]),
                 variant=st.integers(0, 3), layers=st.integers(1, 3), bidirectional=st.booleans(),
                 T=st.integers(1, 60), B=st.integers(1, 5), every=st.integers(1, 70),
                 padded=st.booleans(), seed=st.integers(0, 2**16))
@@ -192,7 +193,8 @@ def test_hundred_thousand_steps_forward_and_backward(kind, dtype):
 MEMORY_CASES = [
     ("lstm", {}), ("gru", {}), ("lstm", {"num_layers": 2, "bidirectional": True}),
     ("gru", {"num_layers": 3, "reset_after": False}), ("lstm", {"peephole": True, "clip": 3.0}),
-    ("gru", {"bidirectional": True, "clip": 3.0}),
+    ("gru", {"bidirectional": True, "clip": 3.0}), ("janet", {"num_layers": 2, "bidirectional": True}),
+    ("mgu", {"num_layers": 2}),
 ]
 
 

@@ -18,11 +18,13 @@ from hypothesis import strategies as st
 import fastgates as fg
 from _tolerances import assert_close
 
-KINDS = ("lstm", "gru", "gru_classic")  # gru = reset_after=True
+KINDS = ("lstm", "gru", "gru_classic", "janet", "mgu")  # gru = reset_after=True
 DTYPES = (np.float32, np.float64)
 GATE_RANGES = {
     "lstm": {"i": (0, 1), "f": (0, 1), "g": (-1, 1), "o": (0, 1)},
     "gru": {"r": (0, 1), "z": (0, 1), "n": (-1, 1)},
+    "janet": {"f": (0, 1), "n": (-1, 1)},
+    "mgu": {"f": (0, 1), "n": (-1, 1)},
 }
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # the most set_num_threads accepts
 SATURATE = 1e4  # sigmoid(-1e4) == 0 and sigmoid(1e4) == 1 exactly, in both dtypes
@@ -55,7 +57,7 @@ class Setup:
 
     @property
     def family(self):
-        return "lstm" if self.kind == "lstm" else "gru"
+        return "gru" if self.kind.startswith("gru") else self.kind
 
     @property
     def batched(self):
@@ -70,9 +72,9 @@ class Setup:
             dtype=self.dtype,
             seed=self.seed,
         )
-        if self.kind == "lstm":
-            return fg.LSTM(self.I, self.H, **kw)
-        return fg.GRU(self.I, self.H, reset_after=self.kind == "gru", **kw)
+        if self.family == "gru":
+            return fg.GRU(self.I, self.H, reset_after=self.kind == "gru", **kw)
+        return fg.layers.layer_class(self.kind)(self.I, self.H, **kw)
 
     def rng(self, salt=0):
         return np.random.default_rng([self.seed, salt])
@@ -99,10 +101,10 @@ class Setup:
         return self.rng(salt).uniform(-scale, scale, self.x_shape()).astype(dtype)
 
     def state(self, scale=1.0, salt=2, c_scale=None):
-        """A random initial state: ``(h, c)`` for an LSTM, ``h`` for a GRU."""
+        """A random initial state: ``(h, c)`` for an LSTM, ``h`` for the others."""
         rng = self.rng(salt)
         h = rng.uniform(-scale, scale, self.state_shape()).astype(self.dtype)
-        if self.family == "gru":
+        if self.family != "lstm":
             return h
         c_scale = scale if c_scale is None else c_scale
         c = rng.uniform(-c_scale, c_scale, self.state_shape()).astype(self.dtype)
@@ -114,7 +116,7 @@ class Setup:
     def dstate(self, salt=4):
         rng = self.rng(salt)
         dh = rng.standard_normal(self.state_shape()).astype(self.dtype)
-        if self.family == "gru":
+        if self.family != "lstm":
             return dh
         return (dh, rng.standard_normal(self.state_shape()).astype(self.dtype))
 
@@ -246,9 +248,13 @@ def test_gates_in_range_for_any_finite_values(setup, scale):
         assert np.all(value[:, padded] == 0), name
     for arr in (y,) + (final if isinstance(final, tuple) else (final,)):
         assert np.all(np.isfinite(arr))
-    # |y| <= 1 for an LSTM (o * tanh(c)); a GRU interpolates between h0 and n.
+    # |y| <= 1 for an LSTM (o * tanh(c)); a GRU and an MGU interpolate
+    # between h and n; JANET's shares f and 1 - sigmoid(s - 1) add up to
+    # more than 1, but |h'| <= f M + 1 - sigmoid(s - 1) <= M for every
+    # M >= (1 + e^s) / (1 + e^(s - 1)), whose supremum is e.
     h0 = state[0] if setup.family == "lstm" else state
-    bound = 1 if setup.family == "lstm" else max(1, np.abs(h0).max())
+    bound = {"lstm": 1, "janet": max(np.e * (1 + 1e-6), np.abs(h0).max())}.get(
+        setup.family, max(1, np.abs(h0).max()))
     assert np.all(np.abs(y) <= bound)
 
 
@@ -334,6 +340,37 @@ def test_gru_saturated_update_gate_keeps_hidden_state(setup, h_scale):
         for b in range(setup.B):
             if valid[t, b]:
                 np.testing.assert_array_equal(gates["z"][:, t, b], 1)
+                for d in range(setup.D):
+                    np.testing.assert_array_equal(y[t, b, d * H : (d + 1) * H], h0[top + d, b])
+
+
+@given(setup=setups(kinds=("janet", "mgu")), h_scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_saturated_forget_gate_keeps_hidden_state(setup, h_scale):
+    # JANET keeps h when sigmoid(s) = sigmoid(s - beta) = 1; an MGU when its
+    # memory 1 - f is 1 (f = 0).
+    m = setup.model()
+    params = random_params(m, setup.rng(0), 1.0)
+    f_rows = slice(0, setup.H)
+    for name in params:
+        if name.startswith(("weight_ih", "weight_hh", "bias_hh")):
+            params[name][f_rows] = 0
+        elif name.startswith("bias_ih"):
+            params[name][f_rows] = SATURATE if setup.kind == "janet" else -SATURATE
+    m.load_state_dict(params)
+    x, h0, lengths = setup.x(), setup.state(h_scale), setup.lengths()
+
+    gates = m.gates(x, h0, lengths)
+    y, h1 = m(x, h0, lengths)
+
+    np.testing.assert_array_equal(h1, h0)
+    valid = setup.valid(lengths)
+    top = (setup.L - 1) * setup.D
+    H = setup.H
+    kept = 1 if setup.kind == "janet" else 0
+    for t in range(setup.T):
+        for b in range(setup.B):
+            if valid[t, b]:
+                np.testing.assert_array_equal(gates["f"][:, t, b], kept)
                 for d in range(setup.D):
                     np.testing.assert_array_equal(y[t, b, d * H : (d + 1) * H], h0[top + d, b])
 

@@ -7,17 +7,19 @@ what the driver asks of it: :mod:`fastgates.cells.base`.
 
 from .base import Cell
 from .gru import CELL as GRU
+from .janet import CELL as JANET
 from .lstm import CELL as LSTM
+from .mgu import CELL as MGU
 
-REGISTRY = {cell.name: cell for cell in (LSTM, GRU)}
+REGISTRY = {cell.name: cell for cell in (LSTM, GRU, JANET, MGU)}
 
 
 def get(name):
-    """The cell registered as ``name`` (``"lstm"``, ``"gru"``)."""
+    """The cell registered as ``name`` (``"lstm"``, ``"gru"``, ``"janet"``, ``"mgu"``)."""
     try:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown cell {name!r}; expected one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["Cell", "GRU", "LSTM", "REGISTRY", "get"]
+__all__ = ["Cell", "GRU", "JANET", "LSTM", "MGU", "REGISTRY", "get"]

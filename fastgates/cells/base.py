@@ -41,7 +41,11 @@ class Cell:
         How messages and plots name it (``"forget gate f"``).
     forget_complement : bool
         The memory is ``1 - forget`` rather than ``forget`` (GRU's ``z`` is
-        the kept fraction itself: False).
+        the kept fraction itself: False; an MGU's ``f``: True).
+    input_gate : str or None
+        A gate of its own for the input, whose bias chrono initialisation
+        sets to minus the forget bias (LSTM: ``"i"``); None where the
+        input's share follows from the forget gate.
     shown : tuple of str
         Names under which ``gates()`` also shows the tape's per-step ``aux``
         array (LSTM: the cell state ``"c"``); empty: not shown.
@@ -64,6 +68,7 @@ class Cell:
     forget = None
     forget_name = None
     forget_complement = False
+    input_gate = None
     shown = ()
     aux_units = 1
     params = ()

@@ -29,6 +29,7 @@ class LSTMCell(Cell):
     states = ("h", "c")
     forget = "f"
     forget_name = "forget gate f"
+    input_gate = "i"
     shown = ("c",)
     params = ("weight_peep",)
     side_by_side = True
