@@ -612,3 +612,149 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
             atomic_store(progress, 1, s + 1)
     dh0[b0:b1] = dh
     dc0[b0:b1] = dc
+
+
+# -- the projected LSTM (PyTorch's proj_size) ------------------------------------
+
+
+@jit(parallel=True)
+def lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, whr_tb, h0, c0, lengths, reverse, chunk,
+                  fast, y, ycol, hn, cn, gates, cs):
+    """:func:`lstm_forward` with PyTorch's projection of the hidden state.
+
+    ``h_t = W_hr (o ⊙ tanh(c_t))``: ``h0``, ``hn`` and the output columns
+    ``ycol:ycol + P`` have ``P`` units, ``c0``, ``cn`` and the cell states
+    ``H``; ``whh_tb`` holds ``W_hh^T`` (P, 4H) and ``whr_tb`` ``W_hr^T``
+    (H, P), in column blocks.  A step makes the recurrent product, the
+    cell step of each valid row, then the projection of the chunk's rows;
+    padded rows keep their ``h`` and ``c``.  Other arguments as in
+    :func:`lstm_forward` (no peepholes, coupling or clipping: PyTorch's
+    projected LSTM has none).
+    """
+    fused = xw.shape[0] == 0
+    T = x.shape[0] if fused else xw.shape[0]
+    B, P = h0.shape
+    H = c0.shape[1]
+    G = 4 * H
+    keep = gates.shape[0] > 0
+    nchunks = (B + chunk - 1) // chunk
+    for k in prange(nchunks):
+        b0 = k * chunk
+        b1 = min(B, b0 + chunk)
+        nb = b1 - b0
+        dtype = h0.dtype
+        h = np.empty((nb, P), dtype=dtype)
+        c = np.empty((nb, H), dtype=dtype)
+        acc = np.empty((nb, G), dtype=dtype)
+        full = np.empty((nb, H), dtype=dtype)      # o ⊙ tanh(c_t), before the projection
+        proj = np.empty((nb, P), dtype=dtype)
+        tc = np.empty(H, dtype=dtype)
+        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        h[:] = h0[b0:b1]
+        c[:] = c0[b0:b1]
+        t_lo = 0
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            if fused and s % block == 0:
+                t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
+            dot_blocked(h, whh_tb, acc)
+            for r in range(nb):
+                b = b0 + r
+                if t >= lengths[b]:
+                    full[r, :] = 0.0
+                    continue
+                _cell_step(acc[r], xwb[t - t_lo, r] if fused else xw[t, b], c[r], full[r], tc,
+                           fast)
+            dot_blocked(full, whr_tb, proj)
+            for r in range(nb):
+                b = b0 + r
+                if t >= lengths[b]:
+                    y[t, b, ycol:ycol + P] = 0.0
+                    if keep:
+                        gates[t, b, :] = 0.0
+                        cs[t, b, :] = 0.0
+                    continue
+                _copy(h[r], proj[r])
+                _copy(y[t, b, ycol:ycol + P], proj[r])
+                if keep:
+                    _copy(gates[t, b], acc[r])
+                    _copy(cs[t, b], c[r])
+        hn[b0:b1] = h
+        cn[b0:b1] = c
+
+
+@jit(parallel=True)
+def lstmp_backward(dy, dycol, dhn, dcn, whh_b, whr_b, gates, cs, y, ycol, h0, c0, lengths,
+                   reverse, chunk, fast, dgates, hprev, dh0, dc0, dhproj, full):
+    """Back-propagate through :func:`lstmp_forward`.
+
+    ``whh_b``, ``whr_b``: column blocks of ``W_hh`` (4H, P) and ``W_hr``
+    (P, H).  Fills, besides what :func:`lstm_backward` fills (``hprev``
+    with ``P`` units), ``dhproj`` (T, B, P), the gradient of each step's
+    ``h_t``, and ``full`` (T, B, H), its ``o ⊙ tanh(c_t)``: ``W_hr``'s
+    gradient is their product over time.  Zero at padded steps.
+    """
+    T, B, G = gates.shape
+    H = G // 4
+    P = h0.shape[1]
+    nchunks = (B + chunk - 1) // chunk
+    for k in prange(nchunks):
+        b0 = k * chunk
+        b1 = min(B, b0 + chunk)
+        nb = b1 - b0
+        dtype = gates.dtype
+        dh = np.empty((nb, P), dtype=dtype)
+        dc = np.empty((nb, H), dtype=dtype)
+        dht = np.empty((nb, P), dtype=dtype)
+        dfull = np.empty((nb, H), dtype=dtype)
+        da = np.empty((nb, G), dtype=dtype)
+        dhrec = np.empty((nb, P), dtype=dtype)
+        tc = np.empty(H, dtype=dtype)
+        nodyt = np.zeros(H, dtype=dtype)        # dy enters through dht, before W_hr
+        dh[:] = dhn[b0:b1]
+        dc[:] = dcn[b0:b1]
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            # Phase 1: the gradient of h_t, and through W_hr that of o ⊙ tanh(c_t).
+            for r in range(nb):
+                b = b0 + r
+                if t >= lengths[b]:
+                    dht[r, :] = 0.0
+                    continue
+                dyt = dy[t, b, dycol:dycol + P]
+                for j in range(P):
+                    dht[r, j] = dh[r, j] + dyt[j]
+            dot_blocked(dht, whr_b, dfull)
+            # Phase 2: the cell step's gradient.
+            for r in range(nb):
+                b = b0 + r
+                n_ = lengths[b]
+                if t >= n_:
+                    da[r, :] = 0.0
+                    dgates[t, b, :] = 0.0
+                    hprev[t, b, :] = 0.0
+                    dhproj[t, b, :] = 0.0
+                    full[t, b, :] = 0.0
+                    continue
+                first = t == n_ - 1 if reverse else t == 0
+                tp = t + 1 if reverse else t - 1
+                if first:
+                    _copy(hprev[t, b], h0[b])
+                    cp = c0[b]
+                else:
+                    _copy(hprev[t, b], y[tp, b, ycol:ycol + P])
+                    cp = cs[tp, b]
+                g = gates[t, b]
+                _cell_grad(g, cs[t, b], cp, nodyt, dfull[r], dc[r], da[r], tc, fast)
+                fu = full[t, b]
+                for j in range(H):
+                    fu[j] = g[3 * H + j] * tc[j]
+                _copy(dhproj[t, b], dht[r])
+                _copy(dgates[t, b], da[r])
+            dot_blocked(da, whh_b, dhrec)
+            for r in range(nb):
+                if t < lengths[b0 + r]:
+                    for j in range(P):
+                        dh[r, j] = dhrec[r, j]
+        dh0[b0:b1] = dh
+        dc0[b0:b1] = dc

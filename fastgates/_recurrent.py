@@ -282,6 +282,11 @@ class _Direction:
         self.chunk = chunk
         self.clip = clip
         self.H = H
+        # the widths of the state arrays (h first: the output's), and
+        # whether the weight-gradient products may run side by side
+        self.widths = cell.state_units(H, variant.options)
+        self.P = self.widths[0]
+        self.side_by_side = cell.side_by_side
         self.dtype = dtype
         self.rev = rev
         # Fixed for the object's life; worked out once (a tiny call counts
@@ -383,7 +388,7 @@ class _Direction:
                else _empty3(dtype))
         pre = np.empty((t, B, G), dtype=dtype) if keep and self.clipping else _empty3(dtype)
         if sn is None:
-            sn = tuple([np.empty((B, H), dtype=dtype) for _ in s0])
+            sn = tuple([np.empty((B, w), dtype=dtype) for w in self.widths])
         # one chunk: an idle thread may make the projection ahead of the recurrence
         overlap = self.cell.overlap(self, t, B, fused)
         # Set once (each change costs about 1.6 us).
@@ -406,9 +411,9 @@ class _Direction:
         t, B, G = gates.shape
         H, dtype = self.H, self.dtype
         g = _StepGrads()
-        g.hprev = np.empty((t, B, H), dtype=dtype)
+        g.hprev = np.empty((t, B, self.P), dtype=dtype)
         g.dgx = np.empty((t, B, G), dtype=dtype)
-        g.ds0 = tuple([np.empty((B, H), dtype=dtype) for _ in s0])
+        g.ds0 = tuple([np.empty((B, w), dtype=dtype) for w in self.widths])
         # the products beside the kernel (None: after it)
         plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
         # Set once (each change costs about 1.6 us).
@@ -427,7 +432,7 @@ class _StepGrads:
     """
 
     dgx = hprev = ds0 = None
-    rhprev = cprev = cs = gates = None
+    rhprev = cprev = cs = gates = dhproj = full = None
     dx = None        # the input gradient, when the kernel made the products too
 
 
@@ -451,10 +456,10 @@ class _WeightGrads:
 
     def __init__(self, direction, I, with_bias):
         self.dir = direction
-        H, dtype = direction.H, direction.dtype
+        dtype = direction.dtype
         G = direction.w_hh.shape[0]
         self.dw_ih = np.empty((G, I), dtype=dtype)
-        self.dw_hh = np.empty((G, H), dtype=dtype)
+        self.dw_hh = np.empty(direction.w_hh.shape, dtype=dtype)
         self.db_ih = np.empty(G, dtype=dtype) if with_bias else None
         self.first = True
         direction.cell.grads_setup(self, with_bias)
@@ -500,7 +505,7 @@ class _WeightGrads:
         x2, wb, db, dx, init = self._operands(layer_in, dx_tiles)
         d2 = g.dgx.reshape(rows, G)
         _config.kernel_threads(nlanes)
-        products_side_by_side(d2, x2, g.hprev.reshape(rows, dr.H), dr.w_ih, wb, self.dw_ih,
+        products_side_by_side(d2, x2, g.hprev.reshape(rows, dr.P), dr.w_ih, wb, self.dw_ih,
                               self.dw_hh, db, dx.reshape(rows, I), work, nlanes, grid.rows, desc,
                               init)
         dr.cell.add_grads(self, grid, g, d2, desc, init)
@@ -548,9 +553,9 @@ class _WeightGrads:
 
     def _cached_plan(self, grid, t, B, I):
         dr = self.dir
-        if not dr.cell.side_by_side:
+        if not dr.side_by_side:
             return False
-        key = (dr.G, dr.H, I, dr.dtype.char, self.db_ih is None, grid.T, t, B, grid.rows,
+        key = (dr.G, dr.P, I, dr.dtype.char, self.db_ih is None, grid.T, t, B, grid.rows,
                _config.call_threads())
         plan = _PLANS.get(key)
         if plan is None:
@@ -563,7 +568,7 @@ class _WeightGrads:
         """The work table of :meth:`add_side_by_side` for ``rows`` rows, else False."""
         dr = self.dir
         threads = _config.call_threads()
-        G, H, dtype = dr.G, dr.H, dr.dtype
+        G, H, dtype = dr.G, dr.P, dr.dtype
         if threads < 2 or grid.parts(G, I, rows) != 1:
             return False
         nhh = grid.parts(G, H, rows)
@@ -595,14 +600,14 @@ class _WeightGrads:
         """
         t, B, G = g.dgx.shape
         rows = t * B
-        H = self.dir.H
+        P = self.dir.P
         init, self.first = self.first, False
         desc = not self.dir.rev
         cell = self.dir.cell
         cell.recurrent_side(self, g)
         h2 = g.dgx.reshape(rows, G)          # now the recurrent side's gradient
-        nparts = grid.parts(G, H, rows)
-        weight_product(h2, g.hprev.reshape(rows, H), self.dw_hh, grid.rows, nparts, desc, init)
+        nparts = grid.parts(G, P, rows)
+        weight_product(h2, g.hprev.reshape(rows, P), self.dw_hh, grid.rows, nparts, desc, init)
         cell.add_grads(self, grid, g, h2, desc, init)
 
     def result(self):
@@ -691,7 +696,8 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
     """
     T, B, _ = x.shape
     D = 2 if bidirectional else 1
-    H = state0[0].shape[2]
+    H = weights[0]["weight_ih"].shape[0] // len(cell.gates)
+    P = state0[0].shape[2]                  # the width of h, and of the output
     dtype = x.dtype
     chunk = _chunk_size(B)
     fast = _config.fast_activations()
@@ -702,20 +708,20 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
     inputs, outputs, gates_kept, aux_kept, pre_kept, states = [], [], [], [], [], []
     x = layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
-        y = np.empty((T, B, D * H), dtype=dtype)
+        y = np.empty((T, B, D * P), dtype=dtype)
         dirs = _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk)
         for d, dr in enumerate(dirs):
             k = dr.k
             s0 = tuple([s[k] for s in state0])
             if interval is None:
-                _, gates, aux, pre = dr.forward(grid, layer_in, s0, lengths, y, d * H, kept,
+                _, gates, aux, pre = dr.forward(grid, layer_in, s0, lengths, y, d * P, kept,
                                                 tuple([s[k] for s in staten]))
                 gates_kept.append(gates)
                 aux_kept.append(aux)
                 pre_kept.append(pre)
             else:
                 sk, kept_states = _forward_segments(dr, grid, interval, layer_in, s0, lengths, y,
-                                                    d * H)
+                                                    d * P)
                 states.append(kept_states)
                 for s, v in zip(staten, sk):
                     s[k] = v
@@ -786,7 +792,7 @@ def _forward_segments(dr, grid, interval, layer_in, s0, lengths, y, ycol):
     """Run one layer-direction segment by segment, keeping the starting states."""
     T, B, _ = layer_in.shape
     segs = _segments(T, interval)
-    kept = tuple(np.empty((len(segs), B, dr.H), dtype=dr.dtype) for _ in s0)
+    kept = tuple(np.empty((len(segs), B, w), dtype=dr.dtype) for w in dr.widths)
     state = s0
     order = range(len(segs) - 1, -1, -1) if dr.rev else range(len(segs))
     for s in order:
@@ -807,12 +813,12 @@ def _segment_input(tape, grid, layers, s, t0, t1):
         return tape.x[t0:t1]
     below = _segment_input(tape, grid, layers[:-1], s, t0, t1)
     dirs = layers[-1]
-    H = dirs[0].H
-    y = np.empty((t1 - t0, grid.B, len(dirs) * H), dtype=below.dtype)
+    P = dirs[0].P
+    y = np.empty((t1 - t0, grid.B, len(dirs) * P), dtype=below.dtype)
     local = _local_lengths(tape.lengths, t0, t1)
     for d, dr in enumerate(dirs):
         start = tuple(v[s] for v in tape.states[dr.k])
-        dr.forward(grid, below, start, local, y, d * H, False)
+        dr.forward(grid, below, start, local, y, d * P, False)
     if tape.masks is not None:
         np.multiply(y, tape.masks[len(layers) - 1][t0:t1], out=y)
     return y
@@ -840,7 +846,8 @@ def _backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, d
     """
     D = 2 if bidirectional else 1
     T, B, _ = dy.shape
-    H = tape.state0[0].shape[2]
+    H = weights[0]["weight_ih"].shape[0] // len(tape.cell.gates)
+    P = tape.state0[0].shape[2]
     grid = _Grid(T, B)
     checkpointed = isinstance(tape, CheckpointTape)
     segs = _segments(T, tape.interval) if checkpointed else [(0, T)]
@@ -862,11 +869,11 @@ def _backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, d
                     seg_in, kept = _recompute(tape, grid, layers, layer, dr, s, t0, t1)
                 else:
                     seg_in = tape.inputs[layer]
-                    kept = (tape.gates[k], tape.aux[k], tape.pre[k], tape.outputs[layer], d * H,
+                    kept = (tape.gates[k], tape.aux[k], tape.pre[k], tape.outputs[layer], d * P,
                             tuple([v[k] for v in tape.state0]), tape.lengths)
                 if acc is None:
                     acc = _WeightGrads(dr, seg_in.shape[2], with_bias)
-                g = dr.backward(dy_layer[t0:t1], d * H, ds, *kept, grid, acc, seg_in)
+                g = dr.backward(dy_layer[t0:t1], d * P, ds, *kept, grid, acc, seg_in)
                 del kept
                 ds = g.ds0
                 part = g.dx
@@ -909,7 +916,7 @@ def _recompute(tape, grid, layers, layer, dr, s, t0, t1):
     seg_in = _segment_input(tape, grid, layers[:layer], s, t0, t1)
     local = _local_lengths(tape.lengths, t0, t1)
     start = tuple(v[s] for v in tape.states[dr.k])
-    y = np.empty((t1 - t0, grid.B, dr.H), dtype=seg_in.dtype)
+    y = np.empty((t1 - t0, grid.B, dr.P), dtype=seg_in.dtype)
     _, gates, aux, pre = dr.forward(grid, seg_in, start, local, y, 0, True)
     return seg_in, (gates, aux, pre, y, 0, start, local)
 
@@ -935,22 +942,25 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     G = cell.rows(H)
     N = T * B
     L = num_layers
-    sizes = [input_size] + [D * H] * (L - 1)
+    options = options or {}
+    widths = cell.state_units(H, options)
+    P = widths[0]                                          # h, and the output, per direction
+    sizes = [input_size] + [D * P] * (L - 1)
     pre = G if clip else 0
-    own, extra, aux_to_end = cell.memory(H, options or {})
+    own, extra, aux_to_end = cell.memory(H, options)
     # Per step and row of the backward kernel's results: hprev, dgx and the
     # cell's own.  Made after dx (which then exists): ``extra`` per row,
     # the cell's own gradient products.
-    grads = H + G + own
+    grads = P + G + own
     aux_units = cell.aux_units * H
     pad = N * input_size if padded else 0
-    small = num_params + 2 * L * D * B * H * 2             # gradients, states
-    masks = (L - 1) * N * D * H if dropout else 0
+    small = num_params + 2 * L * D * B * (H + P)            # gradients, states
+    masks = (L - 1) * N * D * P if dropout else 0
     if checkpoint is None:
-        kept = pad + 2 * masks + L * (N * D * H + D * N * (G + aux_units + pre))
+        kept = pad + 2 * masks + L * (N * D * P + D * N * (G + aux_units + pre))
         peak = kept + N * G                                 # the last input projection
         for layer in reversed(range(L)):
-            dy_between = N * D * H if layer < L - 1 else 0
+            dy_between = N * D * P if layer < L - 1 else 0
             for d in range(D):
                 dx = sizes[layer] * N if d else 0
                 peak = max(peak, kept + dy_between + dx + N * grads
@@ -959,17 +969,17 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     interval = checkpoint_interval(checkpoint, T, B)
     nseg = -(-T // interval)
     n = min(interval, T) * B
-    states = L * D * nseg * B * H * len(cell.states)
-    kept = pad + N * D * H + states + masks
+    states = L * D * nseg * B * sum(widths)
+    kept = pad + N * D * P + states + masks
     peak = kept + n * G
     if L > 1:
-        peak = max(peak, kept + N * D * H + n * G)          # a layer's input and output
-    segment = n * (G + aux_units + pre + H)                 # gates, aux, pre, own outputs
+        peak = max(peak, kept + N * D * P + n * G)          # a layer's input and output
+    segment = n * (G + aux_units + pre + P)                 # gates, aux, pre, own outputs
     aux = n * aux_to_end                                    # kept to the segment's end
     for layer in reversed(range(L)):
-        dy_between = N * D * H if layer < L - 1 else 0
-        seg_in = n * D * H if layer else 0
-        below = n * (2 * D * H + G) if layer > 1 else (n * G if layer else 0)
+        dy_between = N * D * P if layer < L - 1 else 0
+        seg_in = n * D * P if layer else 0
+        below = n * (2 * D * P + G) if layer > 1 else (n * G if layer else 0)
         # dx exists from the second segment on.
         base = kept + dy_between + N * sizes[layer] + seg_in
         peak = max(peak, base + below,

@@ -267,16 +267,17 @@ def state_parts(value, name, cell, prefix=""):
     return tuple(value), names
 
 
-def state_tuple(state, cell, num, batch, hidden, batched, dtype, name="state"):
+def state_tuple(state, cell, num, batch, widths, batched, dtype, name="state"):
     """Check the state of ``cell`` (see :func:`state_parts`); ``None`` means zeros.
 
-    Returns a tuple of ``(num, B, H)`` arrays, one per state of the cell.
+    ``widths``: the width of each state array (``Cell.state_units``).
+    Returns a tuple of ``(num, B, width)`` arrays, one per state of the cell.
     """
     if state is None:
-        return tuple([np.zeros((num, batch, hidden), dtype=dtype) for _ in cell.states])
+        return tuple([np.zeros((num, batch, w), dtype=dtype) for w in widths])
     values, names = state_parts(state, name, cell)
-    return tuple([state_array(v, n, num, batch, hidden, batched, dtype)
-                  for v, n in zip(values, names)])
+    return tuple([state_array(v, n, num, batch, w, batched, dtype)
+                  for v, n, w in zip(values, names, widths)])
 
 
 def integer_array(value, name, expected):

@@ -112,7 +112,7 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # their defaults: a file leaves one out when the model has the default (a
 # model that does not use it writes the bytes it always did, which older
 # versions read), and a file without it loads with the default.
-_ADDED_OPTIONS = {"dropout": 0.0}
+_ADDED_OPTIONS = {"dropout": 0.0, "proj_size": 0}
 
 
 def _constructor_options(cls):
@@ -639,16 +639,24 @@ def _implied_count(node):
     bias = opts.get("bias") is True
     if name == "Linear":
         return opts["out_features"] * (opts["in_features"] + bias)
-    G = len(_SPECS[name][0]._spec.gates)
+    spec = _SPECS[name][0]._spec
     H, I = opts["hidden_size"], opts["input_size"]
     peep = 3 * H if opts.get("peephole") is True else 0
+    proj = opts.get("proj_size", 0)
+    if type(proj) is not int or not 0 <= proj < H:
+        return None               # the constructor refuses it
+    cell_opts = {"proj_size": proj}
+
+    def count(in_size):
+        shapes = spec.param_shapes(in_size, H, cell_opts, bias)
+        return sum(int(np.prod(shape)) for shape in shapes.values())
+
     if name.endswith("Cell"):
-        return G * H * (I + H + 2 * bias) + peep
+        return count(I) + peep
     L = opts["num_layers"]
     D = 2 if opts.get("bidirectional") is True else 1
-    first = G * H * (I + H + 2 * bias)
-    later = G * H * (D * H + H + 2 * bias)
-    return D * (first + (L - 1) * later + L * peep)
+    out = spec.state_units(H, cell_opts)[0]
+    return D * (count(I) + (L - 1) * count(D * out) + L * peep)
 
 
 def _check_bitwise(model, arrays):

@@ -526,7 +526,8 @@ def _check_variant(model, where):
     used = [f"{name}={value!r}" for name, value in (
         ("reverse", getattr(model, "reverse", False)),
         ("clip", None if model.clip == float("inf") else model.clip),
-        ("peephole", model.peephole), ("input_forget", model.input_forget)) if value]
+        ("peephole", model.peephole), ("input_forget", model.input_forget),
+        ("proj_size", getattr(model, "proj_size", 0))) if value]
     if used:
         raise NotImplementedError(
             f"{where}: Keras's LSTM/GRU have no equivalent of the fastgates option(s) "

@@ -277,7 +277,8 @@ class _Recurrent(_Parameters):
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  bidirectional=False, dtype=np.float32, seed=None, reset_after=True,
-                 reverse=False, clip=None, peephole=False, input_forget=False, dropout=0.0):
+                 reverse=False, clip=None, peephole=False, input_forget=False, dropout=0.0,
+                 proj_size=0):
         self.input_size = check.positive_int(input_size, "input_size")
         self.hidden_size = check.positive_int(hidden_size, "hidden_size")
         self.num_layers = check.positive_int(num_layers, "num_layers")
@@ -292,6 +293,18 @@ class _Recurrent(_Parameters):
         self.clip = check.clip_bound(clip)
         self.peephole = check.boolean(peephole, "peephole")
         self.input_forget = check.boolean(input_forget, "input_forget")
+        self.proj_size = check.positive_int(proj_size, "proj_size", minimum=0)
+        if self.proj_size:
+            if self.proj_size >= self.hidden_size:
+                raise ValueError(f"proj_size must be smaller than hidden_size={self.hidden_size} "
+                                 f"(as torch.nn.LSTM), got {self.proj_size}")
+            used = [f"{name}={value!r}" for name, value in (
+                ("clip", clip), ("peephole", self.peephole), ("input_forget", self.input_forget))
+                if value not in (None, False)]
+            if used:
+                raise ValueError(f"proj_size={self.proj_size} cannot be combined with "
+                                 f"{', '.join(used)}: the projected LSTM is PyTorch's, which has "
+                                 "neither clipping, peepholes nor a coupled forget gate")
         self.dropout = check.probability(dropout, "dropout")
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(f"dropout={self.dropout} acts between layers, and a model with "
@@ -309,18 +322,17 @@ class _Recurrent(_Parameters):
         return 2 if self.bidirectional else 1
 
     def _param_shapes(self):
-        G = self._spec.rows(self.hidden_size)
         D = self.num_directions
+        options = self._options()
+        out = self._spec.state_units(self.hidden_size, options)[0]
         shapes = {}
         for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else D * self.hidden_size
+            in_size = self.input_size if layer == 0 else D * out
             for d in range(D):
                 suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                shapes["weight_ih" + suffix] = (G, in_size)
-                shapes["weight_hh" + suffix] = (G, self.hidden_size)
-                if self.bias:
-                    shapes["bias_ih" + suffix] = (G,)
-                    shapes["bias_hh" + suffix] = (G,)
+                for base, shape in self._spec.param_shapes(in_size, self.hidden_size, options,
+                                                           self.bias).items():
+                    shapes[base + suffix] = shape
         if self.peephole:
             # Last, so that the other parameters of a seed do not change.
             for s in self._suffixes():
@@ -330,7 +342,12 @@ class _Recurrent(_Parameters):
     def _options(self):
         """The options the cell reads (its kernels, its memory formula), by name."""
         return {"reset_after": self.reset_after, "input_forget": self.input_forget,
-                "peephole": self.peephole}
+                "peephole": self.peephole, "proj_size": self.proj_size}
+
+    def _widths(self):
+        """The width of each state array: ``hidden_size`` (``h`` of an LSTM with
+        ``proj_size``: that)."""
+        return self._spec.state_units(self.hidden_size, self._options())
 
     def _variant(self):
         variant = self._derived.get("variant")
@@ -364,7 +381,7 @@ class _Recurrent(_Parameters):
         x3, batched = check.sequence(x, self.input_size, self.dtype, self.batch_first)
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
-        s0 = check.state_tuple(state, self._spec, num, B, self.hidden_size, batched, self.dtype)
+        s0 = check.state_tuple(state, self._spec, num, B, self._widths(), batched, self.dtype)
         given = lengths is not None
         lengths = check.lengths_array(lengths, B, T, batched)
         if check_finite:
@@ -428,7 +445,7 @@ class _Recurrent(_Parameters):
                                 f"{type(rng).__name__} {rng!r}")
             rng = np.random.default_rng(check.seed(rng, "rng"))
         scale = self.dtype.type(0 if p == 1 else 1 / (1 - p))
-        F = self.num_directions * self.hidden_size
+        F = self.num_directions * self._widths()[0]
 
         def draw(T, B):
             return [np.where(rng.random((T, B, F)) >= p, scale, self.dtype.type(0))
@@ -531,9 +548,8 @@ class _Recurrent(_Parameters):
         suffixes = self._suffixes()
         T, B, _ = x3.shape
         num = self.num_layers * self.num_directions
-        H = self.hidden_size
-        F = self.num_directions * H
-        shape = (num, B, H) if batched else (num, H)
+        widths = self._widths()
+        F = self.num_directions * widths[0]
         spec = self._spec
 
         check_forward = check_finite
@@ -543,13 +559,14 @@ class _Recurrent(_Parameters):
             check_finite = check_forward if check_finite is None else check.boolean(check_finite, "check_finite")
             dy3 = self._seq_in(dy, batched, T, B, F, "dy")
             if dstate is None:
-                ds = tuple([np.zeros((num, B, H), dtype=self.dtype) for _ in spec.states])
+                ds = tuple([np.zeros((num, B, w), dtype=self.dtype) for w in widths])
                 if check_finite:
                     check.finite(dy3, "dy", valid)
             else:
                 parts, names = check.state_parts(dstate, "dstate", spec, "d")
-                ds = tuple([check.gradient(v, n, shape, self.dtype).reshape(num, B, -1)
-                            for v, n in zip(parts, names)])
+                ds = tuple([check.gradient(v, n, (num, B, w) if batched else (num, w),
+                                           self.dtype).reshape(num, B, -1)
+                            for v, n, w in zip(parts, names, widths)])
                 if check_finite:
                     # dy at padded steps multiplies outputs that are constant 0;
                     # a dstate part of None is zeros made here, not checked.
@@ -664,6 +681,8 @@ def _variant_repr(model):
         args.append("input_forget=True")
     if getattr(model, "dropout", 0.0):
         args.append(f"dropout={model.dropout!r}")
+    if getattr(model, "proj_size", 0):
+        args.append(f"proj_size={model.proj_size}")
     if getattr(model, "beta", 1.0) != 1.0:
         args.append(f"beta={model.beta!r}")
     return args
@@ -713,6 +732,13 @@ class LSTM(_Recurrent):
         ``dropout`` before the next layer reads it, and the kept ones are
         scaled by ``1 / (1 - dropout)``; :meth:`__call__` and :meth:`gates`
         never drop.  The masks come from ``vjp``'s ``rng``.
+    proj_size : int, default 0
+        PyTorch's projection of the hidden state (Sak et al. 2014): with
+        ``P = proj_size > 0`` each step's ``o ⊙ tanh(c')`` is multiplied by
+        ``weight_hr_l{k}`` ``(P, H)`` (no bias), so ``h`` and ``y`` have
+        ``P`` units per direction, ``weight_hh_l{k}`` is ``(4H, P)`` and
+        ``c`` keeps ``H``.  ``0 < P < H``; not with ``clip``, ``peephole``
+        or ``input_forget``.
     dtype : {np.float32, np.float64}, default np.float32
         The dtype of parameters, outputs and gradients.
     seed : int or None
@@ -750,11 +776,12 @@ class LSTM(_Recurrent):
     _spec = cells.LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 bidirectional=False, dropout=0.0, dtype=np.float32, seed=None, reverse=False,
-                 clip=None, peephole=False, input_forget=False):
+                 bidirectional=False, dropout=0.0, proj_size=0, dtype=np.float32, seed=None,
+                 reverse=False, clip=None, peephole=False, input_forget=False):
         super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
                          bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
-                         clip=clip, peephole=peephole, input_forget=input_forget, dropout=dropout)
+                         clip=clip, peephole=peephole, input_forget=input_forget, dropout=dropout,
+                         proj_size=proj_size)
 
 
 class GRU(_Recurrent):

@@ -243,13 +243,26 @@ def to_onnx(model, path=None, *, opset=DEFAULT_OPSET, layout=0, sequence_lens=Fa
     ------
     TypeError
         If ``model`` is not a fastgates ``LSTM`` or ``GRU``.
+    NotImplementedError
+        For an LSTM with ``proj_size`` (ONNX's LSTM has no projection).
     ValueError
         For an opset, layout or initial state out of range.
+
+    Notes
+    -----
+    ``dropout`` is a training-time option: the graph computes ``m(x)``,
+    which never drops.
     """
     refuse_without_counterpart(model, "ONNX")
     if not isinstance(model, (LSTM, GRU)):
         raise TypeError(f"model must be a fastgates LSTM or GRU, got {type(model).__name__} "
                         "(cells export as a one-layer model: copy their parameters into one)")
+    if getattr(model, "proj_size", 0):
+        raise NotImplementedError(
+            f"model has proj_size={model.proj_size}: ONNX's LSTM operator has no projection of "
+            "the hidden state (weight_hr), so the model cannot be exported to it")
+    # dropout acts in training only: the exported graph is the inference
+    # function, as m(x) computes it.
     opset = check.positive_int(opset, "opset")
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:

@@ -43,9 +43,10 @@ _DOUBLE_BACKWARD = (
 # checks shared by the converters and the modules
 
 
-def _param_names(num_layers, bidirectional, bias, cell=False):
+def _param_names(num_layers, bidirectional, bias, cell=False, proj=False):
     """PyTorch's (and fastgates') parameter names, in registration order."""
-    kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
+    kinds = (["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else [])
+             + (["weight_hr"] if proj else []))
     if cell:
         return kinds
     return [f"{kind}_l{layer}{'_reverse' if d else ''}"
@@ -112,8 +113,6 @@ def from_torch(module):
     TypeError
         If ``module`` is of another type, or its parameters are not all
         float32 or all float64.
-    NotImplementedError
-        If an LSTM has ``proj_size > 0`` (fastgates has no projection).
     ValueError
         If a parameter is not on the CPU.
 
@@ -128,17 +127,13 @@ def from_torch(module):
         kind = "lstm" if isinstance(module, nn.LSTM) else "gru"
         what = f"module {type(module).__name__}"
         proj = getattr(module, "proj_size", 0)
-        if proj:
-            raise NotImplementedError(
-                f"{what} has proj_size={proj}, expected 0: fastgates LSTMs have no "
-                "projection of the hidden state (weight_hr_l*)"
-            )
-        names = _param_names(module.num_layers, module.bidirectional, module.bias)
+        names = _param_names(module.num_layers, module.bidirectional, module.bias, proj=proj > 0)
         params, dtype = _params_as_numpy(module, names, what)
+        options = {"proj_size": proj} if proj else {}
         cls = layers.LSTM if kind == "lstm" else layers.GRU
         model = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
                     batch_first=module.batch_first, bidirectional=module.bidirectional,
-                    dropout=module.dropout, dtype=dtype, seed=0)
+                    dropout=module.dropout, dtype=dtype, seed=0, **options)
     elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
         what = f"module {type(module).__name__}"
         names = _param_names(1, False, module.bias, cell=True)
@@ -226,6 +221,8 @@ def to_torch(model, dropin=False):
         args = dict(input_size=model.input_size, hidden_size=model.hidden_size,
                     num_layers=model.num_layers, bias=model.bias, batch_first=model.batch_first,
                     bidirectional=model.bidirectional, dropout=model.dropout)
+        if getattr(model, "proj_size", 0):
+            args["proj_size"] = model.proj_size
     elif isinstance(model, (layers.LSTMCell, layers.GRUCell)):
         if dropin:
             raise NotImplementedError(
@@ -251,13 +248,8 @@ def to_torch(model, dropin=False):
 # drop-in modules
 
 
-def _check_factory(what, proj_size=0, device=None, dtype=None):
+def _check_factory(what, device=None, dtype=None):
     """Reject at construction what the forward pass could never run."""
-    if not isinstance(proj_size, bool) and isinstance(proj_size, int) and proj_size > 0:
-        raise NotImplementedError(
-            f"{what}: proj_size={proj_size} is not supported, expected 0: fastgates LSTMs "
-            "have no projection of the hidden state (use torch.nn.LSTM)"
-        )
     if device is not None and torch.device(device).type not in ("cpu", "meta"):
         raise ValueError(
             f"{what}: device={device!r} is not supported, expected the CPU: fastgates runs on "
@@ -286,17 +278,19 @@ class _Slot:
 
 
 def _fastgates_model(module, kind, dtype):
+    proj = getattr(module, "proj_size", 0)
     key = (kind, dtype, module.input_size, module.hidden_size, module.num_layers, module.bias,
-           module.bidirectional)
+           module.bidirectional, proj)
     cache = _MODELS.setdefault(module, {})
     slot = cache.get(key)
     if slot is None:
         # Always time-major: the module transposes batch-first tensors itself,
         # as views, and packed sequences are padded time-major.
         cls = layers.LSTM if kind == "lstm" else layers.GRU
+        options = {"proj_size": proj} if proj else {}
         slot = cache[key] = _Slot(cls(module.input_size, module.hidden_size, module.num_layers,
                                       bias=module.bias, bidirectional=module.bidirectional,
-                                      dtype=dtype, seed=0))
+                                      dtype=dtype, seed=0, **options))
     return slot
 
 
@@ -487,10 +481,12 @@ def _check_sizes(module, kind, x, h0, c0, batch, dtype, what):
             f"input.size(-1) must be equal to input_size. Expected {module.input_size}, "
             f"got {x.size(-1)}"
         )
-    expected = (module.num_layers * (2 if module.bidirectional else 1), batch, module.hidden_size)
+    num = module.num_layers * (2 if module.bidirectional else 1)
+    widths = (getattr(module, "proj_size", 0) or module.hidden_size, module.hidden_size)
     for k, (name, t) in enumerate((("h_0", h0), ("c_0", c0))):
         if t is None:
             continue
+        expected = (num, batch, widths[k])
         if tuple(t.shape) != expected:
             label = f"hidden[{k}]" if kind == "lstm" else "hidden"
             raise RuntimeError(f"Expected {label} size {expected}, got {list(t.shape)}")
@@ -523,9 +519,8 @@ def _dropout_masks(module, dtype):
 def _forward(module, kind, input, hx):
     """The forward pass shared by :class:`LSTM` and :class:`GRU`."""
     what = f"fastgates.torch.{type(module).__name__}"
-    if getattr(module, "proj_size", 0):
-        raise NotImplementedError(f"{what}: proj_size={module.proj_size} is not supported, expected 0")
-    names = _param_names(module.num_layers, module.bidirectional, module.bias)
+    names = _param_names(module.num_layers, module.bidirectional, module.bias,
+                         proj=getattr(module, "proj_size", 0) > 0)
     params = [getattr(module, name) for name in names]
     for name, p in zip(names, params):
         _check_cpu(p, f"{what} parameter {name}")
@@ -618,7 +613,8 @@ class LSTM(nn.LSTM):
         ``torch.manual_seed`` repeats a run.  No effect in eval mode.
     bidirectional : bool, default False
     proj_size : int, default 0
-        Must be 0: ``proj_size > 0`` raises ``NotImplementedError``.
+        As in PyTorch: ``h`` and the output have ``proj_size`` units,
+        ``weight_hr_l{k}`` projects ``o ⊙ tanh(c)`` to them.
     device : None, "cpu" or torch.device
         Other devices raise ``ValueError`` ("meta" is accepted for deferred
         initialisation; the forward pass needs CPU tensors).
@@ -643,7 +639,7 @@ class LSTM(nn.LSTM):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
-        _check_factory("fastgates.torch.LSTM", proj_size, device, dtype)
+        _check_factory("fastgates.torch.LSTM", device, dtype)
         super().__init__(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
                          bias=bias, batch_first=batch_first, dropout=dropout,
                          bidirectional=bidirectional, proj_size=proj_size, device=device,

@@ -171,8 +171,6 @@ def test_to_torch_dropin(kind):
 
 
 def test_converters_reject_what_fastgates_lacks():
-    with pytest.raises(NotImplementedError, match="proj_size=2"):
-        fgt.from_torch(nn.LSTM(I, H, proj_size=2))
     two_layers = nn.LSTM(I, H, num_layers=2, dropout=0.5)
     converted = fgt.from_torch(two_layers)            # dropout is converted, as an option
     assert converted.dropout == 0.5
@@ -484,8 +482,6 @@ def test_dropin_pullback_can_run_twice_and_double_backward_raises():
 
 
 def test_dropin_rejects_unsupported_options():
-    with pytest.raises(NotImplementedError, match="proj_size=2"):
-        fgt.LSTM(I, H, proj_size=2)
     with pytest.raises(ValueError, match="device='cuda'.*CPU"):
         fgt.GRU(I, H, device="cuda")
     with pytest.raises(TypeError, match=r"dtype=torch\.float16"):

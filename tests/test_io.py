@@ -450,7 +450,7 @@ def test_changed_array_data_fails_the_checksum(sample):
     (lambda m: m["model"]["children"]["rnn"]["options"].update(dtype="float16"), ["dtype"]),
     (lambda m: m["model"]["children"]["head"]["options"].update(dtype="float32"), ["'head.weight' has dtype '<f8'", "float32"]),
     (lambda m: m["model"]["children"]["rnn"]["options"].update(reverse=True), ["validation", "reverse"]),
-    (lambda m: m["model"]["children"]["rnn"]["options"].update(proj_size=2), ["unexpected keys ['proj_size']"]),
+    (lambda m: m["model"]["children"]["rnn"]["options"].update(projection=2), ["unexpected keys ['projection']"]),
     (lambda m: m["model"]["children"]["rnn"]["options"].pop("peephole"), ["missing keys ['peephole']"]),
     (lambda m: m["arrays"][0].update(shape=[16, 4]), ["shape"]),
     (lambda m: m["arrays"][0].update(dtype="|O"), ["dtype"]),

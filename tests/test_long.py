@@ -194,7 +194,8 @@ MEMORY_CASES = [
     ("lstm", {}), ("gru", {}), ("lstm", {"num_layers": 2, "bidirectional": True}),
     ("gru", {"num_layers": 3, "reset_after": False}), ("lstm", {"peephole": True, "clip": 3.0}),
     ("gru", {"bidirectional": True, "clip": 3.0}), ("janet", {"num_layers": 2, "bidirectional": True}),
-    ("mgu", {"num_layers": 2}),
+    ("mgu", {"num_layers": 2}), ("lstm", {"num_layers": 2, "bidirectional": True, "proj_size": 8}),
+    ("gru", {"num_layers": 3, "dropout": 0.3}),
 ]
 
 
@@ -205,7 +206,7 @@ def test_training_memory_matches_tracemalloc(kind, kw, checkpoint):
     m = make(kind, I, H, np.float64, **kw)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, B, I))
-    dy = rng.standard_normal((T, B, m.num_directions * H))
+    dy = rng.standard_normal((T, B, m.num_directions * (kw.get("proj_size") or H)))
     step(m, x[:3], dy[:3])                       # compiled before measuring
 
     def forward():

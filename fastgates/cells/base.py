@@ -156,5 +156,28 @@ class Cell:
         """Rows of ``weight_ih`` and ``weight_hh``: ``len(gates) * H``."""
         return len(self.gates) * H
 
+    def state_units(self, H, options):
+        """The width of each state array, in the order of ``states`` (default ``H`` each).
+
+        The first is ``h``'s, which is also the width of a direction's
+        output and of the recurrent weights' columns (an LSTM with
+        ``proj_size=P``: ``(P, H)``).
+        """
+        return (H,) * len(self.states)
+
+    def param_shapes(self, input_size, H, options, bias):
+        """One layer-direction's parameters by base name, in PyTorch's order.
+
+        ``weight_ih`` ``(G, I)``, ``weight_hh`` ``(G, P)`` (``P`` the width
+        of ``h``) and, with ``bias``, ``bias_ih`` and ``bias_hh`` ``(G,)``;
+        a cell adds its own after them.
+        """
+        G = self.rows(H)
+        shapes = {"weight_ih": (G, input_size), "weight_hh": (G, self.state_units(H, options)[0])}
+        if bias:
+            shapes["bias_ih"] = (G,)
+            shapes["bias_hh"] = (G,)
+        return shapes
+
     def __repr__(self):
         return f"<cell {self.name}>"

@@ -2,7 +2,10 @@
 
 Rows i, f, g, o; state ``(h, c)``; the tape keeps the cell states as its
 ``aux`` array.  Options: ``input_forget`` (``f = 1 - i``) and peephole
-weights ``weight_peep`` (3, H) (ONNX's LSTM has both).  A batch of one
+weights ``weight_peep`` (3, H) (ONNX's LSTM has both); ``proj_size``
+(PyTorch's): ``h = W_hr (o ⊙ tanh c)`` with ``weight_hr`` (P, H), so ``h``
+has ``P`` units and ``weight_hh`` is (4H, P) (kernels
+:func:`~fastgates._lstm.lstmp_forward`, :func:`~fastgates._lstm.lstmp_backward`).  A batch of one
 sequence runs on two threads where a second one is free: the forward pass
 makes the input projection ahead of the recurrence, the backward pass makes
 the weight-gradient products beside the kernel.
@@ -11,8 +14,9 @@ the weight-gradient products beside the kernel.
 import numpy as np
 
 from .. import _config
-from .._linalg import colsum
-from .._lstm import lstm_backward, lstm_backward_overlapped, lstm_forward, lstm_forward_overlapped
+from .._linalg import colsum, weight_product
+from .._lstm import (lstm_backward, lstm_backward_overlapped, lstm_forward, lstm_forward_overlapped,
+                     lstmp_backward, lstmp_forward)
 from .._recurrent import _empty3
 from .base import Cell
 
@@ -31,24 +35,42 @@ class LSTMCell(Cell):
     forget_name = "forget gate f"
     input_gate = "i"
     shown = ("c",)
-    params = ("weight_peep",)
+    params = ("weight_peep", "weight_hr")
     side_by_side = True
+
+    def state_units(self, H, options):
+        P = options.get("proj_size", 0)
+        return (P or H, H)
+
+    def param_shapes(self, input_size, H, options, bias):
+        shapes = super().param_shapes(input_size, H, options, bias)
+        P = options.get("proj_size", 0)
+        if P:
+            shapes["weight_hr"] = (P, H)          # after the biases, as torch.nn.LSTM
+        return shapes
 
     def setup(self, dr, params, variant):
         peep = params.get("weight_peep")
         dr.peep = (np.empty((0, dr.H), dtype=dr.dtype) if peep is None
                    else np.ascontiguousarray(peep, dtype=dr.dtype))
         dr.coupled = bool(variant.options.get("input_forget", False))
+        # projected: its own kernels, the weight-gradient products after them
+        dr.w_hr = params.get("weight_hr")
+        if dr.w_hr is not None:
+            dr.side_by_side = False
 
     def overlap(self, dr, t, B, fused):
-        return (fused and B <= dr.chunk and t > OVERLAP_PROJECT_STEPS
+        return (dr.w_hr is None and fused and B <= dr.chunk and t > OVERLAP_PROJECT_STEPS
                 and _config.call_threads() > 1)
 
     def forward(self, dr, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux, pre,
                 overlap):
         (h0, c0), (hn, cn) = s0, sn
         whh_tb = dr.blocks_t("whh_tb", dr.w_hh)
-        if overlap:
+        if dr.w_hr is not None:
+            lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, dr.blocks_t("whr_tb", dr.w_hr), h0,
+                          c0, lengths, dr.rev, dr.chunk, dr.fast, y, ycol, hn, cn, gates, aux)
+        elif overlap:
             t, B, _ = x.shape
             lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
                                     np.empty((t, B, dr.G), dtype=dr.dtype), whh_tb, h0, c0,
@@ -63,9 +85,16 @@ class LSTMCell(Cell):
         t, B, G = gates.shape
         (dh, dc), (h0, c0), (dh0, dc0) = ds, s0, g.ds0
         whh_b = dr.blocks("whh_b", dr.w_hh)
+        g.cs = aux
+        if dr.w_hr is not None:
+            g.dhproj = np.empty((t, B, dr.P), dtype=dr.dtype)
+            g.full = np.empty((t, B, dr.H), dtype=dr.dtype)
+            lstmp_backward(dy, dycol, dh, dc, whh_b, dr.blocks("whr_b", dr.w_hr), gates, aux, y,
+                           ycol, h0, c0, lengths, dr.rev, dr.chunk, dr.fast, g.dgx, g.hprev, dh0,
+                           dc0, g.dhproj, g.full)
+            return
         peeps = dr.peep.shape[0] > 0
         g.cprev = np.empty((t, B, dr.H), dtype=dr.dtype) if peeps else _empty3(dr.dtype)
-        g.cs = aux
         args = (dy, dycol, dh, dc, whh_b, gates, aux, y, ycol, h0, c0, lengths, dr.rev)
         if plan is None:
             lstm_backward(*args, dr.chunk, dr.fast, g.dgx, g.hprev, dh0, dc0, dr.peep,
@@ -81,9 +110,16 @@ class LSTMCell(Cell):
     def grads_setup(self, acc, with_bias):
         dr = acc.dir
         acc.dpeep = np.empty(3 * dr.H, dtype=dr.dtype) if dr.peep.shape[0] else None
+        acc.dw_hr = None if dr.w_hr is None else np.empty(dr.w_hr.shape, dtype=dr.dtype)
 
     def add_grads(self, acc, grid, g, h2, desc, init):
-        """The peephole weights' gradients; ``h2`` (rows, 4H) the LSTM's ``dgx``."""
+        """The peephole or projection weights' gradients; ``h2`` (rows, 4H) the LSTM's ``dgx``."""
+        if acc.dw_hr is not None:
+            # dW_hr = sum over steps of dh_t (o ⊙ tanh c_t)^T
+            rows = h2.shape[0]
+            P, H = acc.dw_hr.shape
+            weight_product(g.dhproj.reshape(rows, P), g.full.reshape(rows, H), acc.dw_hr,
+                           grid.rows, grid.parts(P, H, rows), desc, init)
         if acc.dpeep is None:
             return
         # p_i and p_f multiply c_{t-1}, p_o multiplies c_t; padded steps
@@ -100,13 +136,17 @@ class LSTMCell(Cell):
     def finish_grads(self, acc, out):
         if acc.dpeep is not None:
             out["weight_peep"] = acc.dpeep.reshape(3, acc.dir.H)
+        if acc.dw_hr is not None:
+            out["weight_hr"] = acc.dw_hr
 
     def memory(self, H, options):
         # with peepholes c_{t-1} per step, then the peephole products (3H);
-        # the cell states are kept to the end of a segment (the peephole
-        # gradients read them after the kernel)
+        # projected: each step's dh_t (P) and o ⊙ tanh(c_t) (H), W_hr's
+        # operands; the cell states are kept to the end of a segment (the
+        # peephole gradients read them after the kernel)
         peep = bool(options.get("peephole", False))
-        return (H if peep else 0), (3 * H if peep else 0), H
+        P = options.get("proj_size", 0)
+        return (H if peep else 0) + (P + H if P else 0), (3 * H if peep else 0), H
 
 
 CELL = LSTMCell()
