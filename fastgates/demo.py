@@ -219,17 +219,16 @@ class TrainingBar:
 
 
 def build_model(cell, hidden, window, seed):
-    """``Readout(LSTM/GRU(1, hidden), Linear(hidden, 1), mode="last")``, initialised.
+    """``Readout(<cell>(1, hidden), Linear(hidden, 1), mode="last")``, initialised.
 
     Recurrent weights orthogonal, input weights Xavier (:func:`fastgates.init.orthogonal`);
-    for an LSTM the forget and input biases are then set by
-    :func:`fastgates.init.chrono` with ``t_max = window``, so that the units
-    start with memories spread over 1 to ``window`` steps.
+    the biases of the gate that keeps the state (and an LSTM's input gate)
+    are then set by :func:`fastgates.init.chrono` with ``t_max = window``,
+    so that the units start with memories spread over 1 to ``window`` steps.
     """
     rnn = layer_class(cell)(1, hidden, dtype=np.float32, seed=seed)
     init.orthogonal(rnn, seed=seed)
-    if cell == "lstm":
-        init.chrono(rnn, window, seed=seed + 1)
+    init.chrono(rnn, window, seed=seed + 1)
     head = Linear(hidden, 1, dtype=np.float32, seed=seed + 2)
     return Readout(rnn, head, mode="last")
 
@@ -363,8 +362,8 @@ def _check_args(args):
         return (f"--threads {args.threads}: Numba was started with "
                 f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS); use 1 to "
                 f"{numba.config.NUMBA_NUM_THREADS}")
-    if args.cell == "lstm" and args.window <= 2:
-        return f"--window must be at least 3 for an LSTM (chrono initialisation), got {args.window}"
+    if args.window <= 2:
+        return f"--window must be at least 3 (chrono initialisation), got {args.window}"
     n_years = load_sunspots()[0].size
     if n_years - args.window - args.holdout < 2:
         return (f"--window {args.window} and --holdout {args.holdout} leave "

@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from . import _validate as check
-from .layers import (GRU, LSTM, _FlatParams, _init_params, _Parameters, checked_state_dict,
+from .layers import (_FlatParams, _init_params, _Parameters, _Recurrent, checked_state_dict,
                      flatten_params)
 
 __all__ = ["Linear", "Readout", "mse_loss", "cross_entropy_loss", "Adam", "clip_grad_norm",
@@ -326,11 +326,12 @@ class Readout(_FlatParams):
 
     Parameters
     ----------
-    rnn : LSTM or GRU
+    rnn : LSTM, GRU, JANET or MGU
         The recurrent layer (any options: layers, directions, ``batch_first``).
     head : Linear
         Applied to the rnn's output; ``head.in_features`` must be the rnn's
-        output width ``D * hidden_size`` and the dtypes must agree.
+        output width ``D * hidden_size`` (``D * proj_size`` for a projected
+        LSTM) and the dtypes must agree.
     mode : {"last", "sequence"}, default "last"
         ``"last"`` (sequence to one): the head reads one feature vector per
         sequence, the top layer's output after each direction has read the
@@ -375,16 +376,18 @@ class Readout(_FlatParams):
     """
 
     def __init__(self, rnn, head, *, mode="last"):
-        if not isinstance(rnn, (LSTM, GRU)):
-            raise TypeError(f"rnn must be a fastgates LSTM or GRU, got {type(rnn).__name__}")
+        if not isinstance(rnn, _Recurrent):
+            raise TypeError(f"rnn must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU), "
+                            f"got {type(rnn).__name__}")
         if not isinstance(head, Linear):
             raise TypeError(f"head must be a fastgates Linear, got {type(head).__name__}")
         if head.dtype != rnn.dtype:
             raise TypeError(f"head.dtype ({head.dtype}) must be rnn.dtype ({rnn.dtype})")
-        width = rnn.num_directions * rnn.hidden_size
+        width = rnn.num_directions * rnn._widths()[0]
         if head.in_features != width:
             raise ValueError(
-                f"head.in_features must be the rnn's output width num_directions * hidden_size = {width}, "
+                f"head.in_features must be the rnn's output width num_directions * "
+                f"{'proj_size' if getattr(rnn, 'proj_size', 0) else 'hidden_size'} = {width}, "
                 f"got {head.in_features}")
         if mode not in ("last", "sequence"):
             raise ValueError(f"mode must be 'last' or 'sequence', got {mode!r}")
@@ -469,7 +472,7 @@ class Readout(_FlatParams):
 
     def _last_steps(self, lengths, T):
         """For each direction of the top layer: (feature columns, step read per sequence)."""
-        H = self.rnn.hidden_size
+        H = self.rnn._widths()[0]             # a direction's output width
         last = lengths - 1
         first = np.zeros_like(lengths)
         if self.rnn.bidirectional:
@@ -809,7 +812,7 @@ def _runner(model, x, state, lengths, checkpoint):
         def run():
             out, pullback = model.vjp(x, state, lengths, checkpoint=checkpoint)
             return out, lambda d: pullback(d)[1]
-    elif isinstance(model, (LSTM, GRU)):
+    elif isinstance(model, _Recurrent):
         def run():
             (y, _), pullback = model.vjp(x, state, lengths, checkpoint=checkpoint)
             return y, lambda d: pullback(d)[2]
@@ -821,7 +824,8 @@ def _runner(model, x, state, lengths, checkpoint):
             out, pullback = model.vjp(x)
             return out, lambda d: pullback(d)[1]
     else:
-        raise TypeError(f"model must be a fastgates Readout, LSTM, GRU or Linear, got {type(model).__name__}")
+        raise TypeError(f"model must be a fastgates Readout, recurrent layer (LSTM, GRU, JANET, "
+                        f"MGU) or Linear, got {type(model).__name__}")
     return run
 
 
@@ -837,7 +841,7 @@ def scipy_objective(model, loss, x, target, *, state=None, lengths=None, checkpo
 
     Parameters
     ----------
-    model : Readout, LSTM, GRU or Linear
+    model : Readout, a recurrent layer (LSTM, GRU, JANET, MGU) or Linear
         The prediction is ``model(x, state, lengths)`` for a
         :class:`Readout`, the output sequence ``y`` for an ``LSTM``/``GRU``,
         ``model(x)`` for a :class:`Linear` (``state`` and ``lengths`` must

@@ -222,3 +222,20 @@ def test_converters_refuse_a_cell_they_have_no_layer_for(cell):
     pytest.importorskip("keras")
     with pytest.raises(TypeError, match=f"Keras has no {label} layer"):
         fg.to_keras(m)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_readout_and_scipy_objective_take_every_cell(cell):
+    cls, _ = CELLS[cell]
+    rnn = cls(2, 3, num_layers=2, bidirectional=True, dtype=np.float64, seed=0)
+    model = fg.Readout(rnn, fg.Linear(6, 1, dtype=np.float64, seed=1))
+    rng = np.random.default_rng(0)
+    x, target = rng.standard_normal((5, 4, 2)), rng.standard_normal((4, 1))
+    fun = fg.scipy_objective(model, "mse", x, target, lengths=[5, 2, 3, 1])
+    v = model.get_flat_params()
+    loss, grad = fun(v)
+    assert np.isfinite(loss) and grad.shape == v.shape
+    # a central difference along the gradient agrees with its norm
+    step = 1e-6 * grad / np.linalg.norm(grad)
+    slope = (fun(v + step)[0] - fun(v - step)[0]) / (2e-6)
+    np.testing.assert_allclose(slope, np.linalg.norm(grad), rtol=1e-6)

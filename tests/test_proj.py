@@ -171,3 +171,14 @@ def test_bad_proj_size_is_named():
     m = fg.LSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match=r"state\[0\] \(h\) must have shape .* = \(1, 1, 2\)"):
         m(np.zeros((2, 1, 3)), (np.zeros((1, 1, 4)), np.zeros((1, 1, 4))))
+
+
+def test_readout_reads_the_projected_output():
+    rnn = fg.LSTM(2, 5, bidirectional=True, proj_size=2, dtype=np.float64, seed=0)
+    with pytest.raises(ValueError, match="num_directions \\* proj_size = 4"):
+        fg.Readout(rnn, fg.Linear(10, 1, dtype=np.float64))
+    model = fg.Readout(rnn, fg.Linear(4, 1, dtype=np.float64, seed=1))
+    x = np.random.default_rng(0).standard_normal((6, 3, 2))
+    y, _ = rnn(x, lengths=[6, 2, 4])
+    want = np.concatenate([y[[5, 1, 3], [0, 1, 2], :2], y[0, :, 2:]], axis=1) @ model.head.weight.T
+    np.testing.assert_allclose(model(x, lengths=[6, 2, 4]), want + model.head.bias, rtol=1e-13)

@@ -474,7 +474,7 @@ def test_readout_parameters_and_flat_vector():
 def test_readout_validation():
     rnn = fg.GRU(I, H, bidirectional=True, seed=0)
     head = fg.Linear(2 * H, O, seed=0)
-    with pytest.raises(TypeError, match="rnn must be a fastgates LSTM or GRU"):
+    with pytest.raises(TypeError, match="rnn must be a fastgates recurrent layer"):
         fg.Readout(fg.GRUCell(I, H), head)
     with pytest.raises(TypeError, match="head must be a fastgates Linear"):
         fg.Readout(rnn, fg.GRU(2 * H, O))
@@ -564,7 +564,7 @@ def test_scipy_objective_sets_params_and_matches_the_pullback():
         fg.scipy_objective(model, "l1", x, target)
     with pytest.raises(TypeError, match="loss must be"):
         fg.scipy_objective(model, 3, x, target)
-    with pytest.raises(TypeError, match="model must be a fastgates Readout, LSTM, GRU or Linear"):
+    with pytest.raises(TypeError, match="model must be a fastgates Readout, recurrent layer"):
         fg.scipy_objective(fg.GRUCell(I, H), "mse", x[0], target)
     with pytest.raises(ValueError, match="state, lengths and checkpoint must be None for a Linear"):
         fg.scipy_objective(lin, "mse", x[0], target, lengths=LENGTHS)
