@@ -304,6 +304,11 @@ class _Direction:
         """``w.T`` in column blocks, kept as ``name``."""
         return _derive(self._derived and self._derived(), (name, self.k), _transposed_blocks, w)
 
+    def derive(self, name, make, *args):
+        """``make(*args)``, kept as ``name`` with the model's parameters (a cell's own
+        layout of its weights)."""
+        return _derive(self._derived and self._derived(), (name, self.k), make, *args)
+
     def project(self, grid, a):
         """The input projection ``a W_ih^T + b`` of ``a`` (t, B, I), a run of whole blocks.
 
@@ -606,8 +611,7 @@ class _WeightGrads:
         cell = self.dir.cell
         cell.recurrent_side(self, g)
         h2 = g.dgx.reshape(rows, G)          # now the recurrent side's gradient
-        nparts = grid.parts(G, P, rows)
-        weight_product(h2, g.hprev.reshape(rows, P), self.dw_hh, grid.rows, nparts, desc, init)
+        cell.recurrent_grad(self, grid, h2, g.hprev.reshape(rows, P), desc, init)
         cell.add_grads(self, grid, g, h2, desc, init)
 
     def result(self):
@@ -954,7 +958,9 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     grads = P + G + own
     aux_units = cell.aux_units * H
     pad = N * input_size if padded else 0
-    small = num_params + 2 * L * D * B * (H + P)            # gradients, states
+    # gradients, states (two arrays of H + P per row and direction, at
+    # least one of each state's width: an sLSTM has four states)
+    small = num_params + 2 * L * D * B * max(H + P, sum(widths))
     masks = (L - 1) * N * D * P if dropout else 0
     if checkpoint is None:
         kept = pad + 2 * masks + L * (N * D * P + D * N * (G + aux_units + pre))

@@ -144,7 +144,7 @@ def as_float_array(value, name, dtype, allow_int=False):
     return out if out.flags.writeable else out.copy()
 
 
-def finite(arr, name, valid=None):
+def finite(arr, name, valid=None, minus_inf=False):
     """Raise ``ValueError`` if ``arr`` holds NaN or inf where it is read.
 
     Parameters
@@ -156,10 +156,15 @@ def finite(arr, name, valid=None):
         The argument's name, for the message.
     valid : (T, B) bool ndarray, optional
         The steps that are read; NaN or inf elsewhere (padding) is allowed.
+    minus_inf : bool, default False
+        ``-inf`` is a legitimate value (a state listed in the cell's
+        ``minus_inf``); NaN and ``+inf`` are still refused.
     """
     if arr.flags.c_contiguous and arr.dtype in FLOAT_DTYPES and all_finite(arr.reshape(-1)):
         return
     ok = np.isfinite(arr)
+    if minus_inf:
+        ok |= arr == -np.inf
     if ok.all():
         return
     if valid is not None:
@@ -232,10 +237,10 @@ def sequence(x, input_size, dtype, batch_first):
     return arr, batched
 
 
-def state_array(value, name, num, batch, hidden, batched, dtype):
-    """Check one state array, returning it as ``(num, B, H)``; ``None`` means zeros."""
+def state_array(value, name, num, batch, hidden, batched, dtype, fill=0.0):
+    """Check one state array, returning it as ``(num, B, H)``; ``None`` means ``fill`` (zeros)."""
     if value is None:
-        return np.zeros((num, batch, hidden), dtype=dtype)
+        return _filled((num, batch, hidden), dtype, fill)
     arr = as_float_array(value, name, dtype)
     expected = (num, batch, hidden) if batched else (num, hidden)
     if arr.shape != expected:
@@ -260,24 +265,34 @@ def state_parts(value, name, cell, prefix=""):
     if value is None:
         return (None,) * len(states), names
     if not isinstance(value, (tuple, list)) or len(value) != len(states):
-        article = "an" if cell.label[0] in "AEFHILMNORSX" else "a"
+        article = "an" if cell.label[0].upper() in "AEFHILMNORSX" else "a"
         parts = ", ".join(prefix + s for s in states)
         raise TypeError(f"{name} of {article} {cell.label} must be a tuple ({parts}) or None, "
                         f"got {type(value).__name__}")
     return tuple(value), names
 
 
-def state_tuple(state, cell, num, batch, widths, batched, dtype, name="state"):
-    """Check the state of ``cell`` (see :func:`state_parts`); ``None`` means zeros.
+def _filled(shape, dtype, fill):
+    if fill == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.full(shape, fill, dtype=dtype)
 
-    ``widths``: the width of each state array (``Cell.state_units``).
-    Returns a tuple of ``(num, B, width)`` arrays, one per state of the cell.
+
+def state_tuple(state, cell, num, batch, widths, batched, dtype, name="state"):
+    """Check the state of ``cell`` (see :func:`state_parts`); ``None`` means its initial state.
+
+    ``widths``: the width of each state array (``Cell.state_units``).  A
+    state not given (``None``, or a part of it ``None``) holds the cell's
+    :meth:`~fastgates.cells.base.Cell.initial_value` (zeros but for an
+    sLSTM's ``m``, ``-inf``).  Returns a tuple of ``(num, B, width)``
+    arrays, one per state of the cell.
     """
     if state is None:
-        return tuple([np.zeros((num, batch, w), dtype=dtype) for w in widths])
+        return tuple([_filled((num, batch, w), dtype, cell.initial_value(j))
+                      for j, w in enumerate(widths)])
     values, names = state_parts(state, name, cell)
-    return tuple([state_array(v, n, num, batch, w, batched, dtype)
-                  for v, n, w in zip(values, names, widths)])
+    return tuple([state_array(v, n, num, batch, w, batched, dtype, cell.initial_value(j))
+                  for j, (v, n, w) in enumerate(zip(values, names, widths))])
 
 
 def integer_array(value, name, expected):

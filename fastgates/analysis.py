@@ -174,7 +174,7 @@ def gate_summary(model, x, state=None, lengths=None, *, horizon=None):
         or a ``horizon`` that is not positive.
     """
     if not isinstance(model, _Recurrent):
-        raise TypeError(f"model must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU), "
+        raise TypeError(f"model must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU, SLSTM), "
                         f"got {type(model).__name__}")
     spec = model._spec
     gate = spec.forget

@@ -19,7 +19,7 @@ implements the protocol of ``docs/benchmarks.md``:
   :func:`numpy_forward`, a batch-vectorised NumPy forward pass; past the
   dtype's tolerance (``AGREE_TOL``) the row is not timed and the run exits
   with 1, naming the row, the peer, the array and the error;
-- **cells no framework ships** (``--cells janet mgu``, opt-in): PyTorch,
+- **cells no framework ships** (``--cells janet mgu slstm``, opt-in): PyTorch,
   onnxruntime and JAX run the cells they ship (``FRAMEWORK_CELLS``: LSTM,
   GRU) only; any other cell is checked against :func:`numpy_forward` and
   timed beside fastgates' own LSTM of the same shape (``YARDSTICK``), which
@@ -337,12 +337,16 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
         MGU:   f  = σ(W_if x + b_if + W_hf h + b_hf)
                n  = tanh(W_in x + b_in + W_hn (f ⊙ h) + b_hn)
                h' = (1 - f) h + f n
+        sLSTM: a  = W_ih x + b_ih + R h + b_hh     (i~, f~, z~, o~; R block diagonal)
+               m' = max(log σ(f~) + m, i~),  i' = exp(i~ - m'),
+               f' = exp(log σ(f~) + m - m'),  c' = f' c + i' tanh(z~),
+               n' = f' n + i',  h' = σ(o~) c' / n'     (from m = -inf)
 
     Computes in the dtype of ``x`` and ``params``.
 
     Parameters
     ----------
-    cell : {"lstm", "gru", "janet", "mgu"}
+    cell : {"lstm", "gru", "janet", "mgu", "slstm"}
     params : dict of str to ndarray
         Keyed as ``state_dict()`` (missing biases count as zero).
     x : ndarray, shape (T, B, I)
@@ -355,7 +359,7 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
     -------
     ndarray, shape (T, B, D*H)
     """
-    if cell not in ("lstm", "gru", "janet", "mgu"):
+    if cell not in ("lstm", "gru", "janet", "mgu", "slstm"):
         raise ValueError(f"numpy_forward has no {cell!r} cell")
     T, B = x.shape[:2]
     suffixes = ["", "_reverse"] if bidirectional else [""]
@@ -365,7 +369,7 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
         for suffix in suffixes:
             W = params[f"weight_ih_l{k}{suffix}"]
             R = params[f"weight_hh_l{k}{suffix}"]
-            H = R.shape[1]
+            H = R.shape[1] if cell != "slstm" else W.shape[0] // 4
             b_ih = params.get(f"bias_ih_l{k}{suffix}", np.zeros(R.shape[0], R.dtype))
             b_hh = params.get(f"bias_hh_l{k}{suffix}", np.zeros(R.shape[0], R.dtype))
             xw = inp @ W.T + b_ih                                  # (T, B, G*H)
@@ -374,6 +378,25 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
             c = np.zeros_like(h)
             out = np.empty((T, B, H), dtype=R.dtype)
             steps = range(T) if suffix == "" else range(T - 1, -1, -1)
+            if cell == "slstm":
+                # (gate, head, unit, column) blocks: head k reads its part of h
+                heads = H // R.shape[1]
+                blocks = R.reshape(4, heads, H // heads, H // heads)
+                n = np.zeros_like(h)
+                mx = np.full_like(h, -np.inf)
+                for t in steps:
+                    hw = np.einsum("bkl,gkjl->bgkj", h.reshape(B, heads, -1), blocks)
+                    a = xw[t] + hw.reshape(B, 4 * H) + b_hh
+                    log_f = -np.logaddexp(0, -a[:, H:2 * H]) + mx
+                    m_new = np.maximum(log_f, a[:, :H])
+                    i, f = np.exp(a[:, :H] - m_new), np.exp(log_f - m_new)
+                    c = f * c + i * np.tanh(a[:, 2 * H:3 * H])
+                    n = f * n + i
+                    mx = m_new
+                    h = _sigmoid(a[:, 3 * H:]) * c / n
+                    out[t] = h
+                outs.append(out)
+                continue
             for t in steps:
                 if cell == "mgu":
                     # W_hn acts on f ⊙ h: a second product, after f.
@@ -574,10 +597,15 @@ def _fg_model(cell, shape, dtype):
 
 
 def _zero_state(cell, shape, dtype):
-    """The zero initial state of ``cell``: an array, or a tuple of them (fastgates.cells)."""
-    n = len(_cells.get(cell).states)
-    parts = [np.zeros((shape.layers * shape.D, shape.B, shape.H), dtype=dtype) for _ in range(n)]
-    return parts[0] if n == 1 else tuple(parts)
+    """The empty initial state of ``cell``: an array, or a tuple of them (fastgates.cells).
+
+    Zeros, but for the values a cell starts from otherwise (an sLSTM's
+    ``m = -inf``).
+    """
+    spec = _cells.get(cell)
+    parts = [np.full((shape.layers * shape.D, shape.B, shape.H), spec.initial_value(j),
+                     dtype=dtype) for j in range(len(spec.states))]
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _torch_model(torch, cell, shape, dtype, state_dict):

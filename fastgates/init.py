@@ -17,7 +17,7 @@ Gate blocks
 -----------
 PyTorch stacks the weights of the gates of one layer-direction in one matrix:
 ``weight_ih`` is ``(G*H, I)`` and ``weight_hh`` ``(G*H, H)`` with ``G = 4``
-(LSTM), ``3`` (GRU) or ``2`` (JANET, MGU).  Each block of ``H`` rows is the weight matrix of one
+(LSTM, sLSTM), ``3`` (GRU) or ``2`` (JANET, MGU).  Each block of ``H`` rows is the weight matrix of one
 gate, a separate linear map whose ``H`` outputs go through their own
 nonlinearity.  :func:`xavier_uniform` and :func:`orthogonal` therefore work
 per block, with ``fan_in = I`` (or ``H``) and ``fan_out = H``:
@@ -37,6 +37,9 @@ per block, with ``fan_in = I`` (or ``H``) and ``fan_out = H``:
   (each has singular values about ``1/2``), while what matters for the
   recurrence is that each gate's map ``h -> W h`` preserves norms (Saxe et
   al. 2014).
+- An sLSTM's ``weight_hh`` ``(4H, d)`` holds one ``(d, d)`` block per gate
+  and head (``d = H // num_heads``), each a map of its own: the blocks are
+  drawn per gate and head, with ``fan_in = fan_out = d``.
 
 Peepholes
 ---------
@@ -76,7 +79,7 @@ __all__ = ["pytorch_default", "xavier_uniform", "orthogonal", "forget_bias", "ch
 
 def _check_model(model):
     if not isinstance(model, (_Recurrent, _Cell)):
-        raise TypeError("model must be a fastgates recurrent model (LSTM, GRU, JANET, MGU, "
+        raise TypeError("model must be a fastgates recurrent model (LSTM, GRU, JANET, MGU, SLSTM, "
                         f"LSTMCell or GRUCell), got {type(model).__name__}")
     return model
 
@@ -134,24 +137,29 @@ def _xavier_blocks(rng, shape, num_gates, gain):
 
 
 def _orthogonal_blocks(rng, shape, num_gates, gain):
-    """A ``(G*H, H)`` matrix of G independent random orthogonal ``(H, H)`` blocks, times ``gain``.
+    """A ``(G*R, C)`` matrix of G independent random (semi-)orthogonal ``(R, C)`` blocks, times ``gain``.
 
     Each block is the Q of the QR decomposition of a standard normal matrix,
     its columns' signs fixed by the diagonal of R so that Q is distributed
     uniformly (Haar) over the orthogonal group (Mezzadri 2007), not biased by
-    the sign convention of the QR routine.
+    the sign convention of the QR routine.  A square block (``R = C = H``,
+    ``weight_hh``) is orthogonal; an oblong one (a projected LSTM's
+    ``(H, P)`` gate blocks and ``(P, H)`` ``weight_hr``) has orthonormal
+    columns or rows, whichever are fewer.
     """
-    H = shape[1]
+    rows, cols = shape[0] // num_gates, shape[1]
     blocks = []
     for _ in range(num_gates):
-        q, r = np.linalg.qr(rng.standard_normal((H, H)))
+        q, r = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
         signs = np.where(np.diagonal(r) < 0, -1.0, 1.0)
-        blocks.append(gain * q * signs)
+        q = gain * q * signs
+        blocks.append(q if rows >= cols else q.T)
     return np.concatenate(blocks, axis=0)
 
 
 def _scheme(model, rng, recurrent, input_gain):
-    """Xavier input weights, ``recurrent`` for ``weight_hh``, zero biases and peepholes."""
+    """Xavier input weights, ``recurrent`` for ``weight_hh`` (and a projection's
+    ``weight_hr``), zero biases and peepholes."""
     G = len(model._spec.gates)
     params = model.state_dict()
     out = {}
@@ -159,7 +167,11 @@ def _scheme(model, rng, recurrent, input_gain):
         if name.startswith("weight_ih"):
             out[name] = _xavier_blocks(rng, value.shape, G, input_gain)
         elif name.startswith("weight_hh"):
-            out[name] = recurrent(rng, value.shape, G)
+            # an sLSTM's heads: one (d, d) block per gate and head
+            out[name] = recurrent(rng, value.shape, G * getattr(model, "num_heads", 1))
+        elif name.startswith("weight_hr"):
+            # a projected LSTM's projection (P, H): one map, like a recurrent one
+            out[name] = recurrent(rng, value.shape, 1)
         else:  # biases and peepholes
             out[name] = np.zeros(value.shape)
     return out
@@ -294,7 +306,7 @@ def forget_bias(model, value=1.0):
 
     Parameters
     ----------
-    model : LSTM, GRU, JANET, MGU, LSTMCell or GRUCell
+    model : LSTM, GRU, JANET, MGU, SLSTM, LSTMCell or GRUCell
         Changed in place; it must have biases.
     value : float, default 1.0
         With zero weights and state, the fraction of the state kept at a
@@ -341,7 +353,7 @@ def chrono(model, t_max, seed=None):
 
     Parameters
     ----------
-    model : LSTM, GRU, JANET, MGU, LSTMCell or GRUCell
+    model : LSTM, GRU, JANET, MGU, SLSTM, LSTMCell or GRUCell
         Changed in place; it must have biases.
     t_max : float
         The longest dependency (in steps) the model should start able to

@@ -645,7 +645,10 @@ def _implied_count(node):
     proj = opts.get("proj_size", 0)
     if type(proj) is not int or not 0 <= proj < H:
         return None               # the constructor refuses it
-    cell_opts = {"proj_size": proj}
+    heads = opts.get("num_heads", 1)
+    if type(heads) is not int or heads < 1 or H % heads:
+        return None               # the constructor refuses it
+    cell_opts = {"proj_size": proj, "num_heads": heads}
 
     def count(in_size):
         shapes = spec.param_shapes(in_size, H, cell_opts, bias)

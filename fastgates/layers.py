@@ -13,7 +13,7 @@ import numpy as np
 from . import _recurrent, cells
 from . import _validate as check
 
-__all__ = ["LSTM", "GRU", "JANET", "MGU", "LSTMCell", "GRUCell", "flatten_params",
+__all__ = ["LSTM", "GRU", "JANET", "MGU", "SLSTM", "LSTMCell", "GRUCell", "flatten_params",
            "unflatten_params"]
 
 # The parameters every cell has, by base name (a cell may add its own:
@@ -346,8 +346,13 @@ class _Recurrent(_Parameters):
 
     def _widths(self):
         """The width of each state array: ``hidden_size`` (``h`` of an LSTM with
-        ``proj_size``: that)."""
-        return self._spec.state_units(self.hidden_size, self._options())
+        ``proj_size``: that).  Fixed for the model's life; kept on it (a tiny
+        call counts every microsecond)."""
+        widths = self.__dict__.get("_state_widths")
+        if widths is None:
+            widths = self._state_widths = self._spec.state_units(self.hidden_size,
+                                                                 self._options())
+        return widths
 
     def _variant(self):
         variant = self._derived.get("variant")
@@ -390,8 +395,10 @@ class _Recurrent(_Parameters):
             # A state of None is zeros made here (about 3 us a check saved
             # in a tiny call).
             if state is not None:
-                for value, name in zip(s0, check.state_parts(state, "state", self._spec)[1]):
-                    check.finite(value, name)
+                spec = self._spec
+                for value, name, kind in zip(s0, check.state_parts(state, "state", spec)[1],
+                                             spec.states):
+                    check.finite(value, name, minus_inf=kind in spec.minus_inf)
         return x3, batched, s0, lengths
 
     def _seq_out(self, y, batched):
@@ -597,15 +604,17 @@ class _Recurrent(_Parameters):
             Each ``(L*D, T, B, H)`` (``(L*D, T, H)`` for unbatched ``x``),
             time-major whatever ``batch_first`` is, 0 at padded steps.
             LSTM: ``"i" "f" "g" "o"`` and the cell state ``"c"``; GRU:
-            ``"r" "z" "n"``.
+            ``"r" "z" "n"``; sLSTM: ``"i" "f"`` (stabilised), ``"z" "o"``
+            and the states ``"c" "n" "m"``.
         """
         _, batched, _, _, tape = self._run(x, state, lengths, keep=True, check_finite=check_finite)
         H = self.hidden_size
         out = {}
         for j, name in enumerate(self._spec.gates):
             out[name] = np.stack([g[:, :, j * H:(j + 1) * H] for g in tape.gates])
-        for name in self._spec.shown:
-            out[name] = np.stack(tape.aux)
+        # the tape's aux array shows name j as its columns j*H:(j+1)*H
+        for j, name in enumerate(self._spec.shown):
+            out[name] = np.stack([a[:, :, j * H:(j + 1) * H] for a in tape.aux])
         if not batched:
             out = {name: v[:, :, 0, :] for name, v in out.items()}
         return {name: np.ascontiguousarray(v) for name, v in out.items()}
@@ -685,6 +694,8 @@ def _variant_repr(model):
         args.append(f"proj_size={model.proj_size}")
     if getattr(model, "beta", 1.0) != 1.0:
         args.append(f"beta={model.beta!r}")
+    if getattr(model, "num_heads", 1) != 1:
+        args.append(f"num_heads={model.num_heads}")
     return args
 
 
@@ -917,6 +928,80 @@ class MGU(_Recurrent):
                          dropout=dropout)
 
 
+class SLSTM(_Recurrent):
+    """Multi-layer sLSTM (Beck et al. 2024, xLSTM): exponential gating, normaliser, stabiliser.
+
+    For each layer and step, with gate order i, f, z, o in the rows of the
+    weights (``4H`` rows) and ``a = (ĩ, f̃, z̃, õ)`` the pre-activations
+    ``W_i x + b_i + R h + b_h``::
+
+        m' = max(log σ(f̃) + m, ĩ)
+        i' = exp(ĩ - m'),   f' = exp(log σ(f̃) + m - m')
+        c' = f' ⊙ c + i' ⊙ tanh(z̃)
+        n' = f' ⊙ n + i'
+        h' = σ(õ) ⊙ c' / n'
+
+    The recurrent weights are block diagonal: ``num_heads`` heads of
+    ``d = H // num_heads`` units, one ``(d, d)`` block per head and gate,
+    stored as ``weight_hh_l{k}`` ``(4H, d)``: row ``γH + j`` (gate γ, unit
+    ``j`` of head ``j // d``) multiplies that head's part of ``h``.  The
+    state is ``(h, c, n, m)``; ``None`` means ``h = c = n = 0`` and
+    ``m = -inf``, so the first step has ``f' = 0``, ``i' = 1``.
+
+    ``h`` and ``y`` are those of the unstabilised equations (``i = exp(ĩ)``,
+    ``f = σ(f̃)``, no ``m``) wherever those are finite, and stay finite for
+    any finite input: ``m`` scales ``c`` and ``n`` alike, and ``h`` does not
+    depend on it.
+
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dropout, dtype, seed
+        As for :class:`LSTM`.
+    num_heads : int, default 1
+        Heads of the block-diagonal recurrent weights; must divide
+        ``hidden_size``.
+    reverse : bool, default False
+        As for :class:`LSTM`.
+
+    Notes
+    -----
+    Gradients treat the stabiliser ``m`` as a constant (it cancels from
+    ``h``): the gradients of ``y`` and of the final ``h`` are exact, those
+    of the final ``c`` and ``n`` are taken with ``m`` held fixed, the
+    gradient with respect to the initial ``m`` is 0, and a ``dstate``
+    given for the final ``m`` is ignored.  ``gates()`` returns ``"i"`` and
+    ``"f"`` (the stabilised ``i'``, ``f'``, each in ``[0, 1]``, one of them
+    1 at every step), ``"z"`` (``tanh(z̃)``), ``"o"`` and the states
+    ``"c"``, ``"n"``, ``"m"``; :func:`fastgates.gate_summary` reads ``f'``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.SLSTM(3, 4, num_heads=2, seed=0)
+    >>> y, (h, c, n, mx) = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, m.weight_hh_l0.shape
+    ((7, 2, 4), (16, 2))
+    """
+
+    _cell = "slstm"
+    _spec = cells.SLSTM
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dropout=0.0, num_heads=1, dtype=np.float32, seed=None,
+                 reverse=False):
+        hidden = check.positive_int(hidden_size, "hidden_size")
+        self.num_heads = check.positive_int(num_heads, "num_heads")
+        if hidden % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={hidden} "
+                             "(each head has hidden_size // num_heads units)")
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
+                         dropout=dropout)
+
+    def _options(self):
+        return {**super()._options(), "num_heads": self.num_heads}
+
+
 class _Cell(_Parameters):
     """One step of a recurrent cell: a one-layer, one-step sequence model."""
 
@@ -1106,7 +1191,7 @@ class GRUCell(_Cell):
 
 
 # The layer and one-step classes of each cell, by the cell's name.
-_LAYERS = {cls._cell: cls for cls in (LSTM, GRU, JANET, MGU)}
+_LAYERS = {cls._cell: cls for cls in (LSTM, GRU, JANET, MGU, SLSTM)}
 _STEPS = {cls._cell: cls for cls in (LSTMCell, GRUCell)}
 
 
@@ -1115,7 +1200,7 @@ def refuse_without_counterpart(model, framework, where=""):
 
     The converters (:mod:`fastgates.torch`, :mod:`fastgates.onnx`,
     :mod:`fastgates.keras`) know LSTM and GRU, the cells every framework
-    ships; a JANET or an MGU has no counterpart to become.
+    ships; a JANET, an MGU or an sLSTM has no counterpart to become.
     """
     if isinstance(model, _Recurrent) and model._cell not in ("lstm", "gru"):
         label = model._spec.label

@@ -377,7 +377,7 @@ class Readout(_FlatParams):
 
     def __init__(self, rnn, head, *, mode="last"):
         if not isinstance(rnn, _Recurrent):
-            raise TypeError(f"rnn must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU), "
+            raise TypeError(f"rnn must be a fastgates recurrent layer (LSTM, GRU, JANET, MGU, SLSTM), "
                             f"got {type(rnn).__name__}")
         if not isinstance(head, Linear):
             raise TypeError(f"head must be a fastgates Linear, got {type(head).__name__}")
@@ -841,7 +841,7 @@ def scipy_objective(model, loss, x, target, *, state=None, lengths=None, checkpo
 
     Parameters
     ----------
-    model : Readout, a recurrent layer (LSTM, GRU, JANET, MGU) or Linear
+    model : Readout, a recurrent layer (LSTM, GRU, JANET, MGU, SLSTM) or Linear
         The prediction is ``model(x, state, lengths)`` for a
         :class:`Readout`, the output sequence ``y`` for an ``LSTM``/``GRU``,
         ``model(x)`` for a :class:`Linear` (``state`` and ``lengths`` must

@@ -58,6 +58,7 @@ LSTM_GATES = ("i", "f", "g", "o")
 GRU_GATES = ("r", "z", "n")
 JANET_GATES = ("f", "n")
 MGU_GATES = ("f", "n")
+SLSTM_GATES = ("i", "f", "z", "o", "c", "n", "m")
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +231,78 @@ def mgu_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     n = tanh(W_in @ x + b_in + W_hn @ (f * h) + b_hn)
     h_new = (1 - f) * h + f * n
     return h_new, {"f": f, "n": n}
+
+
+def log_sigmoid(a):
+    """``log sigmoid(a) = -log(1 + exp(-a))``, as ``-logaddexp(0, -a)`` (no overflow)."""
+    return -np.logaddexp(0, -a)
+
+
+def head_product(w_hh, h, num_heads):
+    """The sLSTM's block-diagonal recurrent product, row by row, as the contract states it.
+
+    ``w_hh`` is ``(4H, d)`` with ``d = H // num_heads``: row ``gamma * H + j``
+    (gate ``gamma``, unit ``j`` of head ``k = j // d``) multiplies
+    ``h[k*d : (k+1)*d]``.
+    """
+    H = h.shape[0]
+    d = H // num_heads
+    out = np.zeros(w_hh.shape[0], dtype=np.result_type(w_hh, h))
+    for row in range(w_hh.shape[0]):
+        j = row % H
+        k = j // d
+        out[row] = w_hh[row] @ h[k * d:(k + 1) * d]
+    return out
+
+
+def slstm_step(x, h, c, n, m, w_ih, w_hh, b_ih=None, b_hh=None, num_heads=1, stabilised=True):
+    """One sLSTM step (Beck et al. 2024) for one sequence: ``x`` ``(I,)``, the states ``(H,)``.
+
+    Rows i, f, z, o; ``R h`` is :func:`head_product`::
+
+        a  = W_ih x + b_ih + R h + b_hh            (i~, f~, z~, o~)
+        m' = max(log sigmoid(f~) + m, i~)
+        i' = exp(i~ - m')
+        f' = exp(log sigmoid(f~) + m - m')
+        c' = f' * c + i' * tanh(z~)
+        n' = f' * n + i'
+        h' = sigmoid(o~) * c' / n'
+
+    ``m = -inf`` is the empty state (``f' = 0``).  With ``stabilised=False``
+    the unstabilised equations: ``i = exp(i~)``, ``f = sigmoid(f~)``, no
+    ``m`` (``m'`` returned as 0); they overflow where the stabilised ones do
+    not (no warning: the caller compares only where they are finite).
+
+    Returns ``h_new, c_new, n_new, m_new, gates`` with ``gates`` mapping
+    ``"i" "f" "z" "o" "c" "n" "m"``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 4 * H, w_ih.dtype)
+    b_hh = _bias_or_zeros(b_hh, 4 * H, w_hh.dtype)
+    a = w_ih @ x + b_ih + head_product(w_hh, h, num_heads) + b_hh
+    a_i, a_f, a_z, a_o = (gate_rows(a, k, H) for k in range(4))
+
+    if stabilised:
+        m_new = np.maximum(log_sigmoid(a_f) + m, a_i)
+        i = np.exp(a_i - m_new)
+        f = np.exp(log_sigmoid(a_f) + m - m_new)
+    else:
+        m_new = np.zeros(H)
+        with np.errstate(over="ignore"):
+            i = np.exp(a_i)
+        f = sigmoid(a_f)
+    z = tanh(a_z)
+    o = sigmoid(a_o)
+    with np.errstate(invalid="ignore", over="ignore"):   # unstabilised: inf - inf, inf / inf
+        c_new = f * c + i * z
+        n_new = f * n + i
+        h_new = o * c_new / n_new
+    if not stabilised:
+        # A normaliser below the normal range has lost digits (subnormal
+        # terms): not a value to compare with.
+        h_new = np.where(n_new >= 1e-290, h_new, np.nan)
+    return h_new, c_new, n_new, m_new, {"i": i, "f": f, "z": z, "o": o, "c": c_new,
+                                        "n": n_new, "m": m_new}
 
 
 # ---------------------------------------------------------------------------
@@ -470,6 +543,53 @@ def reference_mgu(x, params, num_layers=1, bidirectional=False, h0=None, lengths
     """
     return _reference_h(mgu_step, MGU_GATES, x, params, num_layers, bidirectional, h0, lengths,
                         reverse)
+
+
+def reference_slstm(x, params, num_layers=1, bidirectional=False, state0=None, lengths=None,
+                    reverse=False, num_heads=1, stabilised=True):
+    """Multi-layer, optionally bidirectional sLSTM (:func:`slstm_step`).
+
+    Conventions of :func:`reference_lstm`; ``state0`` is ``(h0, c0, n0, m0)``
+    each ``(L*D, B, H)`` (None: zeros and ``m0 = -inf``).  Returns ``y``,
+    ``(h_n, c_n, n_n, m_n)`` and the gates ``"i" "f" "z" "o" "c" "n" "m"``
+    (zero at padded steps).  ``stabilised=False``: the unstabilised
+    equations (see :func:`slstm_step`; pass the unstabilised ``c0 e^m0``,
+    ``n0 e^m0`` as the state).
+    """
+    x = np.asarray(x)
+    T, B, _ = x.shape
+    D = 2 if bidirectional else 1
+    H = params["weight_ih_l0"].shape[0] // 4
+    if lengths is None:
+        lengths = np.full(B, T, dtype=np.int64)
+    dtype = np.result_type(x, *params.values())
+    num = num_layers * D
+    if state0 is None:
+        state0 = (np.zeros((num, B, H)), np.zeros((num, B, H)), np.zeros((num, B, H)),
+                  np.full((num, B, H), -np.inf))
+    final = tuple(np.zeros((num, B, H), dtype=dtype) for _ in range(4))
+    gates = {k: np.zeros((num, T, B, H), dtype=dtype) for k in SLSTM_GATES}
+
+    layer_input = x
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(D):
+            w_ih, w_hh, b_ih, b_hh = _layer_params(params, layer, direction)
+            s = layer * D + direction
+            out = np.zeros((T, B, H), dtype=dtype)
+            for b in range(B):
+                h, c, n, m = (v[s, b] for v in state0)
+                for t in _valid_steps(lengths[b], 1 if reverse else direction):
+                    h, c, n, m, g = slstm_step(layer_input[t, b], h, c, n, m, w_ih, w_hh, b_ih,
+                                               b_hh, num_heads, stabilised)
+                    out[t, b] = h
+                    for k in g:
+                        gates[k][s, t, b] = g[k]
+                for v, value in zip(final, (h, c, n, m)):
+                    v[s, b] = value
+            direction_outputs.append(out)
+        layer_input = np.concatenate(direction_outputs, axis=2)
+    return layer_input, final, gates
 
 
 def _reference_h(step, gate_names, x, params, num_layers, bidirectional, h0, lengths, reverse):

@@ -79,6 +79,17 @@ def test_numpy_forward_matches_the_reference(cell, layers, bidirectional):
     assert_close(y, ORACLES[cell](x, params, layers, bidirectional)[0], np.float64)
 
 
+@pytest.mark.parametrize("heads, layers, bidirectional", [(1, 1, False), (2, 2, True)])
+def test_numpy_forward_matches_the_slstm_reference(heads, layers, bidirectional):
+    m = fg.SLSTM(3, 4, layers, bidirectional=bidirectional, num_heads=heads, dtype=np.float64,
+                 seed=0)
+    params = m.state_dict()
+    x = np.random.default_rng(0).standard_normal((7, 4, 3))
+    y = bench.numpy_forward("slstm", params, x, layers, bidirectional)
+    assert_close(y, ref.reference_slstm(x, params, layers, bidirectional, num_heads=heads)[0],
+                 np.float64)
+
+
 def test_numpy_forward_uses_janets_beta():
     rng = np.random.default_rng(2)
     params = ref.random_params(rng, "janet", 3, 5)
@@ -333,7 +344,7 @@ def test_default_cells_are_the_frameworks_and_help_lists_every_cell(capsys):
     with pytest.raises(SystemExit):
         bench._parser("x").parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "from lstm gru janet mgu (default: lstm gru); janet mgu: opt-in" in text
+    assert "from lstm gru janet mgu slstm (default: lstm gru); janet mgu slstm: opt-in" in text
     assert "fastgates' own LSTM" in text
 
 

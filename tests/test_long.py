@@ -40,7 +40,9 @@ def random_problem(m, T, B, rng, padded):
         lengths[0] = T
     num = m.num_layers * m.num_directions
     dh = rng.standard_normal((num, B, m.hidden_size)).astype(m.dtype)
-    dstate = (dh, rng.standard_normal(dh.shape).astype(m.dtype)) if isinstance(m, fg.LSTM) else dh
+    more = len(m._spec.states) - 1          # (h, c) of an LSTM, (h, c, n, m) of an sLSTM
+    dstate = (dh,) + tuple(rng.standard_normal(dh.shape).astype(m.dtype)
+                           for _ in range(more)) if more else dh
     return x, dy, lengths, dstate
 
 
@@ -49,6 +51,7 @@ VARIANTS = {
     "gru": [{}, {"reset_after": False}, {"clip": 1.5}, {"reverse": True}],
     "janet": [{}, {"beta": 0.0}, {"bias": False}, {"reverse": True}],
     "mgu": [{}, {"bias": False}, {}, {"reverse": True}],
+    "slstm": [{}, {"num_heads": 5}, {"bias": False}, {"reverse": True}],   # H = 5
 }
 
 
@@ -196,6 +199,7 @@ MEMORY_CASES = [
     ("gru", {"bidirectional": True, "clip": 3.0}), ("janet", {"num_layers": 2, "bidirectional": True}),
     ("mgu", {"num_layers": 2}), ("lstm", {"num_layers": 2, "bidirectional": True, "proj_size": 8}),
     ("gru", {"num_layers": 3, "dropout": 0.3}),
+    ("slstm", {"num_layers": 2, "bidirectional": True}), ("slstm", {"num_heads": 4}),
 ]
 
 

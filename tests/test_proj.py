@@ -182,3 +182,15 @@ def test_readout_reads_the_projected_output():
     y, _ = rnn(x, lengths=[6, 2, 4])
     want = np.concatenate([y[[5, 1, 3], [0, 1, 2], :2], y[0, :, 2:]], axis=1) @ model.head.weight.T
     np.testing.assert_allclose(model(x, lengths=[6, 2, 4]), want + model.head.bias, rtol=1e-13)
+
+
+@pytest.mark.parametrize("scheme", ["orthogonal", "xavier_uniform", "pytorch_default"])
+def test_initialisers_shape_the_projection(scheme):
+    m = getattr(fg.init, scheme)(fg.LSTM(3, 6, num_layers=2, proj_size=2, dtype=np.float64), seed=0)
+    assert np.abs(m.weight_hr_l1).max() > 0
+    if scheme == "orthogonal":
+        # each (H, P) gate block has orthonormal columns, W_hr orthonormal rows
+        for k in range(4):
+            block = m.weight_hh_l0[6 * k:6 * (k + 1)]
+            np.testing.assert_allclose(block.T @ block, np.eye(2), atol=1e-12)
+        np.testing.assert_allclose(m.weight_hr_l0 @ m.weight_hr_l0.T, np.eye(2), atol=1e-12)

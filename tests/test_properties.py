@@ -18,14 +18,19 @@ from hypothesis import strategies as st
 import fastgates as fg
 from _tolerances import assert_close
 
-KINDS = ("lstm", "gru", "gru_classic", "janet", "mgu")  # gru = reset_after=True
+KINDS = ("lstm", "gru", "gru_classic", "janet", "mgu", "slstm")  # gru = reset_after=True
 DTYPES = (np.float32, np.float64)
 GATE_RANGES = {
     "lstm": {"i": (0, 1), "f": (0, 1), "g": (-1, 1), "o": (0, 1)},
     "gru": {"r": (0, 1), "z": (0, 1), "n": (-1, 1)},
     "janet": {"f": (0, 1), "n": (-1, 1)},
     "mgu": {"f": (0, 1), "n": (-1, 1)},
+    # the stabilised i' = exp(i~ - m), f' = exp(log σ(f~) + m_prev - m): at most
+    # 1, and one of them exactly 1 at every step (so never strictly inside)
+    "slstm": {"i": (0, 1), "f": (0, 1), "z": (-1, 1), "o": (0, 1)},
 }
+# The states of each family beyond h (none: h alone).
+STATES = {"lstm": 2, "slstm": 4}
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # the most set_num_threads accepts
 SATURATE = 1e4  # sigmoid(-1e4) == 0 and sigmoid(1e4) == 1 exactly, in both dtypes
 
@@ -74,6 +79,8 @@ class Setup:
         )
         if self.family == "gru":
             return fg.GRU(self.I, self.H, reset_after=self.kind == "gru", **kw)
+        if self.family == "slstm":
+            kw["num_heads"] = 2 if self.H % 2 == 0 else 1
         return fg.layers.layer_class(self.kind)(self.I, self.H, **kw)
 
     def rng(self, salt=0):
@@ -101,9 +108,15 @@ class Setup:
         return self.rng(salt).uniform(-scale, scale, self.x_shape()).astype(dtype)
 
     def state(self, scale=1.0, salt=2, c_scale=None):
-        """A random initial state: ``(h, c)`` for an LSTM, ``h`` for the others."""
+        """A random initial state: ``(h, c)`` for an LSTM, ``(h, c, n, m)`` for an
+        sLSTM (``n`` in ``[1, 1 + scale]``, ``|c| <= n``), ``h`` for the others."""
         rng = self.rng(salt)
         h = rng.uniform(-scale, scale, self.state_shape()).astype(self.dtype)
+        if self.family == "slstm":
+            n = rng.uniform(1, 1 + scale, self.state_shape())
+            c = n * rng.uniform(-1, 1, self.state_shape())
+            m = rng.uniform(-scale, scale, self.state_shape())
+            return (h,) + tuple(v.astype(self.dtype) for v in (c, n, m))
         if self.family != "lstm":
             return h
         c_scale = scale if c_scale is None else c_scale
@@ -116,9 +129,10 @@ class Setup:
     def dstate(self, salt=4):
         rng = self.rng(salt)
         dh = rng.standard_normal(self.state_shape()).astype(self.dtype)
-        if self.family != "lstm":
+        if self.family not in STATES:
             return dh
-        return (dh, rng.standard_normal(self.state_shape()).astype(self.dtype))
+        return (dh,) + tuple(rng.standard_normal(self.state_shape()).astype(self.dtype)
+                             for _ in range(STATES[self.family] - 1))
 
     def lengths(self, salt=5):
         """Random lengths in [1, T] with at least one padded step when T > 1."""
@@ -233,7 +247,7 @@ def test_gates_in_range_for_any_finite_values(setup, scale):
         y, final = m(x, state, lengths)
 
     ranges = GATE_RANGES[setup.family]
-    expected_names = set(ranges) | ({"c"} if setup.family == "lstm" else set())
+    expected_names = set(ranges) | set(m._spec.shown)
     assert set(gates) == expected_names
     shape = (setup.L * setup.D, setup.T) + ((setup.B,) if setup.batched else ()) + (setup.H,)
     for name, value in gates.items():
@@ -251,9 +265,12 @@ def test_gates_in_range_for_any_finite_values(setup, scale):
     # |y| <= 1 for an LSTM (o * tanh(c)); a GRU and an MGU interpolate
     # between h and n; JANET's shares f and 1 - sigmoid(s - 1) add up to
     # more than 1, but |h'| <= f M + 1 - sigmoid(s - 1) <= M for every
-    # M >= (1 + e^s) / (1 + e^(s - 1)), whose supremum is e.
-    h0 = state[0] if setup.family == "lstm" else state
-    bound = {"lstm": 1, "janet": max(np.e * (1 + 1e-6), np.abs(h0).max())}.get(
+    # M >= (1 + e^s) / (1 + e^(s - 1)), whose supremum is e.  An sLSTM's
+    # y = o c / n with |c| <= n kept exactly from a state where it holds (as
+    # drawn here): f' and i' are in [0, 1], |tanh| <= 1, and rounding is
+    # monotone.
+    h0 = state[0] if setup.family in STATES else state
+    bound = {"lstm": 1, "slstm": 1, "janet": max(np.e * (1 + 1e-6), np.abs(h0).max())}.get(
         setup.family, max(1, np.abs(h0).max()))
     assert np.all(np.abs(y) <= bound)
 
@@ -272,7 +289,14 @@ def test_gates_strictly_inside_when_preactivations_bounded(setup):
     lengths = setup.lengths()
     gates = m.gates(x, state, lengths)
     valid = setup.valid(lengths)
-    for name, (lo, hi) in GATE_RANGES[setup.family].items():
+    ranges = dict(GATE_RANGES[setup.family])
+    if setup.family == "slstm":
+        # i' and f' are in (0, 1] (the state's m is finite), one of them 1
+        del ranges["i"], ranges["f"]
+        i, f = gates["i"][:, valid], gates["f"][:, valid]
+        assert np.all((0 < i) & (i <= 1) & (0 < f) & (f <= 1))
+        np.testing.assert_array_equal(np.maximum(i, f), 1)
+    for name, (lo, hi) in ranges.items():
         value = gates[name][:, valid]
         assert np.all((lo < value) & (value < hi)), name
 
@@ -373,6 +397,34 @@ def test_saturated_forget_gate_keeps_hidden_state(setup, h_scale):
                 np.testing.assert_array_equal(gates["f"][:, t, b], kept)
                 for d in range(setup.D):
                     np.testing.assert_array_equal(y[t, b, d * H : (d + 1) * H], h0[top + d, b])
+
+
+@given(setup=setups(kinds=("slstm",)), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_slstm_open_forget_closed_input_keeps_cell_state(setup, scale):
+    # f~ = 1e4: log σ(f~) = 0 exactly, so m stays (while i~ = -1e4 < m) and
+    # f' = exp(0) = 1, i' = exp(-1e4 - m) = 0: c, n and m pass through bitwise.
+    m = setup.model()
+    params = random_params(m, setup.rng(0), 1.0)
+    H = setup.H
+    i_rows, f_rows = slice(0, H), slice(H, 2 * H)
+    for name in params:
+        if name.startswith(("weight_ih", "weight_hh", "bias_hh")):
+            params[name][i_rows] = 0
+            params[name][f_rows] = 0
+        elif name.startswith("bias_ih"):
+            params[name][i_rows] = -SATURATE
+            params[name][f_rows] = SATURATE
+    m.load_state_dict(params)
+    x, state, lengths = setup.x(), setup.state(scale), setup.lengths()
+
+    gates = m.gates(x, state, lengths)
+    _, final = m(x, state, lengths)
+
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(final[k], state[k])
+    valid = setup.valid(lengths)
+    np.testing.assert_array_equal(gates["i"][:, valid], 0)
+    np.testing.assert_array_equal(gates["f"][:, valid], 1)
 
 
 # --------------------------------------------------------------------------
@@ -500,9 +552,10 @@ def test_split_sequence_with_carried_state_equals_whole(setup, data):
     y_b, final_split = m(x[split:], mid)
 
     assert_close(np.concatenate([y_a, y_b]), y, setup.dtype, "y")
-    if setup.family == "lstm":
-        assert_close(final_split[0], final[0], setup.dtype, "h")
-        assert_close(final_split[1], final[1], setup.dtype, "c")
+    if setup.family in STATES:
+        # (h, c) or (h, c, n, m): the carried state continues the sequence
+        for k, (a, d) in enumerate(zip(final_split, final)):
+            assert_close(a, d, setup.dtype, f"state[{k}]")
     else:
         assert_close(final_split, final, setup.dtype, "h")
 
@@ -574,8 +627,8 @@ def test_inputs_unmodified_and_pullback_repeatable(setup, x_dtype, pass_dstate):
 
     dx, dstate0, dparams = first
     assert dx.shape == x.shape and dx.dtype == np.dtype(setup.dtype)
-    if setup.family == "lstm":
-        assert isinstance(dstate0, tuple) and len(dstate0) == 2
+    if setup.family in STATES:
+        assert isinstance(dstate0, tuple) and len(dstate0) == STATES[setup.family]
         for a in dstate0:
             assert a.shape == setup.state_shape() and a.dtype == np.dtype(setup.dtype)
     else:

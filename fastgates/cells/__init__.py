@@ -10,16 +10,17 @@ from .gru import CELL as GRU
 from .janet import CELL as JANET
 from .lstm import CELL as LSTM
 from .mgu import CELL as MGU
+from .slstm import CELL as SLSTM
 
-REGISTRY = {cell.name: cell for cell in (LSTM, GRU, JANET, MGU)}
+REGISTRY = {cell.name: cell for cell in (LSTM, GRU, JANET, MGU, SLSTM)}
 
 
 def get(name):
-    """The cell registered as ``name`` (``"lstm"``, ``"gru"``, ``"janet"``, ``"mgu"``)."""
+    """The cell registered as ``name`` (``"lstm"``, ``"gru"``, ``"janet"``, ``"mgu"``, ``"slstm"``)."""
     try:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown cell {name!r}; expected one of {sorted(REGISTRY)}") from None
 
 
-__all__ = ["Cell", "GRU", "JANET", "LSTM", "MGU", "REGISTRY", "get"]
+__all__ = ["Cell", "GRU", "JANET", "LSTM", "MGU", "REGISTRY", "SLSTM", "get"]

@@ -18,6 +18,8 @@ register tiles), the recurrence the cell's kernels.
 
 import numpy as np
 
+from .._linalg import weight_product
+
 
 class Cell:
     """The description of one recurrent cell (subclass it; one instance per cell).
@@ -59,6 +61,14 @@ class Cell:
         The backward kernel leaves ``dgx`` as the recurrent side's gradient,
         so the weight-gradient products of both sides may run side by side
         (:meth:`fastgates._recurrent._WeightGrads.add_side_by_side`).
+    initial : tuple of float
+        The value of each state array, in the order of ``states``, when the
+        caller passes none (``state=None`` or a part of it None); empty:
+        0 for every state.
+    minus_inf : tuple of str
+        States that may hold ``-inf`` as a legitimate value (an sLSTM's
+        stabiliser ``m`` before the first step): ``check_finite`` lets it
+        through there, and only there.
     """
 
     name = None
@@ -73,6 +83,8 @@ class Cell:
     aux_units = 1
     params = ()
     side_by_side = False
+    initial = ()
+    minus_inf = ()
 
     # -- the driver's hooks -----------------------------------------------
 
@@ -132,6 +144,21 @@ class Cell:
     def recurrent_side(self, acc, g):
         """Turn ``g.dgx`` into the recurrent side's gradient (default: as it is)."""
 
+    def recurrent_grad(self, acc, grid, h2, hprev, desc, init):
+        """Add a run of blocks to ``acc.dw_hh``, the gradient of ``weight_hh``.
+
+        ``h2`` (rows, G) is the recurrent side's gradient, ``hprev``
+        (rows, P) the states the recurrent weights multiplied.  Default: the
+        one product ``h2^T hprev`` of a full ``weight_hh`` (G, P); a cell
+        whose ``weight_hh`` is stored otherwise (an sLSTM's block-diagonal
+        heads) makes its own.  A cell with ``side_by_side`` must keep the
+        default (those products run in
+        :meth:`~fastgates._recurrent._WeightGrads.add_side_by_side`).
+        """
+        rows, G = h2.shape
+        P = hprev.shape[1]
+        weight_product(h2, hprev, acc.dw_hh, grid.rows, grid.parts(G, P, rows), desc, init)
+
     def add_grads(self, acc, grid, g, h2, desc, init):
         """Add the cell's own gradients of a run of blocks (``h2`` the
         recurrent side's gradient as (rows, G)); default none."""
@@ -151,6 +178,10 @@ class Cell:
         return 0, 0, 0
 
     # -- derived sizes ---------------------------------------------------------
+
+    def initial_value(self, j):
+        """The value of state array ``j`` (index into ``states``) when none is given."""
+        return self.initial[j] if self.initial else 0.0
 
     def rows(self, H):
         """Rows of ``weight_ih`` and ``weight_hh``: ``len(gates) * H``."""
