@@ -23,7 +23,10 @@ implements the protocol of ``docs/benchmarks.md``:
   onnxruntime and JAX run the cells they ship (``FRAMEWORK_CELLS``: LSTM,
   GRU) only; any other cell is checked against :func:`numpy_forward` and
   timed beside fastgates' own LSTM of the same shape (``YARDSTICK``), which
-  is neither compared nor counted as a peer;
+  is neither compared nor counted as a peer; the sLSTM also has a peer, the
+  xLSTM package's pure-PyTorch sLSTM cell (``xlstm``, one layer in one
+  direction, on the same weights: ``XLSTM_NOTE``), compared and timed like
+  any peer;
 - **training steps change the weights**: before each timed training step
   every side loads the other of two weight sets that differ in every entry
   (fastgates ``m.load_state_dict``, PyTorch an in-place ``copy_`` under
@@ -53,8 +56,8 @@ the peak memory of a training step, ``--compile-cost`` the first call in a
 fresh process, ``--json`` writes the rows as data.  Run it on an idle machine
 (except for ``--load``), one benchmark at a time.
 
-PyTorch, onnx and onnxruntime are imported here, inside functions, and only
-when asked for; JAX never is (its thread pools would start in this process):
+PyTorch, onnx, onnxruntime and xlstm are imported here, inside functions, and
+only when asked for; JAX never is (its thread pools would start in this process):
 ``import fastgates`` never imports this module.
 """
 
@@ -162,7 +165,7 @@ QUICK = [MATRIX[0], MATRIX[2], MATRIX[5], MATRIX[7], MATRIX[8]]
 # Gate rows of every cell (fastgates.cells): what --cells offers.
 GATES = {name: len(cell.gates) for name, cell in _cells.REGISTRY.items()}
 DTYPES = {"float32": np.float32, "float64": np.float64}
-PEERS = ["torch", "onnxruntime", "jax", "numpy"]
+PEERS = ["torch", "onnxruntime", "jax", "xlstm", "numpy"]
 
 # The cells the frameworks ship (torch.nn.LSTM/GRU, ONNX's LSTM/GRU
 # operators, the JAX worker's scans): PyTorch, onnxruntime and JAX sides are
@@ -183,6 +186,30 @@ FRAMEWORK_CELLS = ("lstm", "gru")
 # stays a check of y (and a peer when asked for) for these cells too.
 YARDSTICK_CELL = "lstm"
 YARDSTICK = "fastgates-lstm"
+
+# The one peer of a cell no framework ships: the sLSTM of NX-AI's xLSTM
+# package (`pip install xlstm`, Beck et al.'s code), its pure-PyTorch
+# ("vanilla") backend on the CPU, in the model's dtype.  What is compared is
+# the same function on the same weights: xlstm's sLSTMLayer adds a causal
+# convolution, head-wise (block-diagonal) input projections, a group norm and
+# dropout, which fastgates' sLSTM does not have, so the xlstm side is the
+# bare recurrence, xlstm.blocks.slstm.cell.sLSTMCell (backend "vanilla"),
+# fed the input projection W_ih x + b_ih computed in PyTorch
+# (torch.nn.functional.linear): y = sLSTMCell(W_ih x + b_ih) with the cell's
+# recurrent kernel fastgates' weight_hh_l0 per head and its one bias
+# bias_hh_l0 (see xlstm_weights).  Compared: y and, in training, dx and the
+# gradient of every parameter mapped back to fastgates' names; not the state
+# gradients (the cell starts from its own zero state, with m = 0 and its
+# first step taking m' = i~, where fastgates' m = -inf gives the same y).
+# The cell is one layer in one direction: stacked and bidirectional shapes
+# get no xlstm side (a note says so).
+XLSTM_NOTE = ("xlstm: the sLSTM cell of the xLSTM package (xlstm.blocks.slstm.cell."
+              "sLSTMCell, pure-PyTorch \"vanilla\" backend, CPU, the row's dtype) on "
+              "fastgates' weights, after the input projection W_ih x + b_ih in PyTorch: "
+              "the same function as fastgates' sLSTM layer (xlstm's sLSTMLayer adds a "
+              "convolution, head-wise input projections, a group norm and dropout, "
+              "which are not used). Compared: y and, in training, dx and every "
+              "parameter's gradient.")
 
 # Agreement bounds on max|a - b| / max(1, max|b|) (for y, whose entries lie
 # in (-1, 1): the max abs error), per dtype, for y and for the gradients.
@@ -251,6 +278,9 @@ class Peers:
     ort: object = None
     jax: bool = False             # JAX is installed: time it in worker processes
     jax_version: str = None       # as the workers report it
+    xlstm: object = None          # xlstm.blocks.slstm.cell (the sLSTM's peer, XLSTM_NOTE)
+    xlstm_torch: object = None    # the PyTorch it runs on
+    xlstm_version: str = None
     numpy: bool = False           # time numpy_forward as a peer (inference)
     notes: list = dataclasses.field(default_factory=list)
 
@@ -259,7 +289,14 @@ class Peers:
         return [name for name, here in (("torch", self.torch is not None),
                                         ("onnxruntime", self.ort is not None),
                                         ("jax", self.jax),
+                                        ("xlstm", self.xlstm is not None),
                                         ("numpy", self.numpy)) if here]
+
+    @property
+    def torch_runtime(self):
+        """The PyTorch module some side runs on (PyTorch's or xlstm's), or None:
+        its thread count is set before every run, whichever side it is."""
+        return self.torch if self.torch is not None else self.xlstm_torch
 
 
 def _installed(name):
@@ -273,15 +310,22 @@ def _installed(name):
         return False
 
 
-def load_peers(requested=None):
+def default_peers(cells=()):
+    """The peers timed unless --peers says otherwise: PyTorch, onnxruntime and
+    JAX, and xlstm when the sLSTM is among ``cells`` (it runs that cell only)."""
+    return ["torch", "onnxruntime", "jax"] + (["xlstm"] if "slstm" in cells else [])
+
+
+def load_peers(requested=None, cells=()):
     """Import the requested peers that are installed; a note for each one missing.
 
-    ``requested`` is a list of names from PEERS, or None for the default:
-    PyTorch, onnxruntime and JAX.  The NumPy forward pass is timed when asked
-    for, when PyTorch was wanted but is missing, or when no requested peer is
-    there.  JAX is only looked for here: it runs in worker processes.
+    ``requested`` is a list of names from PEERS, or None for the default
+    (:func:`default_peers` of ``cells``).  The NumPy forward pass is timed
+    when asked for, when PyTorch was wanted but is missing, or when no
+    requested peer is there.  JAX is only looked for here: it runs in worker
+    processes.
     """
-    wanted = ["torch", "onnxruntime", "jax"] if requested is None else list(requested)
+    wanted = default_peers(cells) if requested is None else list(requested)
     peers = Peers()
     if "torch" in wanted:
         try:
@@ -305,6 +349,21 @@ def load_peers(requested=None):
         if not peers.jax:
             peers.notes.append("JAX is not installed: no jax column "
                                "(`pip install jax jaxlib`, the CPU build).")
+    if "xlstm" in wanted:
+        try:
+            import torch
+            import xlstm
+            from xlstm.blocks.slstm import cell as xlstm_cell
+        except ImportError:
+            peers.notes.append("xlstm is not installed: no xlstm column for the sLSTM "
+                               "(`pip install xlstm`, after PyTorch's CPU build: it "
+                               "requires torch).")
+        else:
+            peers.xlstm, peers.xlstm_torch = xlstm_cell, torch
+            peers.xlstm_version = getattr(xlstm, "__version__", "?")
+            if "slstm" not in cells:
+                peers.notes.append("xlstm runs the sLSTM only (--cells slstm): its "
+                                   "column stays empty for the other cells.")
     peers.numpy = "numpy" in wanted
     if not peers.numpy and (("torch" in wanted and peers.torch is None)
                             or not peers.timed()):
@@ -615,6 +674,78 @@ def _torch_model(torch, cell, shape, dtype, state_dict):
     m.load_state_dict({k: torch.from_numpy(np.array(v))
                        for k, v in state_dict.items()})
     return m
+
+
+def _xlstm_recurrent(R, heads, to_xlstm=True):
+    """fastgates' block-diagonal ``weight_hh`` (4H, d), row ``g*H + k*d + j``
+    (gate g, unit j of head k), as the vanilla sLSTMCell's recurrent kernel
+    (heads, 4*d, d), entry ``[k, g*d + j, l]`` (it multiplies h[k*d + l] into
+    gate g's unit j of head k), or back (``to_xlstm=False``)."""
+    if to_xlstm:
+        d = R.shape[1]
+        return R.reshape(4, heads, d, d).transpose(1, 0, 2, 3).reshape(heads, 4 * d, d)
+    d = R.shape[2]
+    return R.reshape(heads, 4, d, d).transpose(1, 0, 2, 3).reshape(4 * heads * d, d)
+
+
+def xlstm_weights(sd):
+    """fastgates' one-layer sLSTM weights (``state_dict()``) in the layout of
+    the xlstm side's tensors, keyed by fastgates' names.
+
+    The input projection (``weight_ih_l0``, ``bias_ih_l0``) is PyTorch's
+    ``linear`` (unchanged); ``bias_hh_l0`` is the cell's bias, whose layout
+    (gate, head, unit) is fastgates' too; ``weight_hh_l0`` becomes the
+    cell's recurrent kernel (:func:`_xlstm_recurrent`).  A missing bias is 0.
+    """
+    R = sd["weight_hh_l0"]
+    heads = R.shape[0] // 4 // R.shape[1]
+    zero = np.zeros(R.shape[0], R.dtype)
+    return {"weight_ih_l0": sd["weight_ih_l0"],
+            "bias_ih_l0": sd.get("bias_ih_l0", zero),
+            "weight_hh_l0": _xlstm_recurrent(R, heads),
+            "bias_hh_l0": sd.get("bias_hh_l0", zero)}
+
+
+def xlstm_model(peers, sd, dtype):
+    """The xlstm side's sLSTM on fastgates' weights ``sd`` (see XLSTM_NOTE).
+
+    Returns ``(forward, params)``: ``forward(x)`` maps a (T, B, I) tensor to
+    y (T, B, H) from the zero state; ``params`` are its four parameters,
+    keyed by fastgates' names, in xlstm's layout (:func:`xlstm_weights`).
+    """
+    torch, cell_module = peers.xlstm_torch, peers.xlstm
+    tdtype = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
+    W, R = sd["weight_ih_l0"], sd["weight_hh_l0"]
+    H, d = W.shape[0] // 4, R.shape[1]
+    # Input and output time-major, (T, B, 4H) in gate, head, unit order and
+    # (T, B, H); "dtype" names the CUDA kernel's (the vanilla backend computes
+    # in its tensors' dtype); the initialisations are overwritten below.
+    config = cell_module.sLSTMCellConfig(
+        hidden_size=H, num_heads=H // d, backend="vanilla", function="slstm",
+        input_shape="SBGNH", output_shape="SBH", dtype="float32",
+        bias_init="standard", recurrent_weight_init="zeros")
+    cell = cell_module.sLSTMCell(config).to(tdtype)
+    own = dict(cell.named_parameters())
+    params = {"weight_ih_l0": torch.nn.Parameter(torch.empty(W.shape, dtype=tdtype)),
+              "bias_ih_l0": torch.nn.Parameter(torch.empty(W.shape[0], dtype=tdtype)),
+              "weight_hh_l0": own["_recurrent_kernel_"],
+              "bias_hh_l0": own["_bias_"]}
+    with torch.no_grad():
+        for name, value in xlstm_weights(sd).items():
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def forward(xt):
+        pre = torch.nn.functional.linear(xt, params["weight_ih_l0"], params["bias_ih_l0"])
+        return cell(pre)[0]
+    return forward, params
+
+
+def xlstm_gradients(params):
+    """The gradients of the xlstm side's ``params``, in fastgates' layout."""
+    grads = {name: _to_np(p.grad) for name, p in params.items()}
+    R = grads["weight_hh_l0"]
+    grads["weight_hh_l0"] = _xlstm_recurrent(R, R.shape[0], to_xlstm=False)
+    return grads
 
 
 # ONNX gate order: LSTM i, o, f, c from PyTorch's i, f, g, o; GRU z, r, h
@@ -928,6 +1059,49 @@ def _torch_sides(ctx, case, sd, x, dy, state, add):
         add(Side("torch", k, call, ctx.threads.setter(k), between=between), answer())
 
 
+def _xlstm_sides(ctx, case, sd, x, dy, add):
+    """xlstm's sLSTM cell at each peer thread count (see XLSTM_NOTE)."""
+    torch = ctx.peers.xlstm_torch
+    forward, params = xlstm_model(ctx.peers, sd, DTYPES[case.dtype])
+    between = None
+    if case.mode == "train":
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+
+        def call():
+            for t in [xt, *params.values()]:
+                t.grad = None
+            y = forward(xt)
+            y.backward(dyt)
+            return y
+
+        def load(weights):
+            # In place, as an optimiser's step changes them.
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(weights[name])
+
+        weights = [{k: torch.from_numpy(np.ascontiguousarray(v))
+                    for k, v in xlstm_weights(w).items()} for w in (sd, _next_weights(sd))]
+        between = _alternate(load, weights)
+
+        def answer():
+            y = call()
+            return {"y": _to_np(y), "dx": _to_np(xt.grad), **xlstm_gradients(params)}
+    else:
+        xt = torch.from_numpy(x)
+
+        def call():
+            with torch.inference_mode():
+                return forward(xt)
+
+        def answer():
+            return {"y": _to_np(call())}
+    for k in ctx.peer_threads:
+        ctx.threads(k)
+        add(Side("xlstm", k, call, ctx.threads.setter(k), between=between), answer())
+
+
 def _onnx_sides(ctx, case, sd, x, add):
     feed = {"X": x}
     for k in ctx.peer_threads:
@@ -969,8 +1143,9 @@ def case_sides(ctx, case, m, x, dy):
     initial weights (the timed steps then update them).  PyTorch,
     onnxruntime and JAX sides are built for FRAMEWORK_CELLS only; for any
     other cell fastgates' LSTM is timed instead (YARDSTICK), and it has no
-    answer.  Returns (sides, answers keyed by side label, the NumPy forward
-    pass's ``y``).
+    answer; xlstm sides are built for the sLSTM of one layer and direction
+    only (XLSTM_NOTE).  Returns (sides, answers keyed by side label, the
+    NumPy forward pass's ``y``).
     """
     sides, answers = [], {}
 
@@ -1009,6 +1184,15 @@ def case_sides(ctx, case, m, x, dy):
     if (ctx.peers.ort is not None and shipped and case.dtype == "float32"
             and case.mode == "infer"):
         attempt("onnxruntime", lambda: _onnx_sides(ctx, case, sd, x, add))
+    if ctx.peers.xlstm is not None and case.cell == "slstm":
+        if case.shape.layers > 1 or case.shape.bidirectional:
+            note = (f"xlstm's sLSTM cell is one layer in one direction: no xlstm side "
+                    f"for {case.shape.label()}; its cells are left empty.")
+            if note not in ctx.peers.notes:
+                ctx.log(f"note: {note}")
+                ctx.peers.notes.append(note)
+        else:
+            attempt("xlstm", lambda: _xlstm_sides(ctx, case, sd, x, dy, add))
     if ctx.peers.numpy and case.mode == "infer":
         def call():
             return numpy_forward(case.cell, sd, x, case.shape.layers, case.shape.bidirectional,
@@ -1206,7 +1390,7 @@ class _Context:
         self.workers = list(workers)
         # Each peer is timed at every thread count up to the largest asked for.
         self.peer_threads = list(range(1, max(args.threads) + 1))
-        self.threads = ThreadSetter(peers.torch)
+        self.threads = ThreadSetter(peers.torch_runtime)
 
     def close_workers(self):
         for w in self.workers:
@@ -1368,7 +1552,7 @@ def _agree(row):
 
 
 def environment_lines(peers, gemm=None, gemm_n=GEMM_N):
-    torch, ort = peers.torch, peers.ort
+    torch, ort = peers.torch_runtime, peers.ort
     lines = [
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
         f"- machine: {platform.machine()}, {_cpu_model()}, "
@@ -1379,7 +1563,9 @@ def environment_lines(peers, gemm=None, gemm_n=GEMM_N):
         f"({os.path.dirname(fg.__file__)}, {fg.get_activation_mode()} activations), "
         f"torch {torch.__version__ if torch is not None else 'not used'}, "
         f"onnxruntime {ort.__version__ if ort is not None else 'not used'}, "
-        f"jax {peers.jax_version or 'not used'}",
+        f"jax {peers.jax_version or 'not used'}"
+        + (f", xlstm {peers.xlstm_version} (sLSTM cell, vanilla backend)"
+           if peers.xlstm is not None else ""),
     ]
     blas = [f"{p.get('internal_api')} {p.get('version')} "
             f"({p.get('architecture')}, {p.get('threading_layer')})"
@@ -1406,12 +1592,13 @@ def _cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "jax": "jax", "numpy": "numpy",
-                YARDSTICK: "fastgates LSTM"}
+_PEER_COLUMN = {"torch": "torch", "onnxruntime": "onnxrt", "jax": "jax", "xlstm": "xlstm",
+                "numpy": "numpy", YARDSTICK: "fastgates LSTM"}
 
 
 def _shown(peers):
-    return ["torch", "onnxruntime", "jax"] + (["numpy"] if peers.numpy else [])
+    return (["torch", "onnxruntime", "jax"] + (["xlstm"] if peers.xlstm is not None else [])
+            + (["numpy"] if peers.numpy else []))
 
 
 def _setting(side):
@@ -1546,8 +1733,11 @@ def _notes(rows, args, peers):
                      "count is timed beside it instead (fastgates LSTM; LSTM/cell = "
                      "LSTM time / cell time, above 1: the cell is faster). The LSTM "
                      "computes another function: it is not compared (max err is "
-                     "against the NumPy forward pass) and it is no peer (best peer). "
+                     "against the NumPy forward pass, and for the sLSTM against "
+                     "xlstm too) and it is no peer (best peer). "
                      f"GFLOP/s and %GEMM count the cell's own gates ({gates}).")
+    if any(s.peer == "xlstm" for r in rows for s in r.sides):
+        notes.append(XLSTM_NOTE)
     timed = [r for r in rows if r.samples is not None]
     over = []
     for r in timed:
@@ -2039,9 +2229,11 @@ def add_arguments(p):
                    help="infer, train (default: both); training steps get new "
                         "weights before each step on every side")
     p.add_argument("--peers", nargs="+", choices=PEERS, default=None, metavar="PEER",
-                   help="peers to time, from torch onnxruntime jax numpy (default: "
-                        "torch onnxruntime jax; numpy, the NumPy forward pass, is "
-                        "timed when PyTorch is missing)")
+                   help=f"peers to time, from {' '.join(PEERS)} (default: torch "
+                        "onnxruntime jax, and xlstm with --cells slstm: the xLSTM "
+                        "package's pure-PyTorch sLSTM cell, for that cell only; "
+                        "numpy, the NumPy forward pass, is timed when PyTorch is "
+                        "missing)")
     p.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="run beside N busy processes (`python -c \"while True: "
@@ -2111,7 +2303,7 @@ def _check_args(args):
     if args.no_timing and not (args.memory or args.compile_cost):
         return "--no-timing needs --memory or --compile-cost"
     if args.no_onnx:
-        args.peers = [p for p in (args.peers or ["torch", "onnxruntime", "jax"])
+        args.peers = [p for p in (args.peers or default_peers(args.cells))
                       if p != "onnxruntime"]
     return None
 
@@ -2127,12 +2319,13 @@ def run(args):
     progress = Progress(0)
     log = progress.log
 
-    peers = Peers() if args.no_timing else load_peers(args.peers)
+    peers = Peers() if args.no_timing else load_peers(args.peers, args.cells)
     for note in peers.notes:
         log(f"note: {note}")
-    if peers.torch is not None:
+    torch = peers.torch_runtime
+    if torch is not None:
         try:
-            peers.torch.set_num_interop_threads(1)
+            torch.set_num_interop_threads(1)
         except RuntimeError:   # only possible before PyTorch's first parallel work
             pass
     if "OPENBLAS_CORETYPE" in os.environ:
@@ -2147,7 +2340,7 @@ def run(args):
     old_fg, old_mode = fg.get_num_threads(), fg.get_activation_mode()
     if args.activations is not None:
         fg.set_activation_mode(args.activations)
-    old_torch = peers.torch.get_num_threads() if peers.torch is not None else None
+    old_torch = torch.get_num_threads() if torch is not None else None
     rows, gemm, compile_rows, memory_rows = [], {}, None, None
     try:
         if not args.no_timing:
@@ -2163,7 +2356,7 @@ def run(args):
         fg.set_num_threads(old_fg)
         fg.set_activation_mode(old_mode)
         if old_torch is not None:
-            peers.torch.set_num_threads(old_torch)
+            torch.set_num_threads(old_torch)
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:

@@ -475,6 +475,120 @@ def test_compile_cost_covers_every_cell_asked_for(monkeypatch, capsys, restore_t
 
 
 # ---------------------------------------------------------------------------
+# the sLSTM's peer: the xLSTM package's pure-PyTorch sLSTM cell
+
+
+def test_xlstm_is_a_default_peer_of_the_slstm_only_and_missing_is_a_note(monkeypatch):
+    assert bench.default_peers(["lstm", "gru"]) == ["torch", "onnxruntime", "jax"]
+    assert bench.default_peers(["lstm", "slstm"]) == ["torch", "onnxruntime", "jax", "xlstm"]
+    monkeypatch.setitem(sys.modules, "xlstm", None)      # as if absent
+    peers = bench.load_peers(["xlstm"], ["slstm"])
+    assert peers.xlstm is None and "xlstm" not in peers.timed()
+    assert any("xlstm is not installed" in n and "`pip install xlstm" in n
+               for n in peers.notes)
+    assert peers.numpy                       # the fallback peer when none is there
+
+
+def test_xlstm_side_computes_fastgates_slstm_from_its_weights():
+    pytest.importorskip("xlstm")
+    torch = pytest.importorskip("torch")
+    peers = bench.load_peers(["xlstm"], ["slstm"])
+    assert peers.xlstm is not None and peers.timed() == ["xlstm"]
+    # Two heads and biases that differ everywhere: a mapping that mixed up
+    # gates, heads, units or rows and columns would change y.
+    m = fg.SLSTM(3, 4, num_heads=2, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(3)
+    sd = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    R = sd["weight_hh_l0"]
+    kernel = bench._xlstm_recurrent(R, 2)
+    assert kernel.shape == (2, 8, 2)
+    assert np.array_equal(bench._xlstm_recurrent(kernel, 2, to_xlstm=False), R)
+    # head 1, gate z (2), unit 0 of the head, column 1: fastgates' row 2H + d + 0
+    assert kernel[1, 2 * 2 + 0, 1] == R[2 * 4 + 2 + 0, 1]
+    forward, params = bench.xlstm_model(peers, sd, np.float64)
+    assert all(p.dtype == torch.float64 for p in params.values())
+    x, dy = rng.standard_normal((7, 3, 3)), rng.standard_normal((7, 3, 4))
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    y = forward(xt)
+    y.backward(torch.from_numpy(dy))
+    (y_fg, _), pullback = m.vjp(x)
+    dx, _, dparams = pullback(dy)
+    assert_close(bench._to_np(y), y_fg, np.float64)
+    assert_close(bench._to_np(xt.grad), dx, np.float64)
+    grads = bench.xlstm_gradients(params)
+    assert sorted(grads) == sorted(dparams)
+    for name, g in grads.items():
+        assert_close(g, dparams[name], np.float64, err_msg=name)
+
+
+def test_bench_slstm_against_xlstm(tmp_path, capsys, restore_threads):
+    pytest.importorskip("xlstm")
+    # The default peers with --cells slstm: xlstm is one of them; the
+    # stacked bidirectional shape has no xlstm side, which is a note.
+    path = tmp_path / "rows.json"
+    code = bench.main(["--shape", "6,2,3,4", "--shape", "5,2,3,4,2,bi", *TINY[2:],
+                       "--cells", "slstm", "--dtypes", "float64", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header, rows = _table(out)
+    assert header[header.index("jax best") + 1:][:2] == ["xlstm", "xlstm best"]
+    assert [(r["(T, B, I, H)"], r["mode"]) for r in rows] == [
+        ("(6, 2, 3, 4)", "infer"), ("(6, 2, 3, 4)", "train"),
+        ("(5, 2, 3, 4) L=2 bi", "infer"), ("(5, 2, 3, 4) L=2 bi", "train")]
+    for r in rows[:2]:
+        assert float(r["xlstm"]) > 0 and r["xlstm best"] == f"{r['xlstm']} (1 thr)"
+        assert float(r["xlstm/fg"]) > 0 and float(r["fastgates LSTM"]) > 0
+        assert r["best peer"] == "xlstm (1 thr)" and r["best peer/fg"] == r["xlstm/fg"]
+        assert all(r[c] == "" for c in PEER_COLUMNS + RATIO_COLUMNS)     # no framework
+        assert float(r["max err"]) < bench.AGREE_TOL["float64"]["y"]
+    for r in rows[2:]:
+        assert r["xlstm"] == r["best peer"] == "" and float(r["fastgates"]) > 0
+    assert "could not run" not in err + out
+    assert "xlstm's sLSTM cell is one layer in one direction: no xlstm side for (5, 2, 3, 4)" in out
+    assert "xlstm 0." in out or "xlstm 1." in out or "xlstm 2." in out
+    assert "xlstm: the sLSTM cell of the xLSTM package" in out
+    infer, train = json.loads(path.read_text())["rows"][:2]
+    for row in (infer, train):
+        assert row["sides"]["xlstm@1"]["median_ms"] > 0
+        assert row["sides"]["xlstm@1"]["calls_per_run"] >= 1
+        assert row["errors"]["xlstm@1"]["max_error"] < 1e-13 and not row["failures"]
+    assert infer["errors"]["xlstm@1"]["array"] == "y"
+
+
+def test_xlstm_training_side_answers_every_gradient_and_gets_new_weights(restore_threads):
+    pytest.importorskip("xlstm")
+    torch = pytest.importorskip("torch")
+    args = bench._parser("x").parse_args([*TINY, "--peers", "xlstm", "--cells", "slstm"])
+    assert bench._check_args(args) is None
+    peers = bench.load_peers(args.peers, args.cells)
+    ctx = bench._Context(args, peers, bench.Progress(0, io.StringIO()))
+    assert ctx.threads.torch is peers.xlstm_torch          # its thread count is set
+    shape = bench.Shape("custom", 6, 2, 3, 4)
+    case = bench.Case(shape, "slstm", "float64", "train")
+    m = bench._fg_model("slstm", shape, np.float64)
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((6, 2, 3)), rng.standard_normal((6, 2, 4))
+    sides, answers, ref_y = bench.case_sides(ctx, case, m, x, dy)
+    assert [s.label for s in sides] == ["fastgates@1", "fastgates-lstm@1", "xlstm@1"]
+    # y, dx and the four parameters' gradients; not the state gradients
+    assert set(answers["xlstm@1"]) == {"y", "dx", "weight_ih_l0", "weight_hh_l0",
+                                       "bias_ih_l0", "bias_hh_l0"}
+    errs, failures = bench.agreement(case, 1, answers, ref_y)
+    assert not failures and errs["xlstm@1"][0] < 1e-13
+    # Training steps load the other weights in between (untimed), and back.
+    sd = m.state_dict()
+    side = sides[2]
+    side.between()
+    y_next = bench._to_np(side.call())
+    forward, _ = bench.xlstm_model(peers, bench._next_weights(sd), np.float64)
+    assert np.array_equal(y_next, bench._to_np(forward(torch.from_numpy(x))))
+    assert not np.array_equal(y_next, answers["xlstm@1"]["y"])
+    side.between()
+    assert np.array_equal(bench._to_np(side.call()), answers["xlstm@1"]["y"])
+
+
+# ---------------------------------------------------------------------------
 # --load
 
 

@@ -220,28 +220,51 @@ def head_panels(w_hh, heads, transposed):
 # -- kernels -----------------------------------------------------------------------------
 
 
-@jit()
-def _gate_major(src, dst, d):
-    """``dst`` (4H,) gate by gate from ``src`` (4H,) head by head (heads of ``d``)."""
-    H = dst.shape[0] // 4
-    for k in range(H // d):
-        for gate in range(4):
-            s0 = 4 * d * k + gate * d
-            d0 = gate * H + k * d
-            for jj in range(d):
-                dst[d0 + jj] = src[s0 + jj]
+# The products run head by head on C-contiguous (heads, rows, ...) arrays
+# (a column slice of a (rows, H) array is not one, and dot_blocked would be
+# compiled once more for it: about 1 s of an empty cache's first call).
 
 
 @jit()
-def _head_major(src, dst, d):
-    """The inverse of :func:`_gate_major`."""
-    H = src.shape[0] // 4
-    for k in range(H // d):
+def _split_heads(src, dst, r):
+    """Row ``r`` of ``dst`` (heads, rows, d) from ``src`` (H,): head ``k`` is ``src[k d:(k + 1) d]``."""
+    heads, _, d = dst.shape
+    for k in range(heads):
+        for jj in range(d):
+            dst[k, r, jj] = src[k * d + jj]
+
+
+@jit()
+def _join_heads(src, r, dst):
+    """The inverse of :func:`_split_heads`: ``dst`` (H,) from row ``r`` of ``src``."""
+    heads, _, d = src.shape
+    for k in range(heads):
+        for jj in range(d):
+            dst[k * d + jj] = src[k, r, jj]
+
+
+@jit()
+def _gate_major(src, r, dst):
+    """``dst`` (4H,) gate by gate from row ``r`` of ``src`` (heads, rows, 4d), head by head."""
+    heads, _, d4 = src.shape
+    d = d4 // 4
+    H = heads * d
+    for k in range(heads):
         for gate in range(4):
-            s0 = gate * H + k * d
-            d0 = 4 * d * k + gate * d
             for jj in range(d):
-                dst[d0 + jj] = src[s0 + jj]
+                dst[gate * H + k * d + jj] = src[k, r, gate * d + jj]
+
+
+@jit()
+def _head_major(src, dst, r):
+    """The inverse of :func:`_gate_major`: row ``r`` of ``dst`` from ``src`` (4H,)."""
+    heads, _, d4 = dst.shape
+    d = d4 // 4
+    H = heads * d
+    for k in range(heads):
+        for gate in range(4):
+            for jj in range(d):
+                dst[k, r, gate * d + jj] = src[gate * H + k * d + jj]
 
 
 @jit()
@@ -350,8 +373,9 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
         c = np.empty((nb, H), dtype=dtype)
         n = np.empty((nb, H), dtype=dtype)
         m = np.empty((nb, H), dtype=dtype)
-        acc = np.empty((nb, G), dtype=dtype)            # head by head
-        accg = np.empty((nb if heads > 1 else 0, G), dtype=dtype)   # gate by gate
+        hh = np.empty((heads if heads > 1 else 0, nb, d), dtype=dtype)   # h, head by head
+        acc = np.empty((heads, nb, 4 * d), dtype=dtype)  # the product, head by head
+        accg = np.empty(G, dtype=dtype)                  # one row of it, gate by gate
         g = np.empty(G, dtype=dtype)
         q = np.empty(G, dtype=dtype)
         xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
@@ -366,9 +390,14 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
                 t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
             xt = xwb[t - t_lo] if fused else xw[t]
             xoff = b0 if fused else 0
-            for hd in range(heads):
-                dot_blocked(h[:, hd * d:(hd + 1) * d], whh_tb[hd],
-                            acc[:, 4 * d * hd:4 * d * (hd + 1)])
+            if heads == 1:
+                # one head: h and the product as they are, gate by gate
+                dot_blocked(h, whh_tb[0], acc[0])
+            else:
+                for r in range(nb):
+                    _split_heads(h[r], hh, r)
+                for hd in range(heads):
+                    dot_blocked(hh[hd], whh_tb[hd], acc[hd])
             for r in range(nb):
                 b = b0 + r
                 if t >= lengths[b]:
@@ -377,10 +406,10 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
                         gates[t, b, :] = 0.0
                         aux[t, b, :] = 0.0
                     continue
-                a = acc[r]
+                a = acc[0, r]
                 if heads > 1:
-                    _gate_major(acc[r], accg[r], d)
-                    a = accg[r]
+                    _gate_major(acc, r, accg)
+                    a = accg
                 _step(a, xt[b - xoff], h[r], c[r], n[r], m[r], g, q, fast)
                 _copy(y[t, b, ycol:ycol + H], h[r])
                 if keep:
@@ -458,8 +487,8 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
         dh = np.empty((nb, H), dtype=dtype)
         dc = np.empty((nb, H), dtype=dtype)
         dn = np.empty((nb, H), dtype=dtype)
-        da = np.empty((nb, G), dtype=dtype)         # head by head
-        dhrec = np.empty((nb, H), dtype=dtype)
+        da = np.empty((heads, nb, 4 * d), dtype=dtype)     # head by head
+        dhh = np.empty((heads, nb, d), dtype=dtype)
         dh[:] = dhn[b0:b1]
         dc[:] = dcn[b0:b1]
         dn[:] = dnn[b0:b1]
@@ -469,7 +498,7 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
                 b = b0 + r
                 n_ = lengths[b]
                 if t >= n_:
-                    da[r, :] = 0.0
+                    da[:, r, :] = 0.0
                     dgx[t, b, :] = 0.0
                     hprev[t, b, :] = 0.0
                     continue
@@ -487,17 +516,18 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
                 gx = dgx[t, b]
                 _step_back(gates[t, b], aux[t, b], cp, np_, dy[t, b, dycol:dycol + H], dh[r],
                            dc[r], dn[r], gx)
-                if heads > 1:
-                    _head_major(gx, da[r], d)
+                if heads == 1:
+                    _copy(da[0, r], gx)
                 else:
-                    _copy(da[r], gx)
+                    _head_major(gx, da, r)
             for hd in range(heads):
-                dot_blocked(da[:, 4 * d * hd:4 * d * (hd + 1)], whh_b[hd],
-                            dhrec[:, hd * d:(hd + 1) * d])
+                dot_blocked(da[hd], whh_b[hd], dhh[hd])
             for r in range(nb):
                 if t < lengths[b0 + r]:
-                    for j in range(H):
-                        dh[r, j] = dhrec[r, j]
+                    if heads == 1:
+                        _copy(dh[r], dhh[0, r])
+                    else:
+                        _join_heads(dhh, r, dh[r])
         dh0[b0:b1] = dh
         dc0[b0:b1] = dc
         dn0[b0:b1] = dn
