@@ -320,17 +320,17 @@ def _plots(out, summary, cell, years, values, prediction, split_year, sample_yea
     paths = [
         plot.forget_heatmap(
             summary, out / "forget_heatmap.png", sample=summary.gates.shape[2] - 1,
-            title=f"{cell.upper()} {gate} of each unit over the last window,\n"
+            title=f"{cells.get(cell).label} {gate} of each unit over the last window,\n"
                   f"{first}-{last} (predicting {last + 1}; step 0 = {first})"),
         plot.timescale_histogram(
             summary, out / "timescales.png",
-            title=f"Time scales of the {cell.upper()}'s {gate}: {summary.timescale.size} units,\n"
+            title=f"Time scales of the {cells.get(cell).label}'s {gate}: {summary.timescale.size} units,\n"
                   f"held-out windows (1 step = 1 year)"),
         plot.prediction_plot(
             years, values, prediction, out / "prediction.png", split=split_year,
-            labels=("yearly sunspot number", f"{cell.upper()} one-year-ahead forecast"),
+            labels=("yearly sunspot number", f"{cells.get(cell).label} one-year-ahead forecast"),
             xlabel="year", ylabel="sunspot number",
-            title=f"Sunspots and the {cell.upper()}'s forecast of each year from the "
+            title=f"Sunspots and the {cells.get(cell).label}'s forecast of each year from the "
                   f"{last - first + 1} before it (shaded: held out)"),
     ]
     return paths
@@ -418,7 +418,7 @@ def _run(args):
     ar_pred = transform.inverse(ar(x.astype(np.float64))[:, 0])
     persistence = values[W - 1:-1]
     tr, te = slice(0, n_train_targets), slice(n_train_targets, None)
-    rows = [(f"{cell.upper()} (fastgates)", pred),
+    rows = [(f"{cells.get(cell).label} (fastgates)", pred),
             (f"linear AR({W}), least squares", ar_pred),
             ("persistence (this year's value)", persistence)]
     scores = {name: (rmse(p[tr], truth[tr]), rmse(p[te], truth[te])) for name, p in rows}
@@ -432,7 +432,7 @@ def _run(args):
     for name, other in (("persistence", pers_te), (f"AR({W})", ar_te)):
         word = "beats" if ours < other else "does not beat"
         verdict.append(f"{word} {name} by {abs(1 - ours / other):.0%}")
-    print(f"held out, the {cell.upper()} " + " and ".join(verdict) + ".")
+    print(f"held out, the {cells.get(cell).label} " + " and ".join(verdict) + ".")
 
     # How long the trained units remember, on the held-out windows.
     summary = gate_summary(model.rnn, x_test, horizon=W)
