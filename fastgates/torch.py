@@ -506,7 +506,7 @@ def _dropout_masks(module, dtype):
     p = float(module.dropout)
     if not (module.training and p > 0 and module.num_layers > 1):
         return None
-    F = (2 if module.bidirectional else 1) * module.hidden_size
+    F = (2 if module.bidirectional else 1) * (getattr(module, "proj_size", 0) or module.hidden_size)
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
 
     def draw(T, B):

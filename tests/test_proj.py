@@ -194,3 +194,24 @@ def test_initialisers_shape_the_projection(scheme):
             block = m.weight_hh_l0[6 * k:6 * (k + 1)]
             np.testing.assert_allclose(block.T @ block, np.eye(2), atol=1e-12)
         np.testing.assert_allclose(m.weight_hr_l0 @ m.weight_hr_l0.T, np.eye(2), atol=1e-12)
+
+
+def test_dropout_with_a_projection_drops_the_projected_outputs():
+    # the masks are as wide as the projected output (D * P), in the layer
+    # and in the drop-in (whose masks come from torch's generator)
+    m = fg.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, dropout=0.5,
+                dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 4, 3))
+    (y, _), pullback = m.vjp(x, rng=1)
+    assert y.shape == (5, 4, 4)
+    dx, _, grads = pullback(np.ones_like(y))
+    assert np.isfinite(dx).all() and grads["weight_hr_l1_reverse"].shape == (2, 6)
+    torch.manual_seed(0)
+    tm = fgt.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, dropout=0.5,
+                  dtype=torch.float64)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt, _ = tm(xt)
+    yt.sum().backward()
+    assert yt.shape == (5, 4, 4) and torch.isfinite(xt.grad).all()
+    tm.eval()
+    assert np.array_equal(tm(xt)[0].detach().numpy(), fg.from_torch(tm)(x)[0])
