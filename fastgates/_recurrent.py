@@ -119,7 +119,7 @@ class Tape:
         self.aux = aux            # per layer-direction: the cell's (LSTM c_t, GRU W_hn h + b_hn)
         self.state0 = state0      # tuple of (L*D, B, H) arrays
         self.lengths = lengths
-        self.masks = masks        # dropout: per layer but the last, (T, B, D*H) scales; or None
+        self.masks = masks        # dropout: per layer but the last, (T, B, D*P) scales; or None
 
 
 class Variant:
@@ -573,16 +573,16 @@ class _WeightGrads:
         """The work table of :meth:`add_side_by_side` for ``rows`` rows, else False."""
         dr = self.dir
         threads = _config.call_threads()
-        G, H, dtype = dr.G, dr.P, dr.dtype
+        G, P, dtype = dr.G, dr.P, dr.dtype      # dW_hh is (G, P)
         if threads < 2 or grid.parts(G, I, rows) != 1:
             return False
-        nhh = grid.parts(G, H, rows)
+        nhh = grid.parts(G, P, rows)
         tiles_ih = weight_product_tiles(G, I, dtype)
-        tiles_hh = weight_product_tiles(G, H, dtype)
+        tiles_hh = weight_product_tiles(G, P, dtype)
         dx_tiles = _input_grad_tiles(G, I, dtype)
         # (kind, part, nparts, tiles, multiply-adds)
         pieces = [(WORK_DW_IH, 0, 1, tiles_ih, rows * G * I), (WORK_DX, 0, 1, dx_tiles, rows * G * I)]
-        pieces += [(WORK_DW_HH, p, nhh, tiles_hh, rows * G * H // nhh) for p in range(nhh)]
+        pieces += [(WORK_DW_HH, p, nhh, tiles_hh, rows * G * P // nhh) for p in range(nhh)]
         if self.db_ih is not None:
             pieces.append((WORK_DB, 0, 1, False, rows * G))
         # the largest first, each to the lane with the least so far
@@ -686,9 +686,10 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
     ``cell.states``).  ``checkpoint``: with ``keep``, an interval in steps
     (see :func:`checkpoint_interval`); the tape then keeps only the states
     at segment boundaries (:class:`CheckpointTape`).  ``masks``: dropout
-    between layers, one (T, B, D*H) array per layer but the last, each 0 or
-    ``1 / (1 - p)``: the output of layer ``k`` times ``masks[k]`` is the
-    input of layer ``k + 1`` (the tape keeps them for the backward pass).
+    between layers, one (T, B, D*P) array per layer but the last (P a
+    direction's output width), each 0 or ``1 / (1 - p)``: the output of
+    layer ``k`` times ``masks[k]`` is the input of layer ``k + 1`` (the
+    tape keeps them for the backward pass).
 
     Returns
     -------
