@@ -8,12 +8,13 @@ from . import datasets, init
 from ._config import get_activation_mode, get_num_threads, set_activation_mode, set_num_threads
 from .analysis import GateSummary, gate_summary, timescale
 from .io import load, save
-from .layers import GRU, JANET, LSTM, MGU, SLSTM, GRUCell, LSTMCell, flatten_params, unflatten_params
+from .layers import (GRU, JANET, LSTM, MGU, SLSTM, GRUCell, LSTMCell, MinGRU, MinLSTM, flatten_params,
+                     unflatten_params)
 from .training import Adam, Linear, Readout, clip_grad_norm, cross_entropy_loss, mse_loss, scipy_objective
 
 __all__ = [
     # models
-    "LSTM", "GRU", "JANET", "MGU", "SLSTM", "LSTMCell", "GRUCell", "Linear", "Readout",
+    "LSTM", "GRU", "JANET", "MGU", "SLSTM", "MinGRU", "MinLSTM", "LSTMCell", "GRUCell", "Linear", "Readout",
     # parameters as one vector (scipy.optimize)
     "flatten_params", "unflatten_params",
     # training

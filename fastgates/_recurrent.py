@@ -270,10 +270,11 @@ class _Direction:
         self.k = k
         params = weights[k]
         self.w_ih = params["weight_ih"]
-        self.w_hh = params["weight_hh"]
+        self.w_hh = params.get("weight_hh")       # None: a cell without recurrent weights
         b_ih = params.get("bias_ih")
         self.bias = None if b_ih is None else _derive(derived, ("bias", k), cell.input_bias,
-                                                      b_ih, params["bias_hh"], H)
+                                                      b_ih, params.get("bias_hh"), H)
+        self.has_bias_hh = "bias_hh" in params
         # weakly: the direction lives in ``derived`` (a cycle would keep
         # the dict, and its panels, alive until the cyclic collector runs)
         self._derived = None if derived is None else weakref.ref(derived)
@@ -291,7 +292,7 @@ class _Direction:
         self.rev = rev
         # Fixed for the object's life; worked out once (a tiny call counts
         # every microsecond).
-        self.G = self.w_hh.shape[0]
+        self.G = self.w_ih.shape[0]
         self.clipping = bool(clip < np.inf)
         self.project_fits = self.w_ih.size * dtype.itemsize <= PROJECT_MAX_WEIGHT_BYTES
         cell.setup(self, params, variant)
@@ -361,7 +362,7 @@ class _Direction:
         (measured, (100, 64, 128, 128) 1 thread 20.2 -> 18.5 ms), the same
         bits.
         """
-        if not self.project_fits:
+        if not (self.cell.fuses_projection and self.project_fits):
             return False
         if B <= self.chunk:
             return t * B * I * self.G < SPLIT_MIN_MACS
@@ -388,7 +389,10 @@ class _Direction:
         else:
             xw = self.project(grid, a)
             x, wih_tb, bias, block = _empty3(dtype), _empty3(dtype), _empty1(dtype), 1
-        gates = np.empty((t, B, G), dtype=dtype) if keep else _empty3(dtype)
+        if keep and self.cell.gates_in_projection:
+            gates = xw            # the cell's kernel turns the projection into its gates
+        else:
+            gates = np.empty((t, B, G), dtype=dtype) if keep else _empty3(dtype)
         aux = (np.empty((t, B, self.cell.aux_units * H), dtype=dtype) if keep
                else _empty3(dtype))
         pre = np.empty((t, B, G), dtype=dtype) if keep and self.clipping else _empty3(dtype)
@@ -416,7 +420,7 @@ class _Direction:
         t, B, G = gates.shape
         H, dtype = self.H, self.dtype
         g = _StepGrads()
-        g.hprev = np.empty((t, B, self.P), dtype=dtype)
+        g.hprev = np.empty((t, B, self.P), dtype=dtype) if self.cell.recurrent else None
         g.dgx = np.empty((t, B, G), dtype=dtype)
         g.ds0 = tuple([np.empty((B, w), dtype=dtype) for w in self.widths])
         # the products beside the kernel (None: after it)
@@ -462,9 +466,10 @@ class _WeightGrads:
     def __init__(self, direction, I, with_bias):
         self.dir = direction
         dtype = direction.dtype
-        G = direction.w_hh.shape[0]
+        G = direction.G
         self.dw_ih = np.empty((G, I), dtype=dtype)
-        self.dw_hh = np.empty(direction.w_hh.shape, dtype=dtype)
+        self.dw_hh = (None if direction.w_hh is None
+                      else np.empty(direction.w_hh.shape, dtype=dtype))
         self.db_ih = np.empty(G, dtype=dtype) if with_bias else None
         self.first = True
         direction.cell.grads_setup(self, with_bias)
@@ -611,15 +616,19 @@ class _WeightGrads:
         cell = self.dir.cell
         cell.recurrent_side(self, g)
         h2 = g.dgx.reshape(rows, G)          # now the recurrent side's gradient
-        cell.recurrent_grad(self, grid, h2, g.hprev.reshape(rows, P), desc, init)
+        if cell.recurrent:
+            cell.recurrent_grad(self, grid, h2, g.hprev.reshape(rows, P), desc, init)
         cell.add_grads(self, grid, g, h2, desc, init)
 
     def result(self):
         """The gradients by parameter base name (``"weight_ih"`` ...)."""
-        out = {"weight_ih": self.dw_ih, "weight_hh": self.dw_hh}
+        out = {"weight_ih": self.dw_ih}
+        if self.dw_hh is not None:
+            out["weight_hh"] = self.dw_hh
         if self.db_ih is not None:
             out["bias_ih"] = self.db_ih
-            out["bias_hh"] = self.db_ih.copy() if self.db_hh is None else self.db_hh
+            if self.dir.has_bias_hh:
+                out["bias_hh"] = self.db_ih.copy() if self.db_hh is None else self.db_hh
         self.dir.cell.finish_grads(self, out)
         return out
 
@@ -956,7 +965,7 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     # Per step and row of the backward kernel's results: hprev, dgx and the
     # cell's own.  Made after dx (which then exists): ``extra`` per row,
     # the cell's own gradient products.
-    grads = P + G + own
+    grads = (P if cell.recurrent else 0) + G + own
     aux_units = cell.aux_units * H
     pad = N * input_size if padded else 0
     # gradients, states (two arrays of H + P per row and direction, at
@@ -965,7 +974,8 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     masks = (L - 1) * N * D * P if dropout else 0
     if checkpoint is None:
         kept = pad + 2 * masks + L * (N * D * P + D * N * (G + aux_units + pre))
-        peak = kept + N * G                                 # the last input projection
+        # the last input projection (unless it becomes the tape's gates)
+        peak = kept + (0 if cell.gates_in_projection else N * G)
         for layer in reversed(range(L)):
             dy_between = N * D * P if layer < L - 1 else 0
             for d in range(D):
@@ -982,6 +992,7 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
     if L > 1:
         peak = max(peak, kept + N * D * P + n * G)          # a layer's input and output
     segment = n * (G + aux_units + pre + P)                 # gates, aux, pre, own outputs
+    xw = 0 if cell.gates_in_projection else n * G           # the projection beside them
     aux = n * aux_to_end                                    # kept to the segment's end
     for layer in reversed(range(L)):
         dy_between = N * D * P if layer < L - 1 else 0
@@ -990,7 +1001,7 @@ def training_memory(cell, T, B, input_size, H, num_layers, D, itemsize, *, clip=
         # dx exists from the second segment on.
         base = kept + dy_between + N * sizes[layer] + seg_in
         peak = max(peak, base + below,
-                   base + segment + n * G,                  # recomputing: with its xw
+                   base + segment + xw,                     # recomputing: with its xw
                    base + segment + n * grads,              # the backward kernel
                    base + aux + n * grads + n * (sizes[layer] + extra))
     return itemsize * kept, itemsize * (peak + small)

@@ -19,7 +19,7 @@ implements the protocol of ``docs/benchmarks.md``:
   :func:`numpy_forward`, a batch-vectorised NumPy forward pass; past the
   dtype's tolerance (``AGREE_TOL``) the row is not timed and the run exits
   with 1, naming the row, the peer, the array and the error;
-- **cells no framework ships** (``--cells janet mgu slstm``, opt-in): PyTorch,
+- **cells no framework ships** (``--cells janet mgu slstm mingru minlstm``, opt-in): PyTorch,
   onnxruntime and JAX run the cells they ship (``FRAMEWORK_CELLS``: LSTM,
   GRU) only; any other cell is checked against :func:`numpy_forward` and
   timed beside fastgates' own LSTM of the same shape (``YARDSTICK``), which
@@ -100,6 +100,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastgates as fg
+from fastgates import _bench_scan
 from fastgates import cells as _cells
 from fastgates._bench_jax import timed_calls
 from fastgates.layers import layer_class
@@ -400,12 +401,15 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
                m' = max(log σ(f~) + m, i~),  i' = exp(i~ - m'),
                f' = exp(log σ(f~) + m - m'),  c' = f' c + i' tanh(z~),
                n' = f' n + i',  h' = σ(o~) c' / n'     (from m = -inf)
+        minGRU: z = σ(W_iz x + b_iz),  n = W_in x + b_in,  h' = (1 - z) h + z n
+        minLSTM: f, i = σ(W_if x + b_if), σ(W_ii x + b_ii),  n = W_in x + b_in,
+               h' = f/(f+i) h + i/(f+i) n          (both: positive=False)
 
     Computes in the dtype of ``x`` and ``params``.
 
     Parameters
     ----------
-    cell : {"lstm", "gru", "janet", "mgu", "slstm"}
+    cell : {"lstm", "gru", "janet", "mgu", "slstm", "mingru", "minlstm"}
     params : dict of str to ndarray
         Keyed as ``state_dict()`` (missing biases count as zero).
     x : ndarray, shape (T, B, I)
@@ -418,7 +422,7 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
     -------
     ndarray, shape (T, B, D*H)
     """
-    if cell not in ("lstm", "gru", "janet", "mgu", "slstm"):
+    if cell not in ("lstm", "gru", "janet", "mgu", "slstm", "mingru", "minlstm"):
         raise ValueError(f"numpy_forward has no {cell!r} cell")
     T, B = x.shape[:2]
     suffixes = ["", "_reverse"] if bidirectional else [""]
@@ -427,6 +431,10 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
         outs = []
         for suffix in suffixes:
             W = params[f"weight_ih_l{k}{suffix}"]
+            if cell in ("mingru", "minlstm"):
+                b = params.get(f"bias_ih_l{k}{suffix}", np.zeros(W.shape[0], W.dtype))
+                outs.append(_scan_cell_forward(cell, inp @ W.T + b, suffix == "_reverse"))
+                continue
             R = params[f"weight_hh_l{k}{suffix}"]
             H = R.shape[1] if cell != "slstm" else W.shape[0] // 4
             b_ih = params.get(f"bias_ih_l{k}{suffix}", np.zeros(R.shape[0], R.dtype))
@@ -485,6 +493,25 @@ def numpy_forward(cell, params, x, num_layers=1, bidirectional=False, beta=1.0):
             outs.append(out)
         inp = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=2)
     return inp
+
+
+def _scan_cell_forward(cell, xw, reverse):
+    """minGRU / minLSTM (``positive=False``) from their projection ``xw`` (T, B, G*H)."""
+    T, B, G = xw.shape
+    if cell == "mingru":
+        H = G // 2
+        z = _sigmoid(xw[:, :, :H])
+        a, b = 1.0 - z, z * xw[:, :, H:]
+    else:
+        H = G // 3
+        f, i = _sigmoid(xw[:, :, :H]), _sigmoid(xw[:, :, H:2 * H])
+        a, b = f / (f + i), i / (f + i) * xw[:, :, 2 * H:]
+    h = np.zeros((B, H), dtype=xw.dtype)
+    out = np.empty((T, B, H), dtype=xw.dtype)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h = a[t] * h + b[t]
+        out[t] = h
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -2267,6 +2294,9 @@ def add_arguments(p):
     p.add_argument("--json", metavar="FILE",
                    help="also write the rows as JSON here (every side's runs and "
                         "calls summarised, the errors)")
+    # minGRU / minLSTM against the LSTM and PyTorch's log-space scan
+    # (fastgates._bench_scan).
+    _bench_scan.add_arguments(p)
     p.set_defaults(func=run, _bench_parser=p)
     return p
 
@@ -2311,6 +2341,9 @@ def _check_args(args):
 def run(args):
     """Run the benchmark described by parsed ``args``; return the exit code
     (1 if any row's answers disagree beyond the tolerance)."""
+    if getattr(args, "scan", False):
+        with busy_processes(args.load, print):
+            return _bench_scan.run(args)
     error = _check_args(args)
     if error:
         args._bench_parser.error(error)

@@ -269,7 +269,8 @@ def _set_biases(model, values):
 
     The effective bias of a gate is ``bias_ih + bias_hh`` (both are added);
     the value goes in ``bias_ih`` and ``bias_hh`` gets 0, so the sum is the
-    value exactly, without a rounding of its own.
+    value exactly, without a rounding of its own.  A cell without recurrent
+    weights (minGRU, minLSTM) has ``bias_ih`` only.
     """
     params = model.state_dict()
     H = model.hidden_size
@@ -277,7 +278,8 @@ def _set_biases(model, values):
         for gate, per_suffix in values.items():
             rows = slice(gate * H, (gate + 1) * H)
             params["bias_ih" + suffix][rows] = per_suffix[k]
-            params["bias_hh" + suffix][rows] = 0
+            if "bias_hh" + suffix in params:
+                params["bias_hh" + suffix][rows] = 0
     return _load(model, params)
 
 

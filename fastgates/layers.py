@@ -694,6 +694,8 @@ def _variant_repr(model):
         args.append(f"proj_size={model.proj_size}")
     if getattr(model, "beta", 1.0) != 1.0:
         args.append(f"beta={model.beta!r}")
+    if getattr(model, "positive", False):
+        args.append("positive=True")
     if getattr(model, "num_heads", 1) != 1:
         args.append(f"num_heads={model.num_heads}")
     return args
@@ -1002,6 +1004,97 @@ class SLSTM(_Recurrent):
         return {**super()._options(), "num_heads": self.num_heads}
 
 
+class _ScanLayer(_Recurrent):
+    """A layer of a cell whose gates see only the input (minGRU, minLSTM)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 bidirectional=False, dropout=0.0, positive=False, dtype=np.float32, seed=None,
+                 reverse=False):
+        self.positive = check.boolean(positive, "positive")
+        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         bidirectional=bidirectional, dtype=dtype, seed=seed, reverse=reverse,
+                         dropout=dropout)
+
+    def _options(self):
+        return {**super()._options(), "positive": self.positive}
+
+
+_SCAN_NOTES = """
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, bidirectional, dropout, dtype, seed
+        As for :class:`LSTM`; the layer has ``weight_ih_l{k}`` and (with
+        ``bias``) ``bias_ih_l{k}`` only.
+    positive : bool, default False
+        The candidate is ``g(v)`` (``v + 1/2`` for ``v >= 0``, ``σ(v)``
+        below) instead of ``v``: the paper's form for its log-space scan,
+        which keeps ``h`` positive for a positive initial state.
+    reverse : bool, default False
+        As for :class:`LSTM`.
+
+    Notes
+    -----
+    The projection of all steps is one product; the recurrence, linear in
+    ``h``, is a scan split over the threads by batch rows and, for small
+    batches, by blocks of time (fixed by the shape, so the bits do not
+    depend on the thread count).  The accuracy of that scan: see
+    ``docs/mingru.md``.
+"""
+
+
+class MinGRU(_ScanLayer):
+    __doc__ = """Multi-layer minGRU (Feng et al. 2024): a GRU whose gate sees only the input.
+
+    For each layer and step, with gate order z, n in the rows of
+    ``weight_ih`` (``2H`` rows)::
+
+        z  = σ(W_iz x + b_iz)
+        n  = W_in x + b_in            (positive=True: g(W_in x + b_in))
+        h' = (1 - z) ⊙ h + z ⊙ n
+
+    ``1 - z`` is the fraction of the state kept at a step, which
+    :func:`fastgates.gate_summary` and :func:`fastgates.timescale` read;
+    ``gates()`` returns ``"z"`` and ``"n"``.
+""" + _SCAN_NOTES + """
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.MinGRU(3, 5, seed=0)
+    >>> y, h = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, h.shape, sorted(m.state_dict())
+    ((7, 2, 5), (1, 2, 5), ['bias_ih_l0', 'weight_ih_l0'])
+    """
+
+    _cell = "mingru"
+    _spec = cells.MINGRU
+
+
+class MinLSTM(_ScanLayer):
+    __doc__ = """Multi-layer minLSTM (Feng et al. 2024): an LSTM whose gates see only the input.
+
+    For each layer and step, with gate order f, i, n in the rows of
+    ``weight_ih`` (``3H`` rows)::
+
+        f  = σ(W_if x + b_if),   i = σ(W_ii x + b_ii)
+        n  = W_in x + b_in            (positive=True: g(W_in x + b_in))
+        h' = f/(f + i) ⊙ h + i/(f + i) ⊙ n
+
+    ``gates()`` returns the normalised ``"f"`` = ``f/(f+i)`` and ``"i"`` =
+    ``i/(f+i)``, and ``"n"``; ``"f"`` is the fraction of the state kept.
+""" + _SCAN_NOTES + """
+    Examples
+    --------
+    >>> import numpy as np, fastgates as fg
+    >>> m = fg.MinLSTM(3, 5, seed=0)
+    >>> y, h = m(np.ones((7, 2, 3), dtype=np.float32))
+    >>> y.shape, m.weight_ih_l0.shape
+    ((7, 2, 5), (15, 3))
+    """
+
+    _cell = "minlstm"
+    _spec = cells.MINLSTM
+
+
 class _Cell(_Parameters):
     """One step of a recurrent cell: a one-layer, one-step sequence model."""
 
@@ -1191,7 +1284,7 @@ class GRUCell(_Cell):
 
 
 # The layer and one-step classes of each cell, by the cell's name.
-_LAYERS = {cls._cell: cls for cls in (LSTM, GRU, JANET, MGU, SLSTM)}
+_LAYERS = {cls._cell: cls for cls in (LSTM, GRU, JANET, MGU, SLSTM, MinGRU, MinLSTM)}
 _STEPS = {cls._cell: cls for cls in (LSTMCell, GRUCell)}
 
 

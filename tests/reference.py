@@ -233,6 +233,61 @@ def mgu_step(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return h_new, {"f": f, "n": n}
 
 
+def positive_candidate(v):
+    """The paper's ``g(v)``: ``v + 1/2`` for ``v >= 0``, ``sigmoid(v)`` below."""
+    return np.where(v >= 0, v + 0.5, sigmoid(np.minimum(v, 0)))
+
+
+def mingru_step(x, h, w_ih, b_ih=None, positive=False):
+    """One minGRU step (Feng et al. 2024) for one sequence.
+
+    Rows z, n of ``w_ih`` (no recurrent weights)::
+
+        z  = sigmoid(W_iz x + b_iz)
+        n  = W_in x + b_in        (positive: g(W_in x + b_in))
+        h' = (1 - z) * h + z * n
+
+    Returns ``h_new, gates`` with ``gates`` mapping ``"z"`` and ``"n"``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 2 * H, w_ih.dtype)
+    W_iz, W_in = (gate_rows(w_ih, k, H) for k in range(2))
+    b_iz, b_in = (gate_rows(b_ih, k, H) for k in range(2))
+    z = sigmoid(W_iz @ x + b_iz)
+    n = W_in @ x + b_in
+    if positive:
+        n = positive_candidate(n)
+    h_new = (1 - z) * h + z * n
+    return h_new, {"z": z, "n": n}
+
+
+def minlstm_step(x, h, w_ih, b_ih=None, positive=False):
+    """One minLSTM step (Feng et al. 2024) for one sequence.
+
+    Rows f, i, n of ``w_ih`` (no recurrent weights)::
+
+        f  = sigmoid(W_if x + b_if),  i = sigmoid(W_ii x + b_ii)
+        n  = W_in x + b_in        (positive: g(W_in x + b_in))
+        h' = f / (f + i) * h + i / (f + i) * n
+
+    Returns ``h_new, gates`` with ``gates`` mapping ``"f"`` and ``"i"``
+    (normalised) and ``"n"``.
+    """
+    H = h.shape[0]
+    b_ih = _bias_or_zeros(b_ih, 3 * H, w_ih.dtype)
+    W_if, W_ii, W_in = (gate_rows(w_ih, k, H) for k in range(3))
+    b_if, b_ii, b_in = (gate_rows(b_ih, k, H) for k in range(3))
+    f = sigmoid(W_if @ x + b_if)
+    i = sigmoid(W_ii @ x + b_ii)
+    n = W_in @ x + b_in
+    if positive:
+        n = positive_candidate(n)
+    fn = f / (f + i)
+    in_ = i / (f + i)
+    h_new = fn * h + in_ * n
+    return h_new, {"f": fn, "i": in_, "n": n}
+
+
 def log_sigmoid(a):
     """``log sigmoid(a) = -log(1 + exp(-a))``, as ``-logaddexp(0, -a)`` (no overflow)."""
     return -np.logaddexp(0, -a)
@@ -592,6 +647,31 @@ def reference_slstm(x, params, num_layers=1, bidirectional=False, state0=None, l
     return layer_input, final, gates
 
 
+def reference_scan_cell(kind, x, params, num_layers=1, bidirectional=False, h0=None,
+                        lengths=None, reverse=False, positive=False):
+    """Multi-layer, optionally bidirectional minGRU (``kind="mingru"``) or minLSTM.
+
+    A plain sequential loop of :func:`mingru_step` / :func:`minlstm_step`;
+    conventions of :func:`reference_gru` (``params`` has ``weight_ih_l*`` and
+    ``bias_ih_l*`` only).
+    """
+    step, names, G = {"mingru": (mingru_step, ("z", "n"), 2),
+                      "minlstm": (minlstm_step, ("f", "i", "n"), 3)}[kind]
+    H = params["weight_ih_l0"].shape[0] // G
+    # the common loop reads the recurrent weights' width: give it zero ones
+    full = dict(params)
+    D = 2 if bidirectional else 1
+    for layer in range(num_layers):
+        for direction in range(D):
+            full[layer_key("weight_hh", layer, direction)] = np.zeros((G * H, H))
+
+    def one_step(x, h, w_ih, w_hh, b_ih, b_hh):
+        return step(x, h, w_ih, b_ih, positive)
+
+    return _reference_h(one_step, names, x, full, num_layers, bidirectional, h0, lengths,
+                        reverse)
+
+
 def _reference_h(step, gate_names, x, params, num_layers, bidirectional, h0, lengths, reverse):
     """A stacked recurrence whose state is ``h`` alone, one ``step`` at a time."""
     x, T, B, D, H, lengths, dtype = _sequence_setup(
@@ -651,3 +731,78 @@ def random_params(rng, kind, input_size, hidden_size, num_layers=1,
                 params[layer_key(name, layer, direction)] = rng.uniform(
                     -scale, scale, size=shape).astype(dtype)
     return params
+
+
+# ---------------------------------------------------------------------------
+# Forgetting attention (Lin et al. 2025)
+# ---------------------------------------------------------------------------
+
+
+def forgetting_attention_reference(q, k, v, log_f, scale=None):
+    """Forgetting attention as the dense T x T formula, one query at a time, in float64.
+
+    For every sequence (the leading axes) and query ``i``::
+
+        s_ij  = scale * q_i . k_j + sum_{l=j+1..i} log_f[l]     for j <= i
+        out_i = sum_{j <= i} softmax_j(s_ij) v_j
+
+    A gate of exactly 0 (``log_f[l] = -inf``) gives the keys before ``l`` a
+    score of ``-inf``: weight 0.  ``scale`` defaults to ``1 / sqrt(d)``.
+    """
+    q, k, v, log_f = (np.asarray(a, dtype=np.float64) for a in (q, k, v, log_f))
+    lead = q.shape[:-2]
+    T, d = q.shape[-2:]
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    out = np.zeros(lead + (T, v.shape[-1]))
+    for idx in np.ndindex(*lead):
+        qs, ks, vs, gs = q[idx], k[idx], v[idx], log_f[idx]
+        for i in range(T):
+            scores = np.full(i + 1, -np.inf)
+            bias = 0.0                       # sum of the gates between key j and query i
+            for j in range(i, -1, -1):
+                if j < i:
+                    bias += gs[j + 1]
+                if bias == -np.inf:
+                    break                    # key j and every earlier key: weight 0
+                scores[j] = scale * (qs[i] @ ks[j]) + bias
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            out[idx][i] = weights @ vs[: i + 1]
+    return out
+
+
+def log_sigmoid_reference(a):
+    """``log(sigmoid(a))``, written as ``-log(1 + exp(-a))`` for ``a >= 0`` and ``a - log(1 + exp(a))`` below."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(a >= 0, -np.log1p(np.exp(-np.abs(a))), a - np.log1p(np.exp(-np.abs(a))))
+
+
+def forgetting_attention_layer_reference(x, params, num_heads):
+    """The ``ForgettingAttention`` layer in float64: ``x`` (T, B, E) -> ``y`` (T, B, E).
+
+    ``params`` keyed like its ``state_dict``::
+
+        [q | k | v] = x W_in^T + b_in          (in_proj_weight, in_proj_bias)
+        f           = sigmoid(W_f x + b_f)     (forget_weight, forget_bias), one per head
+        o_head      = forgetting_attention(q_head, k_head, v_head, log f_head)
+        y           = [o_1 | ... | o_h] W_out^T + b_out      (out_proj.weight, out_proj.bias)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    T, B, E = x.shape
+    d = E // num_heads
+    p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
+    b_in = p.get("in_proj_bias", np.zeros(3 * E))
+    b_f = p.get("forget_bias", np.zeros(num_heads))
+    b_out = p.get("out_proj.bias", np.zeros(E))
+    y = np.zeros((T, B, E))
+    for b in range(B):
+        qkv = x[:, b] @ p["in_proj_weight"].T + b_in                  # (T, 3E)
+        log_f = log_sigmoid_reference(x[:, b] @ p["forget_weight"].T + b_f)   # (T, h)
+        heads = []
+        for h in range(num_heads):
+            q = qkv[:, h * d:(h + 1) * d]
+            k = qkv[:, E + h * d:E + (h + 1) * d]
+            v = qkv[:, 2 * E + h * d:2 * E + (h + 1) * d]
+            heads.append(forgetting_attention_reference(q, k, v, log_f[:, h]))
+        y[:, b] = np.concatenate(heads, axis=1) @ p["out_proj.weight"].T + b_out
+    return y

@@ -344,7 +344,8 @@ def test_default_cells_are_the_frameworks_and_help_lists_every_cell(capsys):
     with pytest.raises(SystemExit):
         bench._parser("x").parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "from lstm gru janet mgu slstm (default: lstm gru); janet mgu slstm: opt-in" in text
+    assert ("from lstm gru janet mgu slstm mingru minlstm (default: lstm gru); janet mgu slstm "
+            "mingru minlstm: opt-in") in text
     assert "fastgates' own LSTM" in text
 
 

@@ -12,7 +12,8 @@ from fastgates import _recurrent, cells
 
 # Each cell's sequence layer and one-step class (None: it has none).
 LAYERS = {"lstm": (fg.LSTM, fg.LSTMCell), "gru": (fg.GRU, fg.GRUCell), "janet": (fg.JANET, None),
-          "mgu": (fg.MGU, None), "slstm": (fg.SLSTM, None)}
+          "mgu": (fg.MGU, None), "slstm": (fg.SLSTM, None), "mingru": (fg.MinGRU, None),
+          "minlstm": (fg.MinLSTM, None)}
 
 
 def test_registry_finds_every_cell_by_name():

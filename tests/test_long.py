@@ -52,6 +52,8 @@ VARIANTS = {
     "janet": [{}, {"beta": 0.0}, {"bias": False}, {"reverse": True}],
     "mgu": [{}, {"bias": False}, {}, {"reverse": True}],
     "slstm": [{}, {"num_heads": 5}, {"bias": False}, {"reverse": True}],   # H = 5
+    "mingru": [{}, {"positive": True}, {"bias": False}, {"reverse": True}],
+    "minlstm": [{}, {"positive": True}, {"bias": False}, {"reverse": True}],
 }
 
 
@@ -200,6 +202,7 @@ MEMORY_CASES = [
     ("mgu", {"num_layers": 2}), ("lstm", {"num_layers": 2, "bidirectional": True, "proj_size": 8}),
     ("gru", {"num_layers": 3, "dropout": 0.3}),
     ("slstm", {"num_layers": 2, "bidirectional": True}), ("slstm", {"num_heads": 4}),
+    ("mingru", {"num_layers": 2, "bidirectional": True}), ("minlstm", {"positive": True}),
 ]
 
 

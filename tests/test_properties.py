@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import fastgates as fg
 from _tolerances import assert_close
 
-KINDS = ("lstm", "gru", "gru_classic", "janet", "mgu", "slstm")  # gru = reset_after=True
+KINDS = ("lstm", "gru", "gru_classic", "janet", "mgu", "slstm", "mingru", "minlstm")  # gru = reset_after=True
 DTYPES = (np.float32, np.float64)
 GATE_RANGES = {
     "lstm": {"i": (0, 1), "f": (0, 1), "g": (-1, 1), "o": (0, 1)},
@@ -28,6 +28,9 @@ GATE_RANGES = {
     # the stabilised i' = exp(i~ - m), f' = exp(log σ(f~) + m_prev - m): at most
     # 1, and one of them exactly 1 at every step (so never strictly inside)
     "slstm": {"i": (0, 1), "f": (0, 1), "z": (-1, 1), "o": (0, 1)},
+    # the candidate n of minGRU/minLSTM is the projection itself (unbounded)
+    "mingru": {"z": (0, 1), "n": (-np.inf, np.inf)},
+    "minlstm": {"f": (0, 1), "i": (0, 1), "n": (-np.inf, np.inf)},
 }
 # The states of each family beyond h (none: h alone).
 STATES = {"lstm": 2, "slstm": 4}
@@ -268,10 +271,13 @@ def test_gates_in_range_for_any_finite_values(setup, scale):
     # M >= (1 + e^s) / (1 + e^(s - 1)), whose supremum is e.  An sLSTM's
     # y = o c / n with |c| <= n kept exactly from a state where it holds (as
     # drawn here): f' and i' are in [0, 1], |tanh| <= 1, and rounding is
-    # monotone.
+    # monotone.  minGRU and minLSTM interpolate between h and their
+    # unbounded candidate n (their shares add up to 1 within rounding).
     h0 = state[0] if setup.family in STATES else state
     bound = {"lstm": 1, "slstm": 1, "janet": max(np.e * (1 + 1e-6), np.abs(h0).max())}.get(
         setup.family, max(1, np.abs(h0).max()))
+    if setup.family in ("mingru", "minlstm"):
+        bound = max(bound, np.abs(gates["n"]).max()) * (1 + 1e-5)
     assert np.all(np.abs(y) <= bound)
 
 
@@ -395,6 +401,39 @@ def test_saturated_forget_gate_keeps_hidden_state(setup, h_scale):
         for b in range(setup.B):
             if valid[t, b]:
                 np.testing.assert_array_equal(gates["f"][:, t, b], kept)
+                for d in range(setup.D):
+                    np.testing.assert_array_equal(y[t, b, d * H : (d + 1) * H], h0[top + d, b])
+
+
+@given(setup=setups(kinds=("mingru", "minlstm")), h_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       positive=st.booleans())
+def test_closed_input_keeps_hidden_state_of_scan_cells(setup, h_scale, positive):
+    # minGRU keeps h where its update gate z is 0 (1 - z = 1, z n = 0);
+    # minLSTM where its input gate i is 0 (f' = f / f = 1, i' = 0), whatever f.
+    m = fg.layers.layer_class(setup.kind)(setup.I, setup.H, num_layers=setup.L,
+                                          bidirectional=setup.bidirectional, dtype=setup.dtype,
+                                          seed=setup.seed, positive=positive)
+    params = random_params(m, setup.rng(0), 1.0)
+    H = setup.H
+    closed = slice(0, H) if setup.kind == "mingru" else slice(H, 2 * H)
+    for name in params:
+        params[name][closed] = -SATURATE if name.startswith("bias_ih") else 0
+    m.load_state_dict(params)
+    x, h0, lengths = setup.x(), setup.state(h_scale), setup.lengths()
+
+    gates = m.gates(x, h0, lengths)
+    y, h1 = m(x, h0, lengths)
+
+    np.testing.assert_array_equal(h1, h0)
+    valid = setup.valid(lengths)
+    top = (setup.L - 1) * setup.D
+    kept = gates["z"] if setup.kind == "mingru" else gates["i"]
+    np.testing.assert_array_equal(kept[:, valid], 0)
+    if setup.kind == "minlstm":
+        np.testing.assert_array_equal(gates["f"][:, valid], 1)
+    for t in range(setup.T):
+        for b in range(setup.B):
+            if valid[t, b]:
                 for d in range(setup.D):
                     np.testing.assert_array_equal(y[t, b, d * H : (d + 1) * H], h0[top + d, b])
 

@@ -61,6 +61,19 @@ class Cell:
         The backward kernel leaves ``dgx`` as the recurrent side's gradient,
         so the weight-gradient products of both sides may run side by side
         (:meth:`fastgates._recurrent._WeightGrads.add_side_by_side`).
+    recurrent : bool
+        The cell has recurrent weights ``weight_hh`` (the default); False
+        (minGRU, minLSTM): its gates see only the input, it has
+        ``weight_ih`` and ``bias_ih`` only (:meth:`param_shapes`), the
+        backward kernel leaves no ``hprev`` and there is no ``dW_hh``.
+    fuses_projection : bool
+        The forward kernel can make the input projection itself, a block of
+        steps at a time (:meth:`fastgates._recurrent._Direction.fused`);
+        False: it is always given ``xw``.
+    gates_in_projection : bool
+        The forward kernel turns the input projection ``xw`` into the gates
+        in place, so that the tape keeps ``xw`` itself as ``gates`` (only
+        with ``fuses_projection`` False); default False.
     initial : tuple of float
         The value of each state array, in the order of ``states``, when the
         caller passes none (``state=None`` or a part of it None); empty:
@@ -83,6 +96,9 @@ class Cell:
     aux_units = 1
     params = ()
     side_by_side = False
+    recurrent = True
+    fuses_projection = True
+    gates_in_projection = False
     initial = ()
     minus_inf = ()
 
