@@ -14,30 +14,35 @@ Parallel in time
 ----------------
 The reading order is cut into ``nblocks`` blocks of ``S`` steps
 (:func:`scan_blocks`), and the batch rows times the blocks are the tasks of
-the parallel loop:
+the parallel loops (reduce, then scan):
 
-1. each task scans its block from 0 (the first block from the initial
-   state: it is exact) and keeps the product ``A`` of its ``a``;
+1. each block but the last sums itself up: its end state ``u_k`` scanned
+   from 0 (the first block from the initial state: it is exact) and the
+   product ``A_k`` of its ``a``, without writing anything else;
 2. a short serial pass carries the block boundaries: the state at the
    end of block ``k`` is ``u_k + A_k ⊙ h_{k-1}``;
-3. each block after the first adds ``P_t ⊙ h_{k-1}`` to its steps, ``P_t``
-   the product of its ``a`` up to step ``t``.
+3. each block scans its steps from the state before it, writing ``y``: the
+   sequential recurrence, from a start computed in another order.
 
-The products ``A`` and ``P_t`` shrink geometrically over a long block; a
-product below the smallest normal number (``np.finfo(dtype).tiny``) is
-set to 0, which changes a state by less than ``tiny`` times the carried
-one (far below its rounding) and keeps the loops off subnormal numbers,
-which cost a hundred times a normal multiplication (measured: 71 ns per
-value and step instead of under 1 ns, T = 100,000, one sequence).
+The adjoint is cut the same way from the last block down.  Steps 1 and 3
+read the coefficients twice and write each output once (a fix-up of the
+outputs instead of step 3 would read and write them again: measured 30%
+slower, T = 10,000 to 100,000, one sequence of 256 units).  The products ``A`` shrink geometrically over a long block; a
+product below the smallest normal number (``np.finfo(dtype).tiny``) is set
+to 0, which changes a state by less than ``tiny`` times the carried one
+(far below its rounding) and keeps the loops off subnormal numbers, which
+cost a hundred times a normal multiplication (measured: 71 ns per value and
+step instead of under 1 ns, T = 100,000, one sequence).
 
 The blocks are fixed by the shape ``(T, B)`` alone, never by the number of
 threads: every value comes from the same operations in the same order on
 one thread or many, so the results are the same bits.  With one block (a
 batch of :data:`SCAN_TASKS` rows or more, or a short sequence) this is the
-plain sequential scan.  Cut into blocks, ``h_t`` is computed as
-``u_t + P_t ⊙ h_{k-1}`` instead of step by step: the same sum in another
-order, so it differs from the sequential scan by rounding only (both are
-forward-stable; see ``docs/mingru.md`` for the bound the tests check).
+plain sequential scan.  Cut into blocks, the state a block starts from is
+``u_k + A_k ⊙ h_{k-1}`` instead of the step-by-step value: the same sum in
+another order, so the results differ from the sequential scan by rounding
+only (both are forward-stable; see ``docs/mingru.md`` for the bound the
+tests check).
 """
 
 import numpy as np
@@ -86,12 +91,38 @@ def scan_forward(g, acol, c0, c1, bcol, ncol, h0, lengths, reverse, nblocks, y, 
     B, H = h0.shape
     S = (T + nblocks - 1) // nblocks
     dtype = h0.dtype
-    # u: each block's end state from 0 (then, after the carry pass, the
-    # true state there); p: the product of the block's coefficients
+    tiny = np.finfo(dtype).tiny
+    # per block but the last: its end state (from 0, then carried) and the
+    # product of its coefficients
     u = np.empty((nblocks, B, H), dtype=dtype)
     p = np.empty((nblocks, B, H), dtype=dtype)
-    track = nblocks > 1
-    tiny = np.finfo(dtype).tiny
+    if nblocks > 1:
+        for task in prange(B * (nblocks - 1)):
+            b = task // (nblocks - 1)
+            k = task % (nblocks - 1)
+            n = lengths[b]
+            s0 = k * S
+            s1 = min(s0 + S, n)
+            ub = u[k, b]
+            pb = p[k, b]
+            if k == 0:
+                ub[:] = h0[b]
+            else:
+                ub[:] = 0.0
+            pb[:] = 1.0
+            for s in range(s0, s1):
+                t = n - 1 - s if reverse else s
+                gt = g[t, b]
+                for j in range(H):
+                    a = c0 + c1 * gt[acol + j]
+                    ub[j] = a * ub[j] + gt[bcol + j] * gt[ncol + j]
+                    q = pb[j] * a
+                    pb[j] = q if q >= tiny else 0.0
+        # the block boundaries, in order (an empty block has u = 0, p = 1)
+        for b in range(B):
+            for k in range(1, nblocks - 1):
+                for j in range(H):
+                    u[k, b, j] += p[k, b, j] * u[k - 1, b, j]
     for task in prange(B * nblocks):
         b = task // nblocks
         k = task % nblocks
@@ -100,53 +131,24 @@ def scan_forward(g, acol, c0, c1, bcol, ncol, h0, lengths, reverse, nblocks, y, 
         s1 = min(s0 + S, n)
         for t in range(max(s0, n), min(s0 + S, T)):
             y[t, b, ycol:ycol + H] = 0.0
-        ub = u[k, b]
-        pb = p[k, b]
+        if s0 >= s1 and not (k == 0 and n == 0):
+            continue
+        # the state before the block (p[k] is free: the summaries are read)
+        h = p[k, b]
         if k == 0:
-            ub[:] = h0[b]
+            h[:] = h0[b]
         else:
-            ub[:] = 0.0
-        pb[:] = 1.0
+            h[:] = u[k - 1, b]
         for s in range(s0, s1):
             t = n - 1 - s if reverse else s
             gt = g[t, b]
             yt = y[t, b]
             for j in range(H):
-                v = (c0 + c1 * gt[acol + j]) * ub[j] + gt[bcol + j] * gt[ncol + j]
-                ub[j] = v
+                v = (c0 + c1 * gt[acol + j]) * h[j] + gt[bcol + j] * gt[ncol + j]
+                h[j] = v
                 yt[ycol + j] = v
-            if track:
-                for j in range(H):
-                    q = pb[j] * (c0 + c1 * gt[acol + j])
-                    pb[j] = q if q >= tiny else 0.0
-    if track:
-        # the block boundaries, in order (an empty block has u = 0, p = 1)
-        for b in range(B):
-            for k in range(1, nblocks):
-                for j in range(H):
-                    u[k, b, j] += p[k, b, j] * u[k - 1, b, j]
-        for task in prange(B * (nblocks - 1)):
-            b = task // (nblocks - 1)
-            k = task % (nblocks - 1) + 1
-            n = lengths[b]
-            s0 = k * S
-            s1 = min(s0 + S, n)
-            if s0 >= s1:
-                continue
-            carry = u[k - 1, b]
-            pb = p[k, b]            # its product is kept: reuse as P_t
-            pb[:] = 1.0
-            for s in range(s0, s1):
-                t = n - 1 - s if reverse else s
-                gt = g[t, b]
-                yt = y[t, b]
-                for j in range(H):
-                    q = pb[j] * (c0 + c1 * gt[acol + j])
-                    q = q if q >= tiny else 0.0
-                    pb[j] = q
-                    yt[ycol + j] += q * carry[j]
-    for b in range(B):
-        hn[b] = u[nblocks - 1, b]
+        if s1 == n:
+            hn[b] = h
 
 
 @jit(parallel=True)
@@ -178,14 +180,67 @@ def scan_backward(dy, dycol, dhn, a, acol, c0, c1, lengths, reverse, nblocks, g,
     B, H = dhn.shape
     S = (T + nblocks - 1) // nblocks
     dtype = dhn.dtype
-    # per block: g at its first step from 0 (the block holding the last
-    # valid step starts from dhn: it is exact), the product of a over its
-    # later steps, and a at its first step
+    tiny = np.finfo(dtype).tiny
+    # per block after the first, up to the one holding the last valid step
+    # (top, which starts from dhn): g at its first step scanned from 0
+    # (top: from dhn), the product of a over its later steps, and a at its
+    # first step; then the carry into the block below, a_{s1} g_{s1}
     first = np.empty((nblocks, B, H), dtype=dtype)
     m = np.empty((nblocks, B, H), dtype=dtype)
     afirst = np.empty((nblocks, B, H), dtype=dtype)
-    track = nblocks > 1
-    tiny = np.finfo(dtype).tiny
+    if nblocks > 1:
+        for task in prange(B * (nblocks - 1)):
+            b = task // (nblocks - 1)
+            k = task % (nblocks - 1) + 1
+            n = lengths[b]
+            s0 = k * S
+            s1 = min(s0 + S, n)
+            if s0 >= s1:
+                continue
+            acc = first[k, b]
+            mb = m[k, b]
+            if s1 == n:
+                acc[:] = dhn[b]
+            else:
+                acc[:] = 0.0
+            mb[:] = 1.0
+            tnext = 0
+            for s in range(s1 - 1, s0 - 1, -1):
+                t = n - 1 - s if reverse else s
+                dyt = dy[t, b]
+                if s == s1 - 1:
+                    for j in range(H):
+                        acc[j] = dyt[dycol + j] + acc[j]
+                else:
+                    an = a[tnext, b]
+                    for j in range(H):
+                        c = c0 + c1 * an[acol + j]
+                        acc[j] = dyt[dycol + j] + c * acc[j]
+                        q = mb[j] * c
+                        mb[j] = q if q >= tiny else 0.0
+                tnext = t
+            af = afirst[k, b]
+            an = a[tnext, b]
+            for j in range(H):
+                af[j] = c0 + c1 * an[acol + j]
+        # the block boundaries, from the top block down: m[k] becomes the
+        # carry into block k - 1
+        for b in range(B):
+            n = lengths[b]
+            if n == 0:
+                continue
+            top = (n - 1) // S
+            for k in range(top, 0, -1):
+                mk = m[k, b]
+                fk = first[k, b]
+                ak = afirst[k, b]
+                if k == top:
+                    for j in range(H):
+                        mk[j] = ak[j] * fk[j]
+                else:
+                    cin = m[k + 1, b]
+                    for j in range(H):
+                        mk[j] = ak[j] * (fk[j] + mk[j] * cin[j])
     for task in prange(B * nblocks):
         b = task // nblocks
         k = task % nblocks
@@ -194,15 +249,18 @@ def scan_backward(dy, dycol, dhn, a, acol, c0, c1, lengths, reverse, nblocks, g,
         s1 = min(s0 + S, n)
         for t in range(max(s0, n), min(s0 + S, T)):
             g[t, b, gcol:gcol + H] = 0.0
+        if n == 0:
+            if k == 0:
+                dh0[b] = dhn[b]
+            continue
         if s0 >= s1:
             continue
+        # what comes in from above (first[k] is free: the summaries are read)
         acc = first[k, b]
-        mb = m[k, b]
         if s1 == n:
             acc[:] = dhn[b]
         else:
-            acc[:] = 0.0
-        mb[:] = 1.0
+            acc[:] = m[k + 1, b]
         tnext = 0
         for s in range(s1 - 1, s0 - 1, -1):
             t = n - 1 - s if reverse else s
@@ -219,57 +277,8 @@ def scan_backward(dy, dycol, dhn, a, acol, c0, c1, lengths, reverse, nblocks, g,
                     v = dyt[dycol + j] + (c0 + c1 * an[acol + j]) * acc[j]
                     acc[j] = v
                     gt[gcol + j] = v
-                if track:
-                    for j in range(H):
-                        q = mb[j] * (c0 + c1 * an[acol + j])
-                        mb[j] = q if q >= tiny else 0.0
             tnext = t
-        af = afirst[k, b]
-        an = a[tnext, b]
-        for j in range(H):
-            af[j] = c0 + c1 * an[acol + j]
-    # the block boundaries, from the last block down: m[k] (its product no
-    # longer needed) becomes the carry into block k - 1, a_{s1} g_{s1}
-    for b in range(B):
-        n = lengths[b]
-        if n == 0:
-            dh0[b] = dhn[b]
-            continue
-        top = (n - 1) // S
-        for k in range(top, 0, -1):
-            mk = m[k, b]
-            fk = first[k, b]
-            ak = afirst[k, b]
-            if k == top:
-                for j in range(H):
-                    mk[j] = ak[j] * fk[j]
-            else:
-                cin = m[k + 1, b]
-                for j in range(H):
-                    mk[j] = ak[j] * (fk[j] + mk[j] * cin[j])
-        if top == 0:
+        if k == 0:
+            an = a[tnext, b]
             for j in range(H):
-                dh0[b, j] = afirst[0, b, j] * first[0, b, j]
-        else:
-            for j in range(H):
-                dh0[b, j] = afirst[0, b, j] * (first[0, b, j] + m[0, b, j] * m[1, b, j])
-    if track:
-        for task in prange(B * (nblocks - 1)):
-            b = task // (nblocks - 1)
-            k = task % (nblocks - 1)
-            n = lengths[b]
-            s0 = k * S
-            s1 = min(s0 + S, n)
-            if s0 >= s1 or s1 == n:
-                continue
-            carry = m[k + 1, b]
-            mb = first[k, b]        # its value is used: reuse as the running product
-            mb[:] = 1.0
-            for s in range(s1 - 1, s0 - 1, -1):
-                t = n - 1 - s if reverse else s
-                at = a[t, b]
-                gt = g[t, b]
-                for j in range(H):
-                    gt[gcol + j] += mb[j] * carry[j]
-                    q = mb[j] * (c0 + c1 * at[acol + j])
-                    mb[j] = q if q >= tiny else 0.0
+                dh0[b, j] = (c0 + c1 * an[acol + j]) * acc[j]
