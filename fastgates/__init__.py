@@ -7,6 +7,7 @@ forward and backward passes compiled for the CPU.
 from . import datasets, init
 from ._config import get_activation_mode, get_num_threads, set_activation_mode, set_num_threads
 from .analysis import GateSummary, gate_summary, timescale
+from .attention import ForgettingAttention, forgetting_attention, forgetting_attention_vjp
 from .io import load, save
 from .layers import (GRU, JANET, LSTM, MGU, SLSTM, GRUCell, LSTMCell, MinGRU, MinLSTM, flatten_params,
                      unflatten_params)
@@ -15,6 +16,8 @@ from .training import Adam, Linear, Readout, clip_grad_norm, cross_entropy_loss,
 __all__ = [
     # models
     "LSTM", "GRU", "JANET", "MGU", "SLSTM", "MinGRU", "MinLSTM", "LSTMCell", "GRUCell", "Linear", "Readout",
+    # forgetting attention (Lin et al. 2025)
+    "ForgettingAttention", "forgetting_attention", "forgetting_attention_vjp",
     # parameters as one vector (scipy.optimize)
     "flatten_params", "unflatten_params",
     # training

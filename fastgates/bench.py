@@ -100,7 +100,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastgates as fg
-from fastgates import _bench_scan
+from fastgates import _bench_attention, _bench_scan
 from fastgates import cells as _cells
 from fastgates._bench_jax import timed_calls
 from fastgates.layers import layer_class
@@ -2294,6 +2294,9 @@ def add_arguments(p):
     p.add_argument("--json", metavar="FILE",
                    help="also write the rows as JSON here (every side's runs and "
                         "calls summarised, the errors)")
+    # Forgetting attention against PyTorch's SDPA: its own rows and options
+    # (fastgates._bench_attention).
+    _bench_attention.add_arguments(p)
     # minGRU / minLSTM against the LSTM and PyTorch's log-space scan
     # (fastgates._bench_scan).
     _bench_scan.add_arguments(p)
@@ -2341,6 +2344,8 @@ def _check_args(args):
 def run(args):
     """Run the benchmark described by parsed ``args``; return the exit code
     (1 if any row's answers disagree beyond the tolerance)."""
+    if getattr(args, "attention", False):
+        return _bench_attention.run(args)
     if getattr(args, "scan", False):
         with busy_processes(args.load, print):
             return _bench_scan.run(args)

@@ -39,6 +39,7 @@ A ZIP archive whose entries are all *stored* (uncompressed, as
         LSTMCell  input_size hidden_size bias clip peephole input_forget dtype
         GRUCell   input_size hidden_size bias reset_after clip dtype
         Linear    in_features out_features bias dtype
+        ForgettingAttention  embed_dim num_heads bias dtype
         Readout   mode
 
     and, for ``Readout`` only, a third key ``"children": {"rnn": MODEL,
@@ -92,6 +93,7 @@ import zipfile
 
 import numpy as np
 
+from .attention import ForgettingAttention
 from .layers import _LAYERS, _STEPS
 from .training import Linear, Readout
 
@@ -127,6 +129,7 @@ def _constructor_options(cls):
 _SPECS = {cls.__name__: (cls, _constructor_options(cls), {})
           for cls in (*_LAYERS.values(), *_STEPS.values())}
 _SPECS["Linear"] = (Linear, ("in_features", "out_features", "bias", "dtype"), {})
+_SPECS["ForgettingAttention"] = (ForgettingAttention, _constructor_options(ForgettingAttention), {})
 _SPECS["Readout"] = (Readout, ("mode",), {"rnn": tuple(cls.__name__ for cls in _LAYERS.values()),
                                           "head": ("Linear",)})
 _CLASS_NAMES = {spec[0]: name for name, spec in _SPECS.items()}
@@ -633,12 +636,17 @@ def _implied_count(node):
         parts = [_implied_count(node["children"][child]) for child in ("rnn", "head")]
         return None if None in parts else sum(parts)
     sizes = {k: v for k, v in opts.items() if k in ("input_size", "hidden_size", "num_layers", "in_features",
-                                                     "out_features")}
+                                                     "out_features", "embed_dim", "num_heads")}
     if not all(type(v) is int and v > 0 for v in sizes.values()):
         return None               # the constructor refuses these before allocating anything
     bias = opts.get("bias") is True
     if name == "Linear":
         return opts["out_features"] * (opts["in_features"] + bias)
+    if name == "ForgettingAttention":
+        E, heads = opts["embed_dim"], opts["num_heads"]
+        if E % heads:
+            return None           # the constructor refuses it
+        return 4 * E * E + heads * E + bias * (4 * E + heads)
     spec = _SPECS[name][0]._spec
     H, I = opts["hidden_size"], opts["input_size"]
     peep = 3 * H if opts.get("peephole") is True else 0

@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from . import _validate as check
+from .attention import ForgettingAttention
 from .layers import (_FlatParams, _init_params, _Parameters, _Recurrent, checked_state_dict,
                      flatten_params)
 
@@ -816,16 +817,16 @@ def _runner(model, x, state, lengths, checkpoint):
         def run():
             (y, _), pullback = model.vjp(x, state, lengths, checkpoint=checkpoint)
             return y, lambda d: pullback(d)[2]
-    elif isinstance(model, Linear):
+    elif isinstance(model, (Linear, ForgettingAttention)):
         if state is not None or lengths is not None or checkpoint is not None:
-            raise ValueError("state, lengths and checkpoint must be None for a Linear model")
+            raise ValueError(f"state, lengths and checkpoint must be None for a {type(model).__name__} model")
 
         def run():
             out, pullback = model.vjp(x)
             return out, lambda d: pullback(d)[1]
     else:
         raise TypeError(f"model must be a fastgates Readout, recurrent layer (LSTM, GRU, JANET, "
-                        f"MGU) or Linear, got {type(model).__name__}")
+                        f"MGU), ForgettingAttention or Linear, got {type(model).__name__}")
     return run
 
 
@@ -841,11 +842,12 @@ def scipy_objective(model, loss, x, target, *, state=None, lengths=None, checkpo
 
     Parameters
     ----------
-    model : Readout, a recurrent layer (LSTM, GRU, JANET, MGU, SLSTM) or Linear
+    model : Readout, a recurrent layer (LSTM, GRU, JANET, MGU, SLSTM), ForgettingAttention or Linear
         The prediction is ``model(x, state, lengths)`` for a
         :class:`Readout`, the output sequence ``y`` for an ``LSTM``/``GRU``,
-        ``model(x)`` for a :class:`Linear` (``state`` and ``lengths`` must
-        then be ``None``).
+        ``model(x)`` for a :class:`Linear` or a
+        :class:`~fastgates.ForgettingAttention` (``state`` and ``lengths``
+        must then be ``None``).
     loss : {"mse", "cross_entropy"} or callable
         :func:`mse_loss`, :func:`cross_entropy_loss`, or any
         ``loss(pred, target) -> (loss_value, dpred)`` with ``dpred`` the

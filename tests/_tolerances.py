@@ -40,3 +40,30 @@ def tol(dtype):
 def assert_close(actual, desired, dtype, err_msg=""):
     """``np.testing.assert_allclose`` with the tolerance of ``dtype``."""
     np.testing.assert_allclose(actual, desired, err_msg=err_msg, **tol(dtype))
+
+
+# Forgetting attention (tests/test_attention.py), compared with the dense
+# float64 formula normwise: max |actual - desired| / max(1, max |desired|).
+# An output is a convex combination of values whose weights come from a
+# fast exp (2 ulp) and a softmax sum of up to T terms; each score is a dot
+# product of d terms plus a bias re-based per tile; a gradient adds the
+# sums over the other axis of the tile grid, and dlog_f a suffix sum of up
+# to T row-minus-column sums.  Observed with T <= 200, d, dv <= 64: float32
+# 1e-6 (outputs and gradients alike), float64 2e-15.  The bounds leave
+# more than an order of magnitude (float32) and two (float64) for other
+# shapes and seeds, and stay far below any real error (a wrong mask, a
+# missing tile or gate: errors of 1e-2 and more).
+ATTENTION_TOL = {
+    np.dtype(np.float32): 3e-5,
+    np.dtype(np.float64): 1e-12,
+}
+
+
+def assert_close_scaled(actual, desired, dtype, err_msg=""):
+    """``max |actual - desired| <= ATTENTION_TOL[dtype] * max(1, max |desired|)``."""
+    actual = np.asarray(actual, dtype=np.float64)
+    desired = np.asarray(desired, dtype=np.float64)
+    assert actual.shape == desired.shape, f"{err_msg}: shape {actual.shape} != {desired.shape}"
+    scale = max(1.0, float(np.abs(desired).max(initial=0.0)))
+    err = float(np.abs(actual - desired).max(initial=0.0)) / scale
+    assert err <= ATTENTION_TOL[np.dtype(dtype)], f"{err_msg}: scaled error {err:.3g}"
