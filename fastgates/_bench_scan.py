@@ -3,8 +3,8 @@
 ``python -m fastgates bench --scan`` (see :mod:`fastgates.bench`,
 ``docs/mingru.md``).  Three comparisons per shape ``(T, B, H)`` with input
 size ``I`` (``--scan-input``, default 32), at every thread count, in one
-process, the sides alternating after a warm-up (medians of the timed
-runs):
+process, the sides alternating after a warm-up, each run after the
+benchmark's pause (medians of the timed runs):
 
 - a training step (``vjp`` and its pullback) of fastgates' minGRU and
   minLSTM against fastgates' LSTM of the same width: the sequential cell
@@ -124,17 +124,27 @@ def torch_scan_model(torch, kind, weight, bias):
 
 
 class _Side:
-    """One contender of a row: a name and a function running one training step."""
+    """One contender of a row: a name, a function running one timed step and
+    ``setup`` (untimed, before each: thread counts), its step's calls."""
 
-    def __init__(self, name, step):
+    def __init__(self, name, step, setup=None, calls=1):
         self.name = name
         self.step = step
+        self.setup = setup
+        self.calls = calls
         self.times = []
 
     def run(self):
+        # the benchmark's pause: the other side's pool threads stop spinning
+        # first (fastgates would take them for other work on the cores and
+        # run on one thread; see fastgates.bench._pause)
+        from fastgates.bench import _pause
+        if self.setup is not None:
+            self.setup()
+        _pause()
         start = time.perf_counter()
         self.step()
-        self.times.append(time.perf_counter() - start)
+        self.times.append((time.perf_counter() - start) / self.calls)
 
     @property
     def median(self):
@@ -237,15 +247,23 @@ def _scan_speedup(T, H, dtype, repeats):
     dy = rng.standard_normal((T, B, H)).astype(dtype)
     dh0 = np.empty((B, H), dtype=dtype)
     nblocks = _scan.scan_blocks(T, B)
+    # calls per timed run: about 20 ms of them (a call takes about 4 ns per
+    # value on one thread)
+    calls = max(1, math.ceil(0.02 / (T * H * 4e-9)))
     out = {}
     sides = []
     for threads in (1, 2):
-        def step(threads=threads):
+        def setup(threads=threads):
             fg.set_num_threads(threads, adaptive=False)
             _config.kernel_threads(threads)
-            _scan.scan_forward(ab, 0, one, -one, 0, H, h0, lengths, False, nblocks, y, 0, hn)
-            _scan.scan_backward(dy, 0, hn, ab, 0, one, -one, lengths, False, nblocks, g, H, dh0)
-        sides.append(_Side(threads, step))
+
+        def step():
+            for _ in range(calls):
+                _scan.scan_forward(ab, 0, one, -one, 0, H, h0, lengths, False, nblocks, y, 0,
+                                   hn)
+                _scan.scan_backward(dy, 0, hn, ab, 0, one, -one, lengths, False, nblocks, g,
+                                    H, dh0)
+        sides.append(_Side(threads, step, setup, calls))
     _time_row(sides, max(repeats, 5))
     for side in sides:
         out[side.name] = side.median

@@ -353,3 +353,25 @@ def test_readout_and_scipy_objective(kind):
     eps = 1e-6
     numeric = (fun(v + eps * d)[0] - fun(v - eps * d)[0]) / (2 * eps)
     assert abs(numeric - grad @ d) <= 1e-7 * max(1, abs(numeric))
+
+
+def test_the_scan_benchmark_runs_and_checks_its_answers(capsys):
+    # bench --scan on a tiny grid: every side timed, PyTorch's log-space scan
+    # agreeing in float64 (or the run fails), the scan's own rows at B = 1.
+    pytest.importorskip("torch")
+    from fastgates import bench
+
+    threads = fg.get_num_threads()
+    args = bench._parser("bench").parse_args(
+        ["--scan", "--scan-T", "130", "--scan-B", "1", "2", "--scan-H", "4", "--scan-input", "3",
+         "--threads", "1", "--dtypes", "float32", "--repeats", "1"])
+    try:
+        assert bench.run(args) == 0
+    finally:
+        fg.set_num_threads(threads)
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| 130 |")]
+    assert len(rows) == 3                       # two training rows, one scan row
+    cells = rows[0].split("|")
+    assert all(c.strip() not in ("", "-") for c in cells[6:18]), rows[0]
+    assert float(cells[17]) <= 1e-9             # the float64 agreement
