@@ -19,7 +19,8 @@ from _bitwise import assert_bitwise
 from _tolerances import FD_STEP
 from test_gradcheck import assert_gradient
 
-CELLS = {"lstm": fg.LSTM, "gru": fg.GRU, "janet": fg.JANET, "mgu": fg.MGU}
+CELLS = {"lstm": fg.LSTM, "gru": fg.GRU, "janet": fg.JANET, "mgu": fg.MGU, "mingru": fg.MinGRU,
+         "minlstm": fg.MinLSTM}
 
 
 def masks_of(m, T, B, seed):
@@ -110,7 +111,7 @@ def test_probability_one_drops_everything_and_zero_nothing():
     assert_bitwise(none.vjp(x, rng=0)[0], none(x))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "mingru"])
 def test_gradient_is_exact_for_the_mask_drawn(cell):
     # Central differences of sum(y * dy) + <state, dstate> with the masks
     # fixed (the same rng at every evaluation), every entry of x and of
