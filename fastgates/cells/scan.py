@@ -20,7 +20,6 @@ the coefficients from the gates as they go, and parallel in time where the
 batch is small.
 """
 
-import numpy as np
 
 from .. import _config
 from .._config import jit
