@@ -375,3 +375,24 @@ def test_the_scan_benchmark_runs_and_checks_its_answers(capsys):
     cells = rows[0].split("|")
     assert all(c.strip() not in ("", "-") for c in cells[6:18]), rows[0]
     assert float(cells[17]) <= 1e-9             # the float64 agreement
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minlstm_ratio_where_both_gates_vanish(dtype):
+    # Pre-activations -200 and -201: f and i underflow to 0 in float32 (0/0
+    # for f/(f+i)) and are below 2**-100 in float64; the ratio comes from
+    # their difference, f' = sigmoid(1), i' = sigmoid(-1), in both dtypes.
+    m = fg.MinLSTM(2, 3, dtype=dtype, seed=0)
+    params = m.state_dict()
+    params["weight_ih_l0"][:6] = 0
+    params["bias_ih_l0"][:3] = -200.0
+    params["bias_ih_l0"][3:6] = -201.0
+    m.load_state_dict(params)
+    x = np.random.default_rng(0).standard_normal((5, 2, 2)).astype(dtype)
+    g = m.gates(x)
+    sig = 1 / (1 + np.exp(-1.0))
+    assert_close(g["f"], np.full(g["f"].shape, sig), dtype, "f")
+    assert_close(g["i"], np.full(g["i"].shape, 1 - sig), dtype, "i")
+    (y, h), pullback = m.vjp(x)
+    dx, dh0, grads = pullback(np.ones_like(y))
+    assert all(np.all(np.isfinite(v)) for v in (y, h, dx, dh0, *grads.values()))
