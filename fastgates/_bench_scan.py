@@ -49,10 +49,11 @@ MEMORY_BUDGET_GB = 6.0
 # logcumsumexp's input and output, exp's output, and their gradients).
 TORCH_ARRAYS = 24
 # Agreement of fastgates' linear scan and PyTorch's log-space one in float64
-# (the same equations), relative to the largest value, per 1,000 steps: the
-# log-space scan takes exp of a difference of cumulative logs that grow
-# with T, so its rounding does too (measured 1.2e-11 at T = 1,000).
-AGREE_RTOL = 1e-9
+# (the same equations), relative to the largest value, at T = 1,000 and
+# growing as T^2: the log-space scan takes exp of a difference of cumulative
+# logs that grow with T, and its rounding grows faster still (measured:
+# 1.4e-11, 2.5e-9 and 1.9e-7 at T = 1,000, 10,000 and 100,000).
+AGREE_RTOL = 1e-10
 TIME_BUDGET = 20.0          # s of timed calls per side and row, at most
 WARMUP = 1
 
@@ -309,6 +310,9 @@ def run(args, log=print):
         with open(args.out, "w") as f:
             f.write(text)
     failures = [r for r in rows if r["agree"] is not None and r["agree"] > r["agree_tol"]]
+    for r in failures:
+        log(f"FAILED: T={r['T']} B={r['B']} H={r['H']}: fastgates and PyTorch's scan differ by "
+            f"{r['agree']:.1e} in float64 (tolerance {r['agree_tol']:.0e})")
     return 1 if failures else 0
 
 
@@ -354,7 +358,7 @@ def _shape_rows(torch, T, B, I, H, dtype, threads_list, repeats, budget, notes, 
                 sides.append(_Side(name, _torch_step(torch, forward, x, dy)))
         _time_row(sides, repeats)
         t = {s.name: s.median for s in sides}
-        tol = AGREE_RTOL * max(1.0, T / 1000)
+        tol = AGREE_RTOL * max(1.0, T / 1000) ** 2
         row = {"T": T, "B": B, "H": H, "I": I, "dtype": dtype.name, "threads": threads,
                "times": t, "agree": max(agree.values()) if agree else None, "agree_tol": tol,
                "accuracy": accuracy}
