@@ -37,8 +37,8 @@ step instead of under 1 ns, T = 100,000, one sequence).
 The blocks are fixed by the shape ``(T, B)`` alone, never by the number of
 threads: every value comes from the same operations in the same order on
 one thread or many, so the results are the same bits.  With one block (a
-batch of :data:`SCAN_TASKS` rows or more, or a short sequence) this is the
-plain sequential scan.  Cut into blocks, the state a block starts from is
+batch of more than ``SCAN_TASKS // 2`` rows, or fewer than
+``2 * SCAN_MIN_STEPS`` steps) this is the plain sequential scan.  Cut into blocks, the state a block starts from is
 ``u_k + A_k ⊙ h_{k-1}`` instead of the step-by-step value: the same sum in
 another order, so the results differ from the sequential scan by rounding
 only (both are forward-stable; see ``docs/mingru.md`` for the bound the
