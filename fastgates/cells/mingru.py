@@ -17,7 +17,7 @@ from numba import prange
 
 from .._config import jit
 from .._math import one, sigmoid_inplace
-from .scan import ScanCell, candidate_inplace, candidate_slopes, row_range
+from .scan import ScanCell, candidate_inplace, candidate_slopes, row_range, state_before
 
 
 @jit(parallel=True)
@@ -63,8 +63,7 @@ def mingru_gradients(gates, aux, y, ycol, h0, lengths, reverse, positive, dgx, p
             if t >= n_:
                 out[:] = 0.0
                 continue
-            first = t == n_ - 1 if reverse else t == 0
-            hp = h0[b] if first else y[t + 1 if reverse else t - 1, b, ycol:ycol + H]
+            hp = state_before(y, ycol, h0, lengths, reverse, t, b)
             gt = gates[t, b]
             one_ = one(gt[0])
             for j in range(H):

@@ -27,7 +27,8 @@ from numba import prange
 
 from .._config import jit
 from .._math import one, sigmoid_inplace, sigmoid_scalar
-from .scan import ScanCell, candidate_inplace, candidate_slopes, copy, row_range
+from .._lstm import _copy
+from .scan import ScanCell, candidate_inplace, candidate_slopes, row_range, state_before
 
 # Below this sum of the two gates the ratio is taken from the difference of
 # the pre-activations (see the module's notes): normal in both dtypes.
@@ -87,7 +88,7 @@ def minlstm_activate(xw, lengths, positive, fast, aux, per_task):
                     aux[t, b, :] = 0.0
                 continue
             gi = aux[t, b] if keep else fi
-            copy(gi, row[:2 * H])
+            _copy(gi, row[:2 * H])
             sigmoid_inplace(gi, fast)
             _normalise(row, gi, row, fast)
             candidate_inplace(row[2 * H:], positive, fast)
@@ -110,8 +111,7 @@ def minlstm_gradients(gates, aux, y, ycol, h0, lengths, reverse, positive, dgx, 
             if t >= n_:
                 out[:] = 0.0
                 continue
-            first = t == n_ - 1 if reverse else t == 0
-            hp = h0[b] if first else y[t + 1 if reverse else t - 1, b, ycol:ycol + H]
+            hp = state_before(y, ycol, h0, lengths, reverse, t, b)
             gt = gates[t, b]
             at = aux[t, b]
             one_ = one(gt[0])

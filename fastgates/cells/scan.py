@@ -76,11 +76,13 @@ def candidate_slopes(n, positive, out):
 
 
 @jit()
-def copy(dst, src):
-    """``dst[:] = src`` for 1-D arrays that do not overlap, by a loop (a slice
-    assignment first copies ``src`` aside, in case they overlap)."""
-    for j in range(dst.shape[0]):
-        dst[j] = src[j]
+def state_before(y, ycol, h0, lengths, reverse, t, b):
+    """``h_{t-1}`` of sequence ``b`` in its reading order: the output of the step
+    read before ``t`` (columns ``ycol:ycol + H`` of ``y``), ``h0[b]`` at the first."""
+    n = lengths[b]
+    if (t == n - 1) if reverse else (t == 0):
+        return h0[b]
+    return y[t + 1 if reverse else t - 1, b, ycol:ycol + h0.shape[1]]
 
 
 @jit()
