@@ -2344,11 +2344,11 @@ def _check_args(args):
 def run(args):
     """Run the benchmark described by parsed ``args``; return the exit code
     (1 if any row's answers disagree beyond the tolerance)."""
-    if getattr(args, "attention", False):
-        return _bench_attention.run(args)
-    if getattr(args, "scan", False):
-        with busy_processes(args.load, print):
-            return _bench_scan.run(args)
+    # their own rows, under --load's busy processes as the matrix is
+    for flag, own in (("attention", _bench_attention.run), ("scan", _bench_scan.run)):
+        if getattr(args, flag, False):
+            with busy_processes(args.load, print):
+                return own(args)
     error = _check_args(args)
     if error:
         args._bench_parser.error(error)
