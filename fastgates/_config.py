@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads",
            "begin_call", "end_call", "call_threads", "set_activation_mode", "get_activation_mode",
-           "fast_activations"]
+           "fast_activations", "task_settings", "planned_batch"]
 
 # ``cache=True``: a second process loads the machine code instead of compiling.
 # ``error_model="numpy"``: division follows IEEE rules; without it every
@@ -428,6 +428,9 @@ def begin_call():
     not depend on it.
     """
     n = _contention.threads(_num_threads) if _adaptive else _num_threads
+    cap = getattr(_task, "threads", None)
+    if cap is not None and cap < n:
+        n = cap
     _call.threads = n
     return n
 
@@ -447,7 +450,12 @@ def end_call(key, threads, elapsed):
 def call_threads():
     """The thread count of the current call (:func:`begin_call`), else the user's."""
     n = getattr(_call, "threads", None)
-    return _num_threads if n is None else n
+    if n is None:
+        n = _num_threads
+        cap = getattr(_task, "threads", None)
+        if cap is not None and cap < n:
+            n = cap
+    return n
 
 
 _MODES = ("fast", "exact")
@@ -492,4 +500,66 @@ def get_activation_mode():
 
 def fast_activations():
     """True when the kernels should use the fast activations."""
-    return _mode == "fast"
+    mode = getattr(_task, "mode", None)
+    return (_mode if mode is None else mode) == "fast"
+
+
+# -- settings of one task ----------------------------------------------------
+#
+# A process that runs other people's tasks on several threads (a Dask worker)
+# needs settings per task, not per process: each task's kernels on the
+# threads Dask gave that task, in the activation mode of the client that sent
+# it, planned as the whole batch the task is a slice of.  They are thread-local
+# and override the process-wide settings only inside the ``with`` block.
+
+_task = threading.local()
+
+
+class task_settings:
+    """Context: settings of the calls the current thread makes in the block.
+
+    Parameters
+    ----------
+    threads : int or None
+        The most threads a call uses (fewer than :func:`set_num_threads` may
+        give, never more).
+    mode : {"fast", "exact"} or None
+        The activation mode (:func:`set_activation_mode`) of these calls.
+    batch : int or None
+        Plan each call as if its batch had ``batch`` rows, for the choices
+        that depend on the batch size and change bits (:func:`planned_batch`):
+        a call on a slice of a batch then gives the rows the same bits as
+        the call on the whole batch.
+
+    ``None`` leaves a setting as it is.  Blocks nest; leaving one restores
+    what was in force before it.
+    """
+
+    __slots__ = ("settings", "saved")
+
+    def __init__(self, *, threads=None, mode=None, batch=None):
+        for name, value in (("threads", threads), ("batch", batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES} or None, got {mode!r}")
+        self.settings = {"threads": threads, "mode": mode, "batch": batch}
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = {name: getattr(_task, name, None) for name in self.settings}
+        for name, value in self.settings.items():
+            if value is not None:
+                setattr(_task, name, value)
+        return self
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(_task, name, value)
+        return False
+
+
+def planned_batch(batch):
+    """The batch size a call on ``batch`` rows plans for (:class:`task_settings`)."""
+    planned = getattr(_task, "batch", None)
+    return batch if planned is None or planned < batch else planned

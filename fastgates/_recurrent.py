@@ -658,6 +658,37 @@ def backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, de
                       with_bias, derived)
 
 
+def linear(a, w, bias, derived=None):
+    """``a @ w.T + bias`` for ``a`` (M, K), by the register tiles: a dense layer.
+
+    Every row of the result is its own sum over ``k`` in order, so a row's
+    bits do not depend on the other rows (BLAS's do: measured, a
+    ``Readout``'s head on a slice of a batch differed from the same rows of
+    the whole batch in the last bit).  ``w`` (N, K) in blocks is kept in
+    ``derived`` as the layers keep theirs; ``bias`` (N,) or None.
+    """
+    M, K = a.shape
+    N = w.shape[0]
+    out = np.empty((M, N), dtype=a.dtype)
+    if M == 0:
+        return out
+    wb = _derive(derived, "linear_tb", _transposed_blocks, w)
+    b = _empty1(a.dtype) if bias is None else bias
+    a = np.ascontiguousarray(a)
+    if M * K * N < SPLIT_MIN_MACS:
+        project(a, wb, b, out)
+        return out
+    key = ("linear", a.shape, N, a.dtype.char)
+    return _timed(key, _linear_parallel, a, wb, b, out)
+
+
+def _linear_parallel(a, wb, bias, out):
+    nparts = _pool_size()
+    _config.kernel_threads(nparts)
+    project_parallel(a, wb, bias, out, nparts)
+    return out
+
+
 def _timed(key, run, *args):
     """``run(*args)`` with the thread plan of one call, its time reported."""
     threads = _config.begin_call()

@@ -48,6 +48,7 @@ tests check).
 import numpy as np
 from numba import prange
 
+from . import _config
 from ._config import jit
 
 # Tasks of the scan: a batch of B rows is cut into max(1, SCAN_TASKS // B)
@@ -60,8 +61,14 @@ SCAN_MIN_STEPS = 64
 
 
 def scan_blocks(T, B):
-    """Blocks of time per sequence for a scan of ``T`` steps of a batch of ``B``."""
-    return max(1, min(SCAN_TASKS // B, T // SCAN_MIN_STEPS))
+    """Blocks of time per sequence for a scan of ``T`` steps of a batch of ``B``.
+
+    The only choice of the scan that depends on the batch: a call on a slice
+    of a batch gets the whole batch's blocks, and so its bits, when the
+    slice is planned as the batch (:class:`fastgates._config.task_settings`,
+    as :mod:`fastgates.dask` does).
+    """
+    return max(1, min(SCAN_TASKS // _config.planned_batch(B), T // SCAN_MIN_STEPS))
 
 
 @jit(parallel=True)

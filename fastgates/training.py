@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from . import _recurrent
 from . import _validate as check
 from .attention import ForgettingAttention
 from .layers import (_FlatParams, _init_params, _Parameters, _Recurrent, checked_state_dict,
@@ -119,11 +120,12 @@ class Linear(_Parameters):
     def _apply(self, arr):
         # Overflow gives inf and inf - inf NaN, as IEEE (and PyTorch) say,
         # without NumPy's warnings: the recurrent kernels give none either.
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = arr @ self._params["weight"].T
-            if "bias" in self._params:
-                out += self._params["bias"]
-        return out
+        # The register tiles, not BLAS: a row's result does not depend on
+        # the other rows (a slice of a batch gives the same bits).
+        lead = arr.shape[:-1]
+        out = _recurrent.linear(arr.reshape(-1, self.in_features), self._params["weight"],
+                                self._params.get("bias"), self._derived)
+        return out.reshape(*lead, self.out_features)
 
     def __call__(self, x, *, check_finite=True):
         """Apply the layer.

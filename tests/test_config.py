@@ -114,7 +114,8 @@ def test_importing_fastgates_imports_no_optional_dependency():
     code = textwrap.dedent(
         """
         import sys, fastgates
-        heavy = [m for m in ("torch", "onnx", "onnxruntime", "matplotlib", "keras") if m in sys.modules]
+        heavy = [m for m in ("torch", "onnx", "onnxruntime", "matplotlib", "keras", "dask", "distributed")
+                 if m in sys.modules]
         assert not heavy, heavy
         """
     )
@@ -156,3 +157,43 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
     assert misses > 0
     misses, hits = run()
     assert misses == 0 and hits >= 5
+
+
+def test_task_settings_cap_threads_set_mode_and_plan_batch_then_restore(restore_threads):
+    from fastgates import _config, _scan
+
+    fg.set_num_threads(fg.get_num_threads(), adaptive=False)
+    top = fg.get_num_threads()
+    mode = fg.get_activation_mode()
+    other = "exact" if mode == "fast" else "fast"
+    assert _scan.scan_blocks(1024, 4) == 4
+    with _config.task_settings(threads=1, mode=other, batch=16):
+        assert _config.begin_call() == 1
+        _config.end_call("k", 1, None)
+        assert _config.call_threads() == 1
+        assert _config.fast_activations() == (other == "fast")
+        assert _scan.scan_blocks(1024, 4) == 1          # planned as 16 rows
+        assert _scan.scan_blocks(1024, 32) == 1         # never fewer rows than it has
+        with _config.task_settings(batch=8):            # nested: the inner batch, the outer rest
+            assert _scan.scan_blocks(1024, 4) == 2
+            assert _config.call_threads() == 1
+        assert _scan.scan_blocks(1024, 4) == 1
+    assert _config.call_threads() == top
+    assert _config.fast_activations() == (mode == "fast")
+    assert _scan.scan_blocks(1024, 4) == 4
+    # the settings are the calling thread's own
+    import threading
+    seen = []
+    with _config.task_settings(threads=1, batch=16):
+        t = threading.Thread(target=lambda: seen.append((_config.call_threads(), _scan.scan_blocks(1024, 4))))
+        t.start()
+        t.join()
+    assert seen == [(top, 4)]
+
+
+@pytest.mark.parametrize("bad", [{"threads": 0}, {"threads": True}, {"batch": 1.5}, {"mode": "quick"}])
+def test_task_settings_refuse_bad_values(bad):
+    from fastgates import _config
+
+    with pytest.raises(ValueError):
+        _config.task_settings(**bad)
