@@ -100,7 +100,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastgates as fg
-from fastgates import _bench_attention, _bench_scan
+from fastgates import _bench_attention, _bench_dask, _bench_scan
 from fastgates import cells as _cells
 from fastgates._bench_jax import timed_calls
 from fastgates.layers import layer_class
@@ -2300,6 +2300,9 @@ def add_arguments(p):
     # minGRU / minLSTM against the LSTM and PyTorch's log-space scan
     # (fastgates._bench_scan).
     _bench_scan.add_arguments(p)
+    # fastgates.dask on a LocalCluster against the in-process call
+    # (fastgates._bench_dask).
+    _bench_dask.add_arguments(p)
     p.set_defaults(func=run, _bench_parser=p)
     return p
 
@@ -2345,7 +2348,8 @@ def run(args):
     """Run the benchmark described by parsed ``args``; return the exit code
     (1 if any row's answers disagree beyond the tolerance)."""
     # their own rows, under --load's busy processes as the matrix is
-    for flag, own in (("attention", _bench_attention.run), ("scan", _bench_scan.run)):
+    for flag, own in (("attention", _bench_attention.run), ("scan", _bench_scan.run),
+                      ("dask", _bench_dask.run)):
         if getattr(args, flag, False):
             with busy_processes(args.load, print):
                 return own(args)
