@@ -10,6 +10,9 @@ differences.  Only the runtime dependencies are needed.
 :mod:`fastgates.bench` (PyTorch, onnxruntime and JAX are optional peers
 there).
 
+``python -m fastgates compile`` fills the kernel cache ahead of time
+(:mod:`fastgates.precompile`).
+
 ``python -m fastgates demo`` trains a forecaster of the yearly sunspot number
 (:mod:`fastgates.demo`), reports it against two baselines with its forget-gate
 time scales, and writes three plots (matplotlib, the `demo` extra).
@@ -282,6 +285,12 @@ def _build_parser():
                     "side, as in docs/benchmarks.md: each peer at every thread "
                     "count up to n, answers checked first (exit status 1 if "
                     "they disagree), training steps on changing weights."))
+    from . import precompile
+
+    precompile.add_arguments(sub.add_parser(
+        "compile", help="fill the kernel cache ahead of time, every cell and dtype, "
+                        "in parallel processes (container images, CI, Dask workers)",
+        description=precompile.__doc__.split("\n\n")[0]))
     from . import demo   # NumPy and fastgates only; matplotlib when it plots
 
     demo.add_arguments(sub.add_parser(

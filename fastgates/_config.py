@@ -21,30 +21,250 @@ limited to one thread (:func:`_claim_blas`, :func:`single_threaded_blas`),
 and splits the work across Numba's threads only.
 """
 
+import hashlib
 import operator
 import os
+import re
+import sys
 import threading
 import time
 
 import numba
 import numpy as np
+from numba.core import caching as numba_caching
+from numba.core import event as numba_event
 
 __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", "kernel_threads",
            "begin_call", "end_call", "call_threads", "set_activation_mode", "get_activation_mode",
            "fast_activations", "task_settings", "planned_batch"]
 
-# ``cache=True``: a second process loads the machine code instead of compiling.
+# Cached: a second process loads the machine code instead of compiling (the
+# cache is keyed on every kernel source of the package, see _Cache below).
 # ``error_model="numpy"``: division follows IEEE rules; without it every
 # division carries a ZeroDivisionError branch, which alone stops LLVM from
 # vectorising the activation loops.  No ``fastmath``: every flag it offers either
 # changes NaN/inf semantics (nnan, ninf) or reassociates sums (reassoc), and
 # the kernels must give the same answers as the reference to the last digits.
-_JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
+_JIT_OPTIONS = dict(nogil=True, error_model="numpy")
 
 
 def jit(parallel=False):
     """Decorator compiling a kernel with fastgates' one set of Numba options."""
-    return numba.njit(parallel=parallel, **_JIT_OPTIONS)
+    compile_ = numba.njit(parallel=parallel, **_JIT_OPTIONS)
+
+    def decorate(func):
+        dispatcher = compile_(func)
+        # what ``cache=True`` does (Dispatcher.enable_caching), with the
+        # package's source stamp instead of the kernel's own file's
+        dispatcher._cache = _Cache(dispatcher.py_func)
+        return dispatcher
+
+    return decorate
+
+
+# -- the kernel cache and its key ----------------------------------------------
+#
+# Numba stamps a cached kernel with the content of its own source file only:
+# a kernel that calls a helper of another module (every kernel here calls
+# _math's activations or _linalg's tiles) kept running the old machine code
+# after the helper was edited, until someone deleted __pycache__.  fastgates'
+# kernels are stamped instead with one SHA-256 of every source file of the
+# package that compiled code can depend on: the modules that define
+# compiled functions (``@jit``, ``@overload``, ``@intrinsic``) and every
+# module of the package they import from (the constants a kernel reads are
+# frozen into it at compile time).  An edit or an upgrade of any of them
+# recompiles every kernel once; nothing stale ever runs.  Editing a module
+# outside that set (bench.py, layers.py, ...) keeps the cache.  (Numba
+# checks its own version in each cache index.)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_COMPILED = re.compile(rb"^\s*@(jit|overload|intrinsic|numba\.njit)\b", re.M)
+_IMPORT = re.compile(rb"^\s*from\s+(\.+)([\w.]*)\s+import\s+([\w, ()\n]+)", re.M)
+_stamp = None
+
+
+def _package_sources():
+    """Every ``.py`` file of the package: relative path -> bytes."""
+    sources = {}
+    for folder, _, files in os.walk(_PACKAGE_DIR):
+        if os.path.basename(folder) == "__pycache__":
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    sources[os.path.relpath(path, _PACKAGE_DIR).replace(os.sep, "/")] = f.read()
+    return sources
+
+
+def _imported(rel, text, sources):
+    """The package's modules that ``from . import`` statements of ``rel`` name."""
+    here = rel.split("/")[:-1]
+    out = set()
+    for dots, module, names in _IMPORT.findall(text):
+        base = here[:len(here) - (len(dots) - 1)] if len(dots) > 1 else here
+        parts = base + (module.decode().split(".") if module else [])
+        candidates = ["/".join(parts) + ".py"]
+        if not module:      # from . import a, b: the modules a and b
+            candidates = ["/".join(parts + [n.strip()]) + ".py"
+                          for n in names.decode().replace("(", "").replace(")", "").split(",")]
+        out.update(c for c in candidates if c in sources)
+    return out
+
+
+def _kernel_sources():
+    """The package's source files that compiled code may depend on: (path, bytes), sorted."""
+    sources = _package_sources()
+    kernels = {rel for rel, text in sources.items() if _COMPILED.search(text)}
+    needed = set(kernels)
+    for rel in kernels:
+        needed |= _imported(rel, sources[rel], sources)
+    return sorted((rel, sources[rel]) for rel in needed)
+
+
+def source_stamp():
+    """The SHA-256 (hex) of every kernel source of the package: the key of the cache."""
+    global _stamp
+    if _stamp is None:
+        digest = hashlib.sha256()
+        for rel, text in _kernel_sources():
+            digest.update(rel.encode() + b"\0")
+            digest.update(hashlib.sha256(text).digest())
+        _stamp = digest.hexdigest()
+    return _stamp
+
+
+class _PackageStamp:
+    """Mixin of Numba's cache locators: the package's stamp, not the file's."""
+
+    def get_source_stamp(self):
+        return source_stamp()
+
+
+class _UserDirLocator(_PackageStamp, numba_caching.UserProvidedCacheLocator):
+    pass
+
+
+class _InTreeLocator(_PackageStamp, numba_caching.InTreeCacheLocator):
+    pass
+
+
+class _UserWideLocator(_PackageStamp, numba_caching.UserWideCacheLocator):
+    pass
+
+
+class _CacheImpl(numba_caching.CompileResultCacheImpl):
+    # NUMBA_CACHE_DIR first, then the package's __pycache__, then the user's
+    # cache directory when the package's is not writable: Numba's order
+    _locator_classes = [_UserDirLocator, _InTreeLocator, _UserWideLocator]
+
+
+class _Cache(numba_caching.FunctionCache):
+    """Numba's cache of compiled functions, with the package's stamp, saving under a lock.
+
+    A function's cache index lists all its compiled signatures, and Numba
+    adds one by reading the index, adding to it and writing it back: two
+    processes that compile the same function at the same time (two dtypes
+    in ``python -m fastgates compile``, Dask workers starting together)
+    lost one of the two entries (measured: a precompiled LSTM compiled
+    again at its first call).  The read-modify-write is made under an
+    exclusive lock on a file of the cache directory.
+    """
+
+    _impl_class = _CacheImpl
+
+    def save_overload(self, sig, data):
+        with _cache_lock(self._cache_path):
+            super().save_overload(sig, data)
+
+
+class _cache_lock:
+    """Context: an exclusive lock on ``<path>/fastgates.lock`` (no lock where ``fcntl`` is missing)."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            os.makedirs(self.path, exist_ok=True)
+            self.fd = os.open(os.path.join(self.path, "fastgates.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            # no locking (Windows) or a read-only cache directory: Numba's
+            # own save then fails quietly, as it always did
+            self._release()
+        return self
+
+    def _release(self):
+        if self.fd is not None:
+            os.close(self.fd)       # closing releases the lock
+            self.fd = None
+
+    def __exit__(self, *exc):
+        self._release()
+        return False
+
+
+# -- a first call that compiles says so ----------------------------------------
+#
+# A kernel found in the cache loads in milliseconds; one that is not compiles
+# for seconds (10-20 s for a cell's first forward call with an empty cache),
+# which a user would otherwise take for a hang.  Numba reports each real
+# compilation (never a load from the cache) as a "numba:compile" event; when
+# the outermost compilation of a fastgates kernel is still running after
+# NOTICE_AFTER seconds, one line goes to stderr, once per process.
+
+NOTICE_AFTER = float(os.environ.get("FASTGATES_COMPILE_NOTICE_AFTER", "1.0"))
+NOTICE = ("fastgates: compiling kernels for a first call ({what}): there is no cached machine "
+          "code for it yet. With an empty cache a cell's first forward call takes about 10-20 s "
+          "and its first training step about as long again; later processes load the cache in "
+          "well under a second. To compile ahead of time (container images, CI, Dask workers): "
+          "python -m fastgates compile\n")
+
+
+class _CompileNotice(numba_event.Listener):
+    def __init__(self):
+        self.local = threading.local()
+        self.said = False
+
+    @staticmethod
+    def _ours(event):
+        func = getattr(event.data.get("dispatcher"), "py_func", None)
+        return getattr(func, "__module__", "").startswith("fastgates")
+
+    def on_start(self, event):
+        if self.said or not self._ours(event):
+            return
+        depth = getattr(self.local, "depth", 0)
+        self.local.depth = depth + 1
+        if depth == 0:
+            what = event.data["dispatcher"].py_func.__qualname__
+            timer = self.local.timer = threading.Timer(NOTICE_AFTER, self.say, args=(what,))
+            timer.daemon = True
+            timer.start()
+
+    def on_end(self, event):
+        depth = getattr(self.local, "depth", 0)
+        if depth == 0 or not self._ours(event):
+            return
+        self.local.depth = depth - 1
+        if depth == 1:
+            self.local.timer.cancel()
+
+    def say(self, what):
+        with _lock:
+            if self.said:
+                return
+            self.said = True
+        sys.stderr.write(NOTICE.format(what=what))
+        sys.stderr.flush()
+
+
+numba_event.register("numba:compile", _CompileNotice())
 
 
 _lock = threading.Lock()

@@ -1,6 +1,8 @@
 """Threads, BLAS coordination, compilation cache and import hygiene."""
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -197,3 +199,73 @@ def test_task_settings_refuse_bad_values(bad):
 
     with pytest.raises(ValueError):
         _config.task_settings(**bad)
+
+
+_STALE_SCRIPT = """
+import json, sys
+import numpy as np
+import fastgates
+from fastgates.cells.mingru import mingru_activate
+xw = np.array([[[0.0, 0.5, -1.0, 2.0]]])          # (T=1, B=1, 2H=4): z | n
+mingru_activate(xw, np.array([1]), True, True, np.empty((0, 0, 0)), 4)
+stats = mingru_activate.stats
+print(json.dumps({"file": fastgates.__file__, "n": xw[0, 0, 2:].tolist(),
+                  "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+"""
+
+
+@pytest.mark.default_pass_only
+def test_editing_a_helper_in_another_file_recompiles_the_kernel_and_says_so(tmp_path):
+    # minGRU's activation kernel (cells/mingru.py) calls candidate_inplace
+    # (cells/scan.py).  Numba alone stamps a cached kernel with its own
+    # file: after the helper's edit it would load the old machine code.
+    import shutil
+
+    src = pathlib.Path(fg.__file__).parent
+    pkg = tmp_path / "fastgates"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # the notice of a compiling first call: at once, to see it whatever the speed
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), FASTGATES_COMPILE_NOTICE_AFTER="0")
+    env.pop("NUMBA_CACHE_DIR", None)        # the copy's own __pycache__
+
+    def run():
+        res = subprocess.run([sys.executable, "-c", _STALE_SCRIPT], env=env, check=True,
+                             capture_output=True, text=True, cwd=tmp_path)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        out["notices"] = res.stderr.count("python -m fastgates compile")
+        return out
+
+    first = run()
+    assert first["file"].startswith(str(pkg))
+    assert first["misses"] == 1 and first["hits"] == 0
+    assert first["notices"] == 1                                # said once, on stderr
+    # the positive candidate g(v): v + 1/2 for v >= 0, sigmoid(v) below
+    np.testing.assert_allclose(first["n"], [1 / (1 + np.exp(1.0)), 2.5], rtol=1e-6)
+    again = run()
+    assert again["hits"] == 1 and again["misses"] == 0 and again["n"] == first["n"]
+    assert again["notices"] == 0                                # loaded: nothing to say
+
+    helper = pkg / "cells" / "scan.py"
+    text = helper.read_text()
+    assert text.count("half = one(v[0]) / 2\n") == 1
+    helper.write_text(text.replace("half = one(v[0]) / 2\n", "half = one(v[0]) / 2 + 1\n"))
+    edited = run()
+    assert edited["misses"] == 1 and edited["hits"] == 0        # compiled again
+    assert edited["notices"] == 1
+    np.testing.assert_allclose(edited["n"], [1 / (1 + np.exp(1.0)), 3.5], rtol=1e-6)
+
+
+def test_compile_command_runs_every_job_and_reports(tmp_path):
+    # With the cache the suite has filled, the command's children load
+    # rather than compile; what is checked is the command: one child per
+    # (cell, dtype), the progress line of each, the summary, exit status 0.
+    from fastgates import precompile
+
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "fastgates", "compile", "--cells", "mgu", "mingru",
+                          "--dtypes", "float32", "--jobs", "2"], env=env, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2/2" in res.stderr and "mgu float32" in res.stderr and "mingru float32" in res.stderr
+    assert "2 of 2 (cell, dtype) done" in res.stdout
+    assert len(precompile.JOBS) == 16 and ("attention", "float64") in precompile.JOBS
