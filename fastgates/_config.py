@@ -218,7 +218,15 @@ class _cache_lock:
 # the outermost compilation of a fastgates kernel is still running after
 # NOTICE_AFTER seconds, one line goes to stderr, once per process.
 
-NOTICE_AFTER = float(os.environ.get("FASTGATES_COMPILE_NOTICE_AFTER", "1.0"))
+def _notice_after():
+    """Seconds of compilation before the notice (FASTGATES_COMPILE_NOTICE_AFTER, else 1)."""
+    try:
+        return max(0.0, float(os.environ.get("FASTGATES_COMPILE_NOTICE_AFTER", "1.0")))
+    except ValueError:
+        return 1.0
+
+
+NOTICE_AFTER = _notice_after()
 NOTICE = ("fastgates: compiling kernels for a first call ({what}): there is no cached machine "
           "code for it yet. With an empty cache a cell's first forward call takes about 10-20 s "
           "and its first training step about as long again; later processes load the cache in "

@@ -204,7 +204,7 @@ class _Bar:
 def run(args):
     """Compile the chosen cells and dtypes in parallel processes; return the exit code."""
     jobs = [(c, d) for c in args.cells for d in args.dtypes]
-    n = args.jobs or _cores()
+    n = _cores() if args.jobs is None else args.jobs
     if n < 1:
         print("--jobs must be at least 1", file=sys.stderr)
         return 2
