@@ -122,8 +122,8 @@ class _Loss:
         return _LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
 
 
-# Each worker thread keeps the models it has loaded (one copy per thread:
-# an objective sets the parameters of its copy before each chunk).
+# Each worker thread keeps the models it has loaded: one copy per thread, and
+# for an objective another one, whose parameters it sets before each chunk.
 _models = threading.local()
 _KEEP = 4
 # Loads of each model in this process, by token (what the tests count).
@@ -131,16 +131,22 @@ _loads = {}
 _loads_lock = threading.Lock()
 
 
-def _worker_model(ref):
-    """This thread's copy of the model ``ref`` (a :class:`_Model`), loaded once."""
+def _worker_model(ref, trained=False):
+    """This thread's copy of the model ``ref`` (a :class:`_Model`), loaded once.
+
+    ``[model, token of its parameters]``; ``trained``: the copy whose
+    parameters :func:`objective` sets (never the one :func:`predict` scores
+    with, which keeps the saved parameters).
+    """
     cache = getattr(_models, "cache", None)
     if cache is None:
         cache = _models.cache = {}
-    entry = cache.get(ref.token)
+    key = (ref.token, trained)
+    entry = cache.get(key)
     if entry is None:
         if len(cache) >= _KEEP:
             cache.pop(next(iter(cache)))
-        entry = cache[ref.token] = [load(io.BytesIO(ref.payload)), None]
+        entry = cache[key] = [load(io.BytesIO(ref.payload)), None]
         with _loads_lock:
             _loads[ref.token] = _loads.get(ref.token, 0) + 1
     return entry
@@ -162,7 +168,7 @@ def _score(ref, settings, x, lengths, *state):
 
 def _gradient(ref, settings, params, loss, checkpoint, weight, x, target, lengths, *state):
     """One chunk's ``weight * loss`` and ``weight * gradient`` (float64) of :func:`objective`."""
-    entry = _worker_model(ref)
+    entry = _worker_model(ref, trained=True)
     model = entry[0]
     if entry[1] != params.token:
         model.set_flat_params(params.v)
