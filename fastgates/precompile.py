@@ -138,10 +138,11 @@ class Compiles:
     def __enter__(self):
         from numba.core import event
 
+        from ._config import _CompileNotice
+
         class Counter(event.Listener):
             def on_start(listener, ev):
-                func = getattr(ev.data.get("dispatcher"), "py_func", None)
-                self.count += getattr(func, "__module__", "").startswith("fastgates")
+                self.count += _CompileNotice._ours(ev)
 
             def on_end(listener, ev):
                 pass
@@ -163,17 +164,6 @@ def _cores():
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _child_env():
-    """A child imports this very fastgates, in the parent's activation mode."""
-    import fastgates as fg
-
-    env = dict(os.environ, FASTGATES_ACTIVATIONS=fg.get_activation_mode())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
 
 
 class _Bar:
@@ -208,6 +198,8 @@ def run(args):
     if n < 1:
         print("--jobs must be at least 1", file=sys.stderr)
         return 2
+    from .bench import _child_env    # a child imports this very fastgates, in this mode
+
     env = _child_env()
     bar = _Bar(len(jobs))
     pending, running, failed, seconds, compiled = list(jobs), {}, [], {}, 0
