@@ -47,10 +47,19 @@ __all__ = ["jit", "set_num_threads", "get_num_threads", "single_threaded_blas", 
 # the kernels must give the same answers as the reference to the last digits.
 _JIT_OPTIONS = dict(nogil=True, error_model="numpy")
 
+# ``parallel=True`` runs only the ``prange`` loops in parallel.  Numba would
+# also turn every array expression of a parallel kernel (``np.zeros(n)``,
+# ``a[:] = 0``, ``a.sum()``) into a parallel loop of its own: a fork and join
+# per call for arrays of a few elements, a reduction whose bits would depend
+# on the thread count, and a parallel function compiled for each (the first
+# training step of an LSTM compiled 4 of them, 2 for its ``np.zeros``).
+_PARALLEL = dict(prange=True, comprehension=False, reduction=False, inplace_binop=False,
+                 setitem=False, numpy=False, stencil=False, fusion=False)
+
 
 def jit(parallel=False):
     """Decorator compiling a kernel with fastgates' one set of Numba options."""
-    compile_ = numba.njit(parallel=parallel, **_JIT_OPTIONS)
+    compile_ = numba.njit(parallel=_PARALLEL if parallel else False, **_JIT_OPTIONS)
 
     def decorate(func):
         dispatcher = compile_(func)

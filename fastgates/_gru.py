@@ -25,8 +25,8 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import dot_blocked, project_steps
-from ._lstm import _clip, _copy, _inside
+from ._linalg import copy_rows, copy_vector, dot_blocked, project_steps
+from ._lstm import _clip, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
 
@@ -135,7 +135,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
         n = np.empty(H, dtype=dtype)
         xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
         one_ = one(h0[0, 0])
-        h[:] = h0[b0:b1]
+        copy_rows(h, h0[b0:b1])
         t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
@@ -158,7 +158,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                     a[j] += xr[j]
                 if clipping:
                     if keep_pre:
-                        pre[t, b0 + r, : 2 * H] = a[: 2 * H]
+                        copy_vector(pre[t, b0 + r, : 2 * H], a[: 2 * H])
                     for j in range(2 * H):
                         a[j] = _clip(a[j], clip)
                 sigmoid_inplace(a[: 2 * H], fast)
@@ -189,7 +189,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                         n[j] = xr[2 * H + j] + lin[j]
                 if clipping:
                     if keep_pre:
-                        pre[t, b, 2 * H:] = n
+                        copy_vector(pre[t, b, 2 * H:], n)
                     for j in range(H):
                         n[j] = _clip(n[j], clip)
                 tanh_inplace(n, fast)
@@ -197,12 +197,12 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                 for j in range(H):
                     z = a[H + j]
                     hr[j] = (one_ - z) * n[j] + z * hr[j]
-                _copy(y[t, b, ycol:ycol + H], hr)
+                copy_vector(y[t, b, ycol:ycol + H], hr)
                 if keep:
-                    _copy(gates[t, b, : 2 * H], a[: 2 * H])
-                    _copy(gates[t, b, 2 * H:], n)
-                    _copy(hlin[t, b], lin)
-        hn[b0:b1] = h
+                    copy_vector(gates[t, b, : 2 * H], a[: 2 * H])
+                    copy_vector(gates[t, b, 2 * H:], n)
+                    copy_vector(hlin[t, b], lin)
+        copy_rows(hn[b0:b1], h)
 
 
 @jit(parallel=True)
@@ -255,7 +255,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         dan = np.empty((nb, H), dtype=gates.dtype)
         drh = np.empty((nb, H), dtype=gates.dtype)
         one_ = one(gates[0, 0, 0])
-        dh[:] = dhn[b0:b1]
+        copy_rows(dh, dhn[b0:b1])
         for s in range(T):
             t = s if reverse else T - 1 - s
             # Phase 1: everything that does not need the recurrent product.
@@ -277,9 +277,9 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 tp = t + 1 if reverse else t - 1
                 hp = hprev[t, b]
                 if first:
-                    _copy(hp, h0[b])
+                    copy_vector(hp, h0[b])
                 else:
-                    _copy(hp, y[tp, b, ycol:ycol + H])
+                    copy_vector(hp, y[tp, b, ycol:ycol + H])
                 g = gates[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
                 gx = dgx[t, b]
@@ -317,8 +317,8 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     rhp = rhprev[t, b]
                     for j in range(H):
                         rhp[j] = g[j] * hp[j]
-                    _copy(dar[H:], gx[H:2 * H])
-                    _copy(dan[r], gx[2 * H:])
+                    copy_vector(dar[H:], gx[H:2 * H])
+                    copy_vector(dan[r], gx[2 * H:])
             if not reset_after:
                 # Phase 2: the reset gate's gradient goes through W_hn.
                 dot_blocked(dan, wn_b, drh)
@@ -344,4 +344,4 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 if t < lengths[b0 + r]:
                     for j in range(H):
                         dh[r, j] = dhz[r, j] + dhrec[r, j]
-        dh0[b0:b1] = dh
+        copy_rows(dh0[b0:b1], dh)

@@ -43,6 +43,30 @@ def _rows_contiguous(a):
     return a.shape[1] <= 1 or a.strides[1] == a.itemsize
 
 
+# Kernels copy arrays with these loops, never with a slice assignment from
+# an array (``h[:] = h0[b0:b1]``): Numba checks the two shapes at run time
+# and compiles, for the error it would raise, a string formatter (str of
+# ints, join, concatenation: ~40 functions) that every kernel then links
+# and optimises again.  Measured: the first forward of an LSTM compiled 87
+# functions in 16.4 s with them, 45 in 12.0 s without.  The loops are also
+# faster for the short vectors of a step (no overlap check).
+
+
+@jit()
+def copy_vector(dst, src):
+    """``dst[:] = src`` for vectors of one length, not overlapping."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@jit()
+def copy_rows(dst, src):
+    """``dst[:] = src`` for 2-d arrays of one shape, not overlapping."""
+    for r in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[r, j] = src[r, j]
+
+
 @jit()
 def _add_bias(out, bias):
     """``out += bias`` row by row: ``out`` (M, N), ``bias`` (N,)."""
@@ -189,12 +213,12 @@ def colsum(a, out, block_rows, descending, init):
         j = nblk - 1 - jj if descending else jj
         r0 = j * block_rows
         r1 = min(M, r0 + block_rows)
-        tmp[:] = a[r0]
+        copy_vector(tmp, a[r0])
         for r in range(r0 + 1, r1):
             for p in range(P):
                 tmp[p] += a[r, p]
         if init and jj == 0:
-            out[:] = tmp
+            copy_vector(out, tmp)
         else:
             for p in range(P):
                 out[p] += tmp[p]

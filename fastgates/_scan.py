@@ -50,6 +50,7 @@ from numba import prange
 
 from . import _config
 from ._config import jit
+from ._linalg import copy_vector
 
 # Tasks of the scan: a batch of B rows is cut into max(1, SCAN_TASKS // B)
 # blocks of time, so that a single sequence still gives the threads work
@@ -113,7 +114,7 @@ def scan_forward(g, acol, c0, c1, bcol, ncol, h0, lengths, reverse, nblocks, y, 
             ub = u[k, b]
             pb = p[k, b]
             if k == 0:
-                ub[:] = h0[b]
+                copy_vector(ub, h0[b])
             else:
                 ub[:] = 0.0
             pb[:] = 1.0
@@ -143,9 +144,9 @@ def scan_forward(g, acol, c0, c1, bcol, ncol, h0, lengths, reverse, nblocks, y, 
         # the state before the block (p[k] is free: the summaries are read)
         h = p[k, b]
         if k == 0:
-            h[:] = h0[b]
+            copy_vector(h, h0[b])
         else:
-            h[:] = u[k - 1, b]
+            copy_vector(h, u[k - 1, b])
         for s in range(s0, s1):
             t = n - 1 - s if reverse else s
             gt = g[t, b]
@@ -155,7 +156,7 @@ def scan_forward(g, acol, c0, c1, bcol, ncol, h0, lengths, reverse, nblocks, y, 
                 h[j] = v
                 yt[ycol + j] = v
         if s1 == n:
-            hn[b] = h
+            copy_vector(hn[b], h)
 
 
 @jit(parallel=True)
@@ -207,7 +208,7 @@ def scan_backward(dy, dycol, dhn, a, acol, c0, c1, lengths, reverse, nblocks, g,
             acc = first[k, b]
             mb = m[k, b]
             if s1 == n:
-                acc[:] = dhn[b]
+                copy_vector(acc, dhn[b])
             else:
                 acc[:] = 0.0
             mb[:] = 1.0
@@ -258,16 +259,16 @@ def scan_backward(dy, dycol, dhn, a, acol, c0, c1, lengths, reverse, nblocks, g,
             g[t, b, gcol:gcol + H] = 0.0
         if n == 0:
             if k == 0:
-                dh0[b] = dhn[b]
+                copy_vector(dh0[b], dhn[b])
             continue
         if s0 >= s1:
             continue
         # what comes in from above (first[k] is free: the summaries are read)
         acc = first[k, b]
         if s1 == n:
-            acc[:] = dhn[b]
+            copy_vector(acc, dhn[b])
         else:
-            acc[:] = m[k + 1, b]
+            copy_vector(acc, m[k + 1, b])
         tnext = 0
         for s in range(s1 - 1, s0 - 1, -1):
             t = n - 1 - s if reverse else s

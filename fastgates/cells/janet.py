@@ -25,8 +25,7 @@ import numpy as np
 from numba import prange
 
 from .._config import jit
-from .._linalg import dot_blocked, project_steps
-from .._lstm import _copy
+from .._linalg import copy_rows, copy_vector, dot_blocked, project_steps
 from .._math import one, sigmoid_fast, sigmoid_scalar, tanh_fast, tanh_scalar
 from .base import Cell
 
@@ -102,7 +101,7 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
         acc = np.empty((nb, G), dtype=dtype)
         q = np.empty(H, dtype=dtype)
         xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
-        h[:] = h0[b0:b1]
+        copy_rows(h, h0[b0:b1])
         t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
@@ -120,11 +119,11 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
                         aux[t, b, :] = 0.0
                     continue
                 _step(acc[r], xt[b - xoff], beta, h[r], q, fast)
-                _copy(y[t, b, ycol:ycol + H], h[r])
+                copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
-                    _copy(gates[t, b], acc[r])
-                    _copy(aux[t, b], q)
-        hn[b0:b1] = h
+                    copy_vector(gates[t, b], acc[r])
+                    copy_vector(aux[t, b], q)
+        copy_rows(hn[b0:b1], h)
 
 
 @jit(parallel=True)
@@ -161,7 +160,7 @@ def janet_backward(dy, dycol, dhn, whh_b, gates, aux, y, ycol, h0, lengths, reve
         da = np.empty((nb, G), dtype=dtype)
         dhrec = np.empty((nb, H), dtype=dtype)
         one_ = one(gates[0, 0, 0])
-        dh[:] = dhn[b0:b1]
+        copy_rows(dh, dhn[b0:b1])
         for s in range(T):
             t = s if reverse else T - 1 - s
             for r in range(nb):
@@ -175,9 +174,9 @@ def janet_backward(dy, dycol, dhn, whh_b, gates, aux, y, ycol, h0, lengths, reve
                 first = t == n_ - 1 if reverse else t == 0
                 hp = hprev[t, b]
                 if first:
-                    _copy(hp, h0[b])
+                    copy_vector(hp, h0[b])
                 else:
-                    _copy(hp, y[t + 1 if reverse else t - 1, b, ycol:ycol + H])
+                    copy_vector(hp, y[t + 1 if reverse else t - 1, b, ycol:ycol + H])
                 g = gates[t, b]
                 q = aux[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
@@ -201,7 +200,7 @@ def janet_backward(dy, dycol, dhn, whh_b, gates, aux, y, ycol, h0, lengths, reve
                 if t < lengths[b0 + r]:
                     for j in range(H):
                         dh[r, j] += dhrec[r, j]
-        dh0[b0:b1] = dh
+        copy_rows(dh0[b0:b1], dh)
 
 
 class JANETCell(Cell):

@@ -24,8 +24,7 @@ import numpy as np
 from numba import prange
 
 from .._config import jit
-from .._linalg import dot_blocked, project_steps, weight_product
-from .._lstm import _copy
+from .._linalg import copy_rows, copy_vector, dot_blocked, project_steps, weight_product
 from .._math import one, sigmoid_fast, sigmoid_scalar, tanh_fast, tanh_scalar
 from .base import Cell
 
@@ -98,7 +97,7 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
         accn = np.empty((nb, H), dtype=dtype)
         fh = np.empty((nb, H), dtype=dtype)
         xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
-        h[:] = h0[b0:b1]
+        copy_rows(h, h0[b0:b1])
         t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
@@ -120,11 +119,11 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
                         gates[t, b, :] = 0.0
                     continue
                 _update(accn[r], xt[b - xoff], accf[r], h[r], fast)
-                _copy(y[t, b, ycol:ycol + H], h[r])
+                copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
-                    _copy(gates[t, b, :H], accf[r])
-                    _copy(gates[t, b, H:], accn[r])
-        hn[b0:b1] = h
+                    copy_vector(gates[t, b, :H], accf[r])
+                    copy_vector(gates[t, b, H:], accn[r])
+        copy_rows(hn[b0:b1], h)
 
 
 @jit(parallel=True)
@@ -166,7 +165,7 @@ def mgu_backward(dy, dycol, dhn, wf_b, wn_b, gates, y, ycol, h0, lengths, revers
         dfh = np.empty((nb, H), dtype=dtype)
         dhrec = np.empty((nb, H), dtype=dtype)
         one_ = one(gates[0, 0, 0])
-        dh[:] = dhn[b0:b1]
+        copy_rows(dh, dhn[b0:b1])
         for s in range(T):
             t = s if reverse else T - 1 - s
             # Phase 1: n's pre-activation, the direct paths, f ⊙ h_{t-1}.
@@ -183,9 +182,9 @@ def mgu_backward(dy, dycol, dhn, wf_b, wn_b, gates, y, ycol, h0, lengths, revers
                 first = t == n_ - 1 if reverse else t == 0
                 hp = hprev[t, b]
                 if first:
-                    _copy(hp, h0[b])
+                    copy_vector(hp, h0[b])
                 else:
-                    _copy(hp, y[t + 1 if reverse else t - 1, b, ycol:ycol + H])
+                    copy_vector(hp, y[t + 1 if reverse else t - 1, b, ycol:ycol + H])
                 g = gates[t, b]
                 dyt = dy[t, b, dycol:dycol + H]
                 gx = dgx[t, b]
@@ -225,7 +224,7 @@ def mgu_backward(dy, dycol, dhn, wf_b, wn_b, gates, y, ycol, h0, lengths, revers
                 if t < lengths[b0 + r]:
                     for j in range(H):
                         dh[r, j] += dhrec[r, j]
-        dh0[b0:b1] = dh
+        copy_rows(dh0[b0:b1], dh)
 
 
 class MGUCell(Cell):

@@ -26,8 +26,8 @@ import numpy as np
 from numba import prange
 
 from .._config import jit
+from .._linalg import copy_vector
 from .._math import one, sigmoid_inplace, sigmoid_scalar
-from .._lstm import _copy
 from .scan import ScanCell, candidate_inplace, candidate_slopes, row_range, state_before
 
 # Below this sum of the two gates the ratio is taken from the difference of
@@ -88,7 +88,7 @@ def minlstm_activate(xw, lengths, positive, fast, aux, per_task):
                     aux[t, b, :] = 0.0
                 continue
             gi = aux[t, b] if keep else fi
-            _copy(gi, row[:2 * H])
+            copy_vector(gi, row[:2 * H])
             sigmoid_inplace(gi, fast)
             _normalise(row, gi, row, fast)
             candidate_inplace(row[2 * H:], positive, fast)

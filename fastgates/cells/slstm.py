@@ -52,8 +52,8 @@ from numba import prange, types
 from numba.extending import overload
 
 from .._config import jit
-from .._linalg import column_blocks, dot_blocked, project_steps, weight_product
-from .._lstm import _copy
+from .._linalg import (column_blocks, copy_rows, copy_vector, dot_blocked, project_steps,
+                       weight_product)
 from .._math import (_fma, exp_f32, exp_f64, one, sigmoid_fast, sigmoid_scalar, tanh_fast,
                      tanh_scalar)
 from .base import Cell
@@ -379,10 +379,10 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
         g = np.empty(G, dtype=dtype)
         q = np.empty(G, dtype=dtype)
         xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
-        h[:] = h0[b0:b1]
-        c[:] = c0[b0:b1]
-        n[:] = n0[b0:b1]
-        m[:] = m0[b0:b1]
+        copy_rows(h, h0[b0:b1])
+        copy_rows(c, c0[b0:b1])
+        copy_rows(n, n0[b0:b1])
+        copy_rows(m, m0[b0:b1])
         t_lo = 0
         for s in range(T):
             t = T - 1 - s if reverse else s
@@ -411,14 +411,14 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
                     _gate_major(acc, r, accg)
                     a = accg
                 _step(a, xt[b - xoff], h[r], c[r], n[r], m[r], g, q, fast)
-                _copy(y[t, b, ycol:ycol + H], h[r])
+                copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
-                    _copy(gates[t, b], g)
-                    _copy(aux[t, b], q)
-        hn[b0:b1] = h
-        cn[b0:b1] = c
-        nn[b0:b1] = n
-        mn[b0:b1] = m
+                    copy_vector(gates[t, b], g)
+                    copy_vector(aux[t, b], q)
+        copy_rows(hn[b0:b1], h)
+        copy_rows(cn[b0:b1], c)
+        copy_rows(nn[b0:b1], n)
+        copy_rows(mn[b0:b1], m)
 
 
 @jit()
@@ -489,9 +489,9 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
         dn = np.empty((nb, H), dtype=dtype)
         da = np.empty((heads, nb, 4 * d), dtype=dtype)     # head by head
         dhh = np.empty((heads, nb, d), dtype=dtype)
-        dh[:] = dhn[b0:b1]
-        dc[:] = dcn[b0:b1]
-        dn[:] = dnn[b0:b1]
+        copy_rows(dh, dhn[b0:b1])
+        copy_rows(dc, dcn[b0:b1])
+        copy_rows(dn, dnn[b0:b1])
         for s in range(T):
             t = s if reverse else T - 1 - s
             for r in range(nb):
@@ -505,19 +505,19 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
                 first = t == n_ - 1 if reverse else t == 0
                 hp = hprev[t, b]
                 if first:
-                    _copy(hp, h0[b])
+                    copy_vector(hp, h0[b])
                     cp = c0[b]
                     np_ = n0[b]
                 else:
                     tp = t + 1 if reverse else t - 1
-                    _copy(hp, y[tp, b, ycol:ycol + H])
+                    copy_vector(hp, y[tp, b, ycol:ycol + H])
                     cp = aux[tp, b, :H]
                     np_ = aux[tp, b, H:2 * H]
                 gx = dgx[t, b]
                 _step_back(gates[t, b], aux[t, b], cp, np_, dy[t, b, dycol:dycol + H], dh[r],
                            dc[r], dn[r], gx)
                 if heads == 1:
-                    _copy(da[0, r], gx)
+                    copy_vector(da[0, r], gx)
                 else:
                     _head_major(gx, da, r)
             for hd in range(heads):
@@ -525,12 +525,12 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
             for r in range(nb):
                 if t < lengths[b0 + r]:
                     if heads == 1:
-                        _copy(dh[r], dhh[0, r])
+                        copy_vector(dh[r], dhh[0, r])
                     else:
                         _join_heads(dhh, r, dh[r])
-        dh0[b0:b1] = dh
-        dc0[b0:b1] = dc
-        dn0[b0:b1] = dn
+        copy_rows(dh0[b0:b1], dh)
+        copy_rows(dc0[b0:b1], dc)
+        copy_rows(dn0[b0:b1], dn)
 
 
 class SLSTMCell(Cell):
