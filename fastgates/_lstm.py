@@ -193,7 +193,7 @@ def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fas
 
 @jit(parallel=True)
 def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y,
-                 ycol, hn, cn, gates, cs, peep, coupled, clip, pre):
+                 ycol, hn, cn, gates, cs, variant):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -229,16 +229,15 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         Post-activation i, f, g, o, kept for the backward pass when not empty.
     cs : (T, B, H) array or (0, 0, 0) array, output
         Cell states, kept with ``gates``.
-    peep : (3, H) array or (0, H) array
-        Peephole weights ``p_i, p_f, p_o`` (empty: no peepholes).
-    coupled : bool
-        ``f = 1 - i`` (ONNX's ``input_forget``).
-    clip : float
-        Bound of the gate pre-activations; ``inf``
-        for none.
-    pre : (T, B, 4H) array or (0, 0, 0) array, output
-        Pre-activations (before clipping), kept for the backward pass when
-        clipping.
+    variant : None or tuple ``(peep, coupled, clip, pre)``
+        None for the plain LSTM: the variants' code is then not compiled at
+        all (Numba drops a branch on ``variant is None`` by the argument's
+        type).  Else ``peep`` (3, H) or (0, H) array: peephole weights
+        ``p_i, p_f, p_o`` (empty: no peepholes); ``coupled``: ``f = 1 - i``
+        (ONNX's ``input_forget``); ``clip``: bound of the gate
+        pre-activations (``inf``: none); ``pre`` (T, B, 4H) or (0, 0, 0)
+        array, output: the pre-activations (before clipping), kept for the
+        backward pass when clipping.
     """
     fused = xw.shape[0] == 0
     B, H = h0.shape
@@ -248,13 +247,13 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         b1 = min(B, b0 + chunk)
         scratch = _forward_scratch(b1 - b0, H, block if fused else 0, h0.dtype)
         _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
-                      fast, y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch,
+                      fast, y, ycol, hn, cn, gates, cs, variant, scratch,
                       np.empty(0, dtype=np.int64))
 
 
 @jit(parallel=True)
 def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
-                            y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre):
+                            y, ycol, hn, cn, gates, cs, variant):
     """:func:`lstm_forward` of a batch that is one chunk, with the input
     projection made ``block`` steps at a time, in reading order, into ``xw``
     (T, B, 4H) by whichever task gets to each block first, while the
@@ -279,8 +278,7 @@ def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths,
     for _task in prange(2):
         if atomic_add(sync, 0, 1) == 0:
             _forward_rows(0, B, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
-                          fast, y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch,
-                          sync)
+                          fast, y, ycol, hn, cn, gates, cs, variant, scratch, sync)
         else:
             while _project_next(x, wih_tb, bias, block, xw, reverse, sync):
                 pass
@@ -329,7 +327,7 @@ def _forward_scratch(nb, H, block, dtype):
 
 @jit()
 def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
-                  y, ycol, hn, cn, gates, cs, peep, coupled, clip, pre, scratch, progress):
+                  y, ycol, hn, cn, gates, cs, variant, scratch, progress):
     """The time loop of rows ``b0:b1`` (see :func:`lstm_forward`).
 
     ``scratch`` from :func:`_forward_scratch`.  With ``xw`` empty the
@@ -342,8 +340,6 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
     T = x.shape[0] if fused else xw.shape[0]
     H = h0.shape[1]
     keep = gates.shape[0] > 0
-    keep_pre = pre.shape[0] > 0
-    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     wait = progress.shape[0] > 0
     nb = b1 - b0
     h, c, acc, tc, xwb, nopre = scratch
@@ -366,11 +362,12 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
                     gates[t, b, :] = 0.0
                     cs[t, b, :] = 0.0
                 continue
-            if variant:
-                _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
-                                   pre[t, b] if keep_pre else nopre, fast)
-            else:
+            if variant is None:
                 _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
+            else:
+                peep, coupled, clip, pre = variant
+                _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
+                                   pre[t, b] if pre.shape[0] > 0 else nopre, fast)
             copy_vector(y[t, b, ycol:ycol + H], h[r])
             if keep:
                 copy_vector(gates[t, b], acc[r])
@@ -415,7 +412,7 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
 
 @jit(parallel=True)
 def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                  reverse, chunk, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev):
+                  reverse, chunk, fast, dgates, hprev, dh0, dc0, variant, cprev):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -442,7 +439,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         the ``W_hh`` gradient.
     dh0, dc0 : (B, H) arrays, output
         Gradient with respect to the initial state.
-    peep, coupled, clip, pre :
+    variant :
         As in the forward pass (``pre`` as it filled it).
     cprev : (T, B, H) array or (0, 0, 0) array, output
         With peepholes, ``c_{t-1}`` of every valid step (zero at padded
@@ -456,14 +453,14 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         b1 = min(B, b0 + chunk)
         scratch = _backward_scratch(b1 - b0, H, gates.dtype)
         _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                       reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev,
-                       scratch, np.empty(0, dtype=np.int64))
+                       reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch,
+                       np.empty(0, dtype=np.int64))
 
 
 @jit(parallel=True)
 def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                             reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
-                             cprev, x, w_ih, wb_ih, dw_ih, dw_hh, db, dx, work, block_rows, init):
+                             reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, x, w_ih,
+                             wb_ih, dw_ih, dw_hh, db, dx, work, block_rows, init):
     """:func:`lstm_backward` of a batch that is one chunk, with the products
     over time of each block of steps taken by a second task as soon as the
     recurrence has made the block.
@@ -497,8 +494,8 @@ def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0,
     for _task in prange(2):
         if atomic_add(sync, 0, 1) == 0:
             _backward_rows(0, B, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                           reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre,
-                           cprev, scratch, sync)
+                           reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch,
+                           sync)
         while _products_next(sync, nblk, steps, T, reverse, work, dgates, x, hprev, w_ih, wb_ih,
                              dw_ih, dw_hh, db, dx, block_rows, init):
             pass
@@ -540,8 +537,7 @@ def _backward_scratch(nb, H, dtype):
 
 @jit()
 def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                   reverse, fast, dgates, hprev, dh0, dc0, peep, coupled, clip, pre, cprev,
-                   scratch, progress):
+                   reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch, progress):
     """The backward time loop of rows ``b0:b1`` (see :func:`lstm_backward`).
 
     ``scratch`` from :func:`_backward_scratch`.  When ``progress`` has
@@ -552,9 +548,7 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
     """
     T, B, G = gates.shape
     H = G // 4
-    keep_pre = pre.shape[0] > 0
     keep_cprev = cprev.shape[0] > 0
-    variant = peep.shape[0] > 0 or coupled or clip < np.inf
     publish = progress.shape[0] > 0
     nb = b1 - b0
     dh, dc, dhrec, tc, nopre = scratch
@@ -584,13 +578,14 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
                 copy_vector(hprev[t, b], y[tp, b, ycol:ycol + H])
             if keep_cprev:
                 copy_vector(cprev[t, b], cp)
-            if variant:
-                _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
-                                   dh[r], dc[r], da[r], peep, coupled, clip,
-                                   pre[t, b] if keep_pre else nopre, fast)
-            else:
+            if variant is None:
                 _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
                            dh[r], dc[r], da[r], tc, fast)
+            else:
+                peep, coupled, clip, pre = variant
+                _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
+                                   dh[r], dc[r], da[r], peep, coupled, clip,
+                                   pre[t, b] if pre.shape[0] > 0 else nopre, fast)
         dot_blocked(da, whh_b, dhrec)
         for r in range(nb):
             # A padded step passes the state's gradient through untouched.

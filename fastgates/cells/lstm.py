@@ -54,6 +54,8 @@ class LSTMCell(Cell):
         dr.peep = (np.empty((0, dr.H), dtype=dr.dtype) if peep is None
                    else np.ascontiguousarray(peep, dtype=dr.dtype))
         dr.coupled = bool(variant.options.get("input_forget", False))
+        # the plain LSTM passes None: its kernels are compiled without the variants' code
+        dr.lstm_variant = peep is not None or dr.coupled or dr.clipping
         # projected: its own kernels, the weight-gradient products after them
         dr.w_hr = params.get("weight_hr")
         if dr.w_hr is not None:
@@ -75,10 +77,10 @@ class LSTMCell(Cell):
             lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
                                     np.empty((t, B, dr.G), dtype=dr.dtype), whh_tb, h0, c0,
                                     lengths, dr.rev, dr.fast, y, ycol, hn, cn, gates, aux,
-                                    dr.peep, dr.coupled, dr.clip, pre)
+                                    _variant(dr, pre))
         else:
             lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, dr.rev, dr.chunk,
-                         dr.fast, y, ycol, hn, cn, gates, aux, dr.peep, dr.coupled, dr.clip, pre)
+                         dr.fast, y, ycol, hn, cn, gates, aux, _variant(dr, pre))
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):
@@ -97,12 +99,12 @@ class LSTMCell(Cell):
         g.cprev = np.empty((t, B, dr.H), dtype=dr.dtype) if peeps else _empty3(dr.dtype)
         args = (dy, dycol, dh, dc, whh_b, gates, aux, y, ycol, h0, c0, lengths, dr.rev)
         if plan is None:
-            lstm_backward(*args, dr.chunk, dr.fast, g.dgx, g.hprev, dh0, dc0, dr.peep,
-                          dr.coupled, dr.clip, pre, g.cprev)
+            lstm_backward(*args, dr.chunk, dr.fast, g.dgx, g.hprev, dh0, dc0, _variant(dr, pre),
+                          g.cprev)
         else:
             products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
-            lstm_backward_overlapped(*args, dr.fast, g.dgx, g.hprev, dh0, dc0, dr.peep,
-                                     dr.coupled, dr.clip, pre, g.cprev, *products)
+            lstm_backward_overlapped(*args, dr.fast, g.dgx, g.hprev, dh0, dc0, _variant(dr, pre),
+                                     g.cprev, *products)
             self.add_grads(acc, grid, g, g.dgx.reshape(t * B, G), not dr.rev, init)
         if not peeps:
             g.cprev = None
@@ -147,6 +149,11 @@ class LSTMCell(Cell):
         peep = bool(options.get("peephole", False))
         P = options.get("proj_size", 0)
         return (H if peep else 0) + (P + H if P else 0), (3 * H if peep else 0), H
+
+
+def _variant(dr, pre):
+    """The kernels' ``variant`` argument: None for the plain LSTM, else its options and ``pre``."""
+    return (dr.peep, dr.coupled, dr.clip, pre) if dr.lstm_variant else None
 
 
 CELL = LSTMCell()
