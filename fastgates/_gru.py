@@ -79,8 +79,8 @@ def _step_fused(acc, xwt, xoff, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, k
 
 
 @jit(parallel=True)
-def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, reset_after,
-                chunk, fast, y, ycol, hn, gates, hlin, clip, pre):
+def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, chunk, fast,
+                y, ycol, hn, gates, hlin, clipping):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -94,33 +94,32 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
         before; empty: from ``x``.
     wa_tb : column blocks of ``W_hh^T`` (H, 3H) (``reset_after``) or of its
         r and z columns (H, 2H) only (:func:`~fastgates._linalg.column_blocks`).
-    wn_tb : column blocks of ``W_hn^T`` (H, H); used only when
-        ``reset_after`` is false.
+    wn_tb : None or column blocks of ``W_hn^T`` (H, H)
+        None: ``reset_after`` (PyTorch's GRU); else ``reset_after=False``.
+        The form is told by the argument's type, so that a GRU compiles the
+        code of its own form only (Numba drops the branches on
+        ``wn_tb is None``).
     bhn : (H,) array
     h0 : (B, H) array
     lengths, reverse, chunk, fast :
         As in :func:`fastgates._lstm.lstm_forward`.
-    reset_after : bool
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
     hn : (B, H) array, output
     gates : (T, B, 3H) array or (0, 0, 0) array, output
         Post-activation r, z, n, kept for the backward pass when not empty.
     hlin : (T, B, H) array or (0, 0, 0) array, output
         ``W_hn h + b_hn`` (kept with ``gates``; needed when ``reset_after``).
-    clip : float
-        Bound of the pre-activations of r, z and n (ONNX's ``clip``); ``inf``
-        for none.
-    pre : (T, B, 3H) array or (0, 0, 0) array, output
-        Pre-activations before clipping, kept for the backward pass when
-        clipping.
+    clipping : None or tuple ``(clip, pre)``
+        None: no clipping (its code is then not compiled).  Else ``clip`` the
+        bound of the pre-activations of r, z and n (ONNX's ``clip``) and
+        ``pre`` (T, B, 3H) or (0, 0, 0) array, output: the pre-activations
+        before clipping, kept for the backward pass when not empty.
     """
     fused = xw.shape[0] == 0
     T = x.shape[0] if fused else xw.shape[0]
     B, H = h0.shape
     G = 3 * H
     keep = gates.shape[0] > 0
-    keep_pre = pre.shape[0] > 0
-    clipping = clip < np.inf
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -128,7 +127,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
         nb = b1 - b0
         dtype = h0.dtype
         h = np.empty((nb, H), dtype=dtype)
-        acc = np.empty((nb, (3 if reset_after else 2) * H), dtype=dtype)
+        acc = np.empty((nb, (3 if wn_tb is None else 2) * H), dtype=dtype)
         rh = np.empty((nb, H), dtype=dtype)
         accn = np.empty((nb, H), dtype=dtype)
         lin = np.empty(H, dtype=dtype)
@@ -145,7 +144,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
             xt = xwb[t - t_lo] if fused else xw[t]
             xoff = b0 if fused else 0
             dot_blocked(h, wa_tb, acc)
-            if reset_after and fast and not clipping:
+            if fast and wn_tb is None and clipping is None:
                 _step_fused(acc, xt, xoff, bhn, h, b0, t, lengths, y[t], ycol,
                             gates, hlin, keep)
                 continue
@@ -156,13 +155,14 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                 xr = xt[b0 + r - xoff]
                 for j in range(2 * H):
                     a[j] += xr[j]
-                if clipping:
-                    if keep_pre:
+                if clipping is not None:
+                    clip, pre = clipping
+                    if pre.shape[0] > 0:
                         copy_vector(pre[t, b0 + r, : 2 * H], a[: 2 * H])
                     for j in range(2 * H):
                         a[j] = _clip(a[j], clip)
                 sigmoid_inplace(a[: 2 * H], fast)
-            if not reset_after:
+            if wn_tb is not None:
                 for r in range(nb):
                     for j in range(H):
                         rh[r, j] = acc[r, j] * h[r, j]
@@ -174,12 +174,14 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                     if keep:
                         gates[t, b, :] = 0.0
                         hlin[t, b, :] = 0.0
-                    if keep_pre:
-                        pre[t, b, :] = 0.0
+                    if clipping is not None:
+                        clip, pre = clipping
+                        if pre.shape[0] > 0:
+                            pre[t, b, :] = 0.0
                     continue
                 a = acc[r]
                 xr = xt[b - xoff]
-                if reset_after:
+                if wn_tb is None:
                     for j in range(H):
                         lin[j] = a[2 * H + j] + bhn[j]
                         n[j] = xr[2 * H + j] + a[j] * lin[j]
@@ -187,8 +189,9 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                     for j in range(H):
                         lin[j] = accn[r, j] + bhn[j]
                         n[j] = xr[2 * H + j] + lin[j]
-                if clipping:
-                    if keep_pre:
+                if clipping is not None:
+                    clip, pre = clipping
+                    if pre.shape[0] > 0:
                         copy_vector(pre[t, b, 2 * H:], n)
                     for j in range(H):
                         n[j] = _clip(n[j], clip)
@@ -207,7 +210,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
 
 @jit(parallel=True)
 def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
-                 reverse, reset_after, chunk, dgx, hprev, rhprev, dh0, clip, pre):
+                 reverse, chunk, dgx, hprev, rhprev, dh0, clipping):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -218,10 +221,10 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         Gradient with respect to the final state.
     wa_b : column blocks of ``W_hh`` (3H, H) (``reset_after``) or of its r
         and z rows (2H, H) (:func:`~fastgates._linalg.column_blocks`).
-    wn_b : column blocks of ``W_hn`` (H, H); used only when ``reset_after``
-        is false.
+    wn_b : None or column blocks of ``W_hn`` (H, H)
+        None: ``reset_after`` (as ``wn_tb`` in :func:`gru_forward`).
     gates, hlin : arrays kept by :func:`gru_forward`.
-    y, ycol, h0, lengths, reverse, reset_after, chunk :
+    y, ycol, h0, lengths, reverse, chunk :
         As in the forward pass.
     dgx : (T, B, 3H) array, output
         Gradient with respect to the input projection ``W_ih x + b_ih``.
@@ -236,13 +239,11 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
         ``r ⊙ h_{t-1}``: the operand of the ``W_hn`` gradient when
         ``reset_after`` is false.
     dh0 : (B, H) array, output
-    clip, pre :
-        As in the forward pass (``pre`` as it filled it; empty when not
-        clipping).
+    clipping :
+        As in the forward pass (``pre`` as it filled it).
     """
     T, B, G = gates.shape
     H = G // 3
-    clipping = pre.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
     for k in prange(nchunks):
         b0 = k * chunk
@@ -270,7 +271,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     dan[r, :] = 0.0
                     dgx[t, b, :] = 0.0
                     hprev[t, b, :] = 0.0
-                    if not reset_after:
+                    if wn_b is not None:
                         rhprev[t, b, :] = 0.0
                     continue
                 first = t == n_ - 1 if reverse else t == 0
@@ -291,7 +292,8 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     dht = dhr[j] + dyt[j]
                     daz = dht * (hp[j] - nn) * z * (one_ - z)
                     dn = dht * (one_ - z) * (one_ - nn * nn)
-                    if clipping:
+                    if clipping is not None:
+                        clip, pre = clipping
                         daz *= _inside(pre[t, b, H + j], clip)
                         dn *= _inside(pre[t, b, 2 * H + j], clip)
                     gx[H + j] = daz
@@ -299,12 +301,13 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                 dzr = dhz[r]
                 for j in range(H):
                     dzr[j] = (dhr[j] + dyt[j]) * g[H + j]
-                if reset_after:
+                if wn_b is None:
                     lin = hlin[t, b]
                     for j in range(H):
                         rg = g[j]
                         d_r = gx[2 * H + j] * lin[j] * rg * (one_ - rg)
-                        if clipping:
+                        if clipping is not None:
+                            clip, pre = clipping
                             d_r *= _inside(pre[t, b, j], clip)
                         gx[j] = d_r
                     # the recurrent product's operand: r and z parts as
@@ -319,7 +322,7 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                         rhp[j] = g[j] * hp[j]
                     copy_vector(dar[H:], gx[H:2 * H])
                     copy_vector(dan[r], gx[2 * H:])
-            if not reset_after:
+            if wn_b is not None:
                 # Phase 2: the reset gate's gradient goes through W_hn.
                 dot_blocked(dan, wn_b, drh)
                 for r in range(nb):
@@ -334,7 +337,8 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     for j in range(H):
                         rg = g[j]
                         d_r = drr[j] * hp[j] * rg * (one_ - rg)
-                        if clipping:
+                        if clipping is not None:
+                            clip, pre = clipping
                             d_r *= _inside(pre[t, b, j], clip)
                         gx[j] = d_r
                         dar[j] = d_r

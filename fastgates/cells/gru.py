@@ -40,9 +40,10 @@ class GRUCell(Cell):
             wa_tb = dr.blocks_t("whh_tb", dr.w_hh)
         else:
             wa_tb = dr.blocks_t("wrz_tb", dr.w_hh[: 2 * H])
-        wn_tb = dr.blocks_t("wn_tb", dr.w_hh[2 * H:])
+        # reset_after passes None: the kernel then compiles the code of that form only
+        wn_tb = None if dr.reset_after else dr.blocks_t("wn_tb", dr.w_hh[2 * H:])
         gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, dr.bhn, s0[0], lengths, dr.rev,
-                    dr.reset_after, dr.chunk, dr.fast, y, ycol, sn[0], gates, aux, dr.clip, pre)
+                    dr.chunk, dr.fast, y, ycol, sn[0], gates, aux, _clipping(dr, pre))
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):
@@ -57,9 +58,9 @@ class GRUCell(Cell):
         else:
             wa_b = dr.blocks("wrz_b", dr.w_hh[: 2 * H])
             rhprev = g.rhprev = np.empty((t, B, H), dtype=dr.dtype)
-        wn_b = dr.blocks("wn_b", dr.w_hh[2 * H:])
+        wn_b = None if dr.reset_after else dr.blocks("wn_b", dr.w_hh[2 * H:])
         gru_backward(dy, dycol, ds[0], wa_b, wn_b, gates, aux, y, ycol, s0[0], lengths, dr.rev,
-                     dr.reset_after, dr.chunk, g.dgx, g.hprev, rhprev, g.ds0[0], dr.clip, pre)
+                     dr.chunk, g.dgx, g.hprev, rhprev, g.ds0[0], _clipping(dr, pre))
 
     def grads_setup(self, acc, with_bias):
         dr = acc.dir
@@ -98,6 +99,11 @@ class GRUCell(Cell):
         # dgx's place)
         classic = not options.get("reset_after", True)
         return (H if classic else 0), (H if classic else 0), 0
+
+
+def _clipping(dr, pre):
+    """The kernels' ``clipping`` argument: None, or the bound and the kept pre-activations."""
+    return (dr.clip, pre) if dr.clipping else None
 
 
 CELL = GRUCell()
