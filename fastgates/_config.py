@@ -58,17 +58,57 @@ _PARALLEL = dict(prange=True, comprehension=False, reduction=False, inplace_bino
 
 
 def jit(parallel=False):
-    """Decorator compiling a kernel with fastgates' one set of Numba options."""
-    compile_ = numba.njit(parallel=_PARALLEL if parallel else False, **_JIT_OPTIONS)
+    """Decorator compiling a kernel with fastgates' one set of Numba options.
 
+    With ``parallel``, a :class:`ParallelKernel`: the kernel and its
+    one-thread twin.
+    """
     def decorate(func):
-        dispatcher = compile_(func)
+        serial = numba.njit(**_JIT_OPTIONS)(func)
         # what ``cache=True`` does (Dispatcher.enable_caching), with the
         # package's source stamp instead of the kernel's own file's
-        dispatcher._cache = _Cache(dispatcher.py_func)
-        return dispatcher
+        serial._cache = _Cache(serial.py_func)
+        if not parallel:
+            return serial
+        dispatcher = numba.njit(parallel=_PARALLEL, **_JIT_OPTIONS)(func)
+        dispatcher._cache = _ParallelCache(dispatcher.py_func)
+        return ParallelKernel(dispatcher, serial)
 
     return decorate
+
+
+class ParallelKernel:
+    """A parallel kernel and the same function compiled without ``parallel``.
+
+    A call runs the twin when the calling thread's kernels are set to one
+    thread (:func:`kernel_threads`: a call with one task, such as a batch of
+    one sequence, or a busy machine, or one thread asked for): ``prange``
+    is then ``range``, the same iterations in the same order, so the same
+    bits, without the parallel region's start and join.  A process that
+    only ever runs on one thread never compiles the parallel form, which
+    costs the most to compile: Numba compiles the body of each parallel
+    loop again as a function of its own and a wrapper around it, each
+    re-optimising and generating the machine code of everything the body
+    calls.  Attributes are the parallel dispatcher's.
+    """
+
+    __slots__ = ("parallel", "serial", "__wrapped__")
+
+    def __init__(self, parallel, serial):
+        self.parallel = parallel
+        self.serial = serial
+        self.__wrapped__ = parallel.py_func
+
+    def __call__(self, *args):
+        if getattr(_numba_threads, "n", 0) == 1:
+            return self.serial(*args)
+        return self.parallel(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.parallel, name)
+
+    def __repr__(self):
+        return f"<fastgates parallel kernel {self.parallel.py_func.__qualname__}>"
 
 
 # -- the kernel cache and its key ----------------------------------------------
@@ -185,6 +225,17 @@ class _Cache(numba_caching.FunctionCache):
     def save_overload(self, sig, data):
         with _cache_lock(self._cache_path):
             super().save_overload(sig, data)
+
+
+class _ParallelCacheImpl(_CacheImpl):
+    # the parallel form of a function has files of its own beside its
+    # one-thread twin's (Numba keys an index by function, not by options)
+    def get_filename_base(self, fullname, abiflags):
+        return super().get_filename_base(fullname + "-parallel", abiflags)
+
+
+class _ParallelCache(_Cache):
+    _impl_class = _ParallelCacheImpl
 
 
 class _cache_lock:
