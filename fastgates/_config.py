@@ -272,7 +272,7 @@ class _cache_lock:
 # -- a first call that compiles says so ----------------------------------------
 #
 # A kernel found in the cache loads in milliseconds; one that is not compiles
-# for seconds (10-20 s for a cell's first forward call with an empty cache),
+# for seconds (3-10 s for a cell's first forward call with an empty cache),
 # which a user would otherwise take for a hang.  Numba reports each real
 # compilation (never a load from the cache) as a "numba:compile" event; when
 # the outermost compilation of a fastgates kernel is still running after
@@ -288,8 +288,8 @@ def _notice_after():
 
 NOTICE_AFTER = _notice_after()
 NOTICE = ("fastgates: compiling kernels for a first call ({what}): there is no cached machine "
-          "code for it yet. With an empty cache a cell's first forward call takes about 10-20 s "
-          "and its first training step about as long again; later processes load the cache in "
+          "code for it yet. With an empty cache a cell's first forward call takes about 3-10 s "
+          "and its first training step up to as long again; later processes load the cache in "
           "well under a second. To compile ahead of time (container images, CI, Dask workers): "
           "python -m fastgates compile\n")
 
