@@ -249,8 +249,11 @@ def _lstm_step():
         (y, _), pullback = m.vjp(x)
         pullback(dy)
 
+    # both forms of each kernel compiled (a parallel kernel and its
+    # one-thread twin): not adaptive, or a busy machine would leave the
+    # parallel form to compile inside the timed calls
     for n in (1, 2):
-        fg.set_num_threads(n)
+        fg.set_num_threads(n, adaptive=False)
         step()
         step()
     return step
