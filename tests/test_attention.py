@@ -252,9 +252,7 @@ def test_memory_grows_as_T_not_T_squared():
     # on one thread every call runs each kernel's one-thread twin, which the
     # small call compiles (on two, which form runs depends on the tiles and
     # the machine's load, and tracemalloc would count a compilation)
-    before = fg.get_num_threads(), fg._config._adaptive
-    fg.set_num_threads(1, adaptive=False)
-    try:
+    with fg._config.task_settings(threads=1):
         fg.forgetting_attention_vjp(q[:70], k[:70], v[:70], log_f[:70])[1](dout[:70])
         tracemalloc.start()
         try:
@@ -263,8 +261,6 @@ def test_memory_grows_as_T_not_T_squared():
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    finally:
-        fg.set_num_threads(before[0], adaptive=before[1])
     del out, grads
     assert peak < 40 * T * (4 + 4) * 8, f"peak {peak / 2**20:.2f} MiB"
 

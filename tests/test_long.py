@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import fastgates as fg
 from _bitwise import assert_bitwise, flat
 from _messages import raises
-from fastgates import _recurrent
+from fastgates import _config, _recurrent
 
 
 def make(kind, I, H, dtype, **kw):
@@ -220,10 +220,8 @@ def one_thread():
     other kernels: a longer input is projected on the tiles of
     ``project_parallel``).
     """
-    before = fg.get_num_threads(), fg._config._adaptive
-    fg.set_num_threads(1, adaptive=False)
-    yield
-    fg.set_num_threads(before[0], adaptive=before[1])
+    with _config.task_settings(threads=1):
+        yield
 
 
 @pytest.mark.parametrize("kind, kw", MEMORY_CASES)
