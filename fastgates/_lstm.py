@@ -34,7 +34,8 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import (atomic_add, atomic_load, atomic_store, copy_rows, copy_vector, dot_blocked,
+from ._linalg import (atomic_add, atomic_load, atomic_store, borrow, copy_rows, copy_vector,
+                      dot_blocked,
                       product_piece, project, project_steps, wait_until)
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
@@ -342,7 +343,11 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
     keep = gates.shape[0] > 0
     wait = progress.shape[0] > 0
     nb = b1 - b0
-    h, c, acc, tc, xwb, nopre = scratch
+    # views of borrowed arrays take no references (_linalg.borrow): the
+    # caller owns the arguments and the scratch for the whole call
+    h, c, acc, tc, xwb, nopre = (borrow(scratch[0]), borrow(scratch[1]), borrow(scratch[2]),
+                                 borrow(scratch[3]), borrow(scratch[4]), scratch[5])
+    x, xw, y, gates, cs = borrow(x), borrow(xw), borrow(y), borrow(gates), borrow(cs)
     copy_rows(h, h0[b0:b1])
     copy_rows(c, c0[b0:b1])
     t_lo = 0
@@ -551,7 +556,12 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
     keep_cprev = cprev.shape[0] > 0
     publish = progress.shape[0] > 0
     nb = b1 - b0
-    dh, dc, dhrec, tc, nopre = scratch
+    # views of borrowed arrays take no references (_linalg.borrow): the
+    # caller owns the arguments and the scratch for the whole call
+    dh, dc, dhrec, tc, nopre = (borrow(scratch[0]), borrow(scratch[1]), borrow(scratch[2]),
+                                borrow(scratch[3]), scratch[4])
+    dy, gates, cs, y, dgates = borrow(dy), borrow(gates), borrow(cs), borrow(y), borrow(dgates)
+    hprev, cprev, h0, c0 = borrow(hprev), borrow(cprev), borrow(h0), borrow(c0)
     copy_rows(dh, dhn[b0:b1])
     copy_rows(dc, dcn[b0:b1])
     for s in range(T):

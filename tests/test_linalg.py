@@ -325,3 +325,35 @@ def test_project_adds_the_bias_and_any_split_gives_the_same_bits(dtype):
     for r0, r1 in ((0, 1), (1, 64), (64, 203)):
         _linalg.project(a[r0:r1], wb, bias, pieces[r0:r1])
     assert pieces.tobytes() == out.tobytes()
+
+
+def test_a_borrowed_array_is_the_same_data_without_its_owner():
+    # What the LSTM's time loops rely on (_linalg.borrow): the same memory,
+    # shape and strides (a strided view too), writes through a view of it
+    # land in the original, and its views carry no owner (so making one
+    # takes no reference), while views of the original do.
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def owner(typingctx, arr):
+        def codegen(context, builder, sig, args):
+            meminfo = context.make_array(sig.args[0])(context, builder, args[0]).meminfo
+            return builder.ptrtoint(meminfo, context.get_value_type(types.intp))
+        return types.intp(arr), codegen
+
+    @njit
+    def through(a):
+        b = _linalg.borrow(a)
+        for i in range(b.shape[0]):
+            row = b[i]
+            row[0] = 10.0 * i + row[1]
+        return (b.shape[0], b.shape[1], b.strides[0], b.strides[1], b.ctypes.data,
+                owner(b[0]), owner(a[0]))
+
+    a = np.arange(24.0).reshape(6, 4)[::2, 1:]          # not contiguous
+    want = 10.0 * np.arange(3) + a[:, 1]
+    *layout, borrowed_owner, own_owner = through(a)
+    assert tuple(layout) == (*a.shape, *a.strides, a.ctypes.data)
+    np.testing.assert_array_equal(a[:, 0], want)
+    assert borrowed_owner == 0 and own_owner != 0
