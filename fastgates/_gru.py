@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange
 
 from ._config import jit
-from ._linalg import copy_rows, copy_vector, dot_blocked, project_steps
+from ._linalg import borrow, copy_rows, copy_vector, dot_blocked, keep_alive, project_steps
 from ._lstm import _clip, _inside
 from ._math import one, sigmoid_fast, sigmoid_inplace, tanh_fast, tanh_inplace
 
@@ -121,18 +121,28 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
     G = 3 * H
     keep = gates.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    x, xw, y, gates, hlin = borrow(x), borrow(xw), borrow(y), borrow(gates), borrow(hlin)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = h0.dtype
-        h = np.empty((nb, H), dtype=dtype)
-        acc = np.empty((nb, (3 if wn_tb is None else 2) * H), dtype=dtype)
-        rh = np.empty((nb, H), dtype=dtype)
-        accn = np.empty((nb, H), dtype=dtype)
-        lin = np.empty(H, dtype=dtype)
-        n = np.empty(H, dtype=dtype)
-        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        h_own = np.empty((nb, H), dtype=dtype)
+        acc_own = np.empty((nb, (3 if wn_tb is None else 2) * H), dtype=dtype)
+        rh_own = np.empty((nb, H), dtype=dtype)
+        accn_own = np.empty((nb, H), dtype=dtype)
+        lin_own = np.empty(H, dtype=dtype)
+        n_own = np.empty(H, dtype=dtype)
+        xwb_own = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        h = borrow(h_own)
+        acc = borrow(acc_own)
+        rh = borrow(rh_own)
+        accn = borrow(accn_own)
+        lin = borrow(lin_own)
+        n = borrow(n_own)
+        xwb = borrow(xwb_own)
         one_ = one(h0[0, 0])
         copy_rows(h, h0[b0:b1])
         t_lo = 0
@@ -206,6 +216,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                     copy_vector(gates[t, b, 2 * H:], n)
                     copy_vector(hlin[t, b], lin)
         copy_rows(hn[b0:b1], h)
+        keep_alive((h_own, acc_own, rh_own, accn_own, lin_own, n_own, xwb_own))
 
 
 @jit(parallel=True)
@@ -245,16 +256,26 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
     T, B, G = gates.shape
     H = G // 3
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    dy, gates, hlin, y, h0 = borrow(dy), borrow(gates), borrow(hlin), borrow(y), borrow(h0)
+    dgx, hprev, rhprev = borrow(dgx), borrow(hprev), borrow(rhprev)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
-        dh = np.empty((nb, H), dtype=gates.dtype)
-        dhz = np.empty((nb, H), dtype=gates.dtype)
-        dhrec = np.empty((nb, H), dtype=gates.dtype)
-        da = np.empty((nb, wa_b.shape[1]), dtype=gates.dtype)
-        dan = np.empty((nb, H), dtype=gates.dtype)
-        drh = np.empty((nb, H), dtype=gates.dtype)
+        dh_own = np.empty((nb, H), dtype=gates.dtype)
+        dhz_own = np.empty((nb, H), dtype=gates.dtype)
+        dhrec_own = np.empty((nb, H), dtype=gates.dtype)
+        da_own = np.empty((nb, wa_b.shape[1]), dtype=gates.dtype)
+        dan_own = np.empty((nb, H), dtype=gates.dtype)
+        drh_own = np.empty((nb, H), dtype=gates.dtype)
+        # the scratch is owned until keep_alive below
+        dh = borrow(dh_own)
+        dhz = borrow(dhz_own)
+        dhrec = borrow(dhrec_own)
+        da = borrow(da_own)
+        dan = borrow(dan_own)
+        drh = borrow(drh_own)
         one_ = one(gates[0, 0, 0])
         copy_rows(dh, dhn[b0:b1])
         for s in range(T):
@@ -349,3 +370,4 @@ def gru_backward(dy, dycol, dhn, wa_b, wn_b, gates, hlin, y, ycol, h0, lengths,
                     for j in range(H):
                         dh[r, j] = dhz[r, j] + dhrec[r, j]
         copy_rows(dh0[b0:b1], dh)
+        keep_alive((dh_own, dhz_own, dhrec_own, da_own, dan_own, drh_own))

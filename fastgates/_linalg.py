@@ -821,8 +821,9 @@ def _element_pointer(context, builder, aty, arr, i):
 # float32, one thread: 467 us, 285 us without).  A time loop therefore works
 # on *borrowed* arrays: the same data without the owner, so that views of
 # them count nothing.  A borrowed array must not outlive its owner: borrow
-# only a function's arguments (the caller owns them for the whole call),
-# and never return or store one.
+# a function's arguments (the caller owns them for the whole call) or
+# arrays the function allocated and keeps to the end of their use
+# (:func:`keep_alive`), and never return or store one.
 
 
 @intrinsic
@@ -844,6 +845,21 @@ def borrow(typingctx, arr):
         return out._getvalue()
 
     return arr(arr), codegen
+
+
+@intrinsic
+def keep_alive(typingctx, owners):
+    """Nothing, but ``owners`` (an array or a tuple of them) live until here.
+
+    For arrays a function allocated and :func:`borrow`-ed: Numba frees an
+    array after the last use of its variable, and a borrowed view is not a
+    use.  Put it after the last use of the borrowed arrays.
+    """
+
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+
+    return types.none(owners), codegen
 
 
 @intrinsic

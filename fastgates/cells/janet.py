@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange
 
 from .._config import jit
-from .._linalg import copy_rows, copy_vector, dot_blocked, project_steps
+from .._linalg import borrow, copy_rows, copy_vector, dot_blocked, keep_alive, project_steps
 from .._math import one, sigmoid_fast, sigmoid_scalar, tanh_fast, tanh_scalar
 from .base import Cell
 
@@ -92,15 +92,22 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
     G = 2 * H
     keep = gates.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    x, xw, y, gates, aux = borrow(x), borrow(xw), borrow(y), borrow(gates), borrow(aux)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = h0.dtype
-        h = np.empty((nb, H), dtype=dtype)
-        acc = np.empty((nb, G), dtype=dtype)
-        q = np.empty(H, dtype=dtype)
-        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        h_own = np.empty((nb, H), dtype=dtype)
+        acc_own = np.empty((nb, G), dtype=dtype)
+        q_own = np.empty(H, dtype=dtype)
+        xwb_own = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        h = borrow(h_own)
+        acc = borrow(acc_own)
+        q = borrow(q_own)
+        xwb = borrow(xwb_own)
         copy_rows(h, h0[b0:b1])
         t_lo = 0
         for s in range(T):
@@ -124,6 +131,7 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
                     copy_vector(gates[t, b], acc[r])
                     copy_vector(aux[t, b], q)
         copy_rows(hn[b0:b1], h)
+        keep_alive((h_own, acc_own, q_own, xwb_own))
 
 
 @jit(parallel=True)
@@ -151,14 +159,21 @@ def janet_backward(dy, dycol, dhn, whh_b, gates, aux, y, ycol, h0, lengths, reve
     T, B, G = gates.shape
     H = G // 2
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    dy, gates, aux, y, h0 = borrow(dy), borrow(gates), borrow(aux), borrow(y), borrow(h0)
+    dgx, hprev = borrow(dgx), borrow(hprev)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = gates.dtype
-        dh = np.empty((nb, H), dtype=dtype)
-        da = np.empty((nb, G), dtype=dtype)
-        dhrec = np.empty((nb, H), dtype=dtype)
+        dh_own = np.empty((nb, H), dtype=dtype)
+        da_own = np.empty((nb, G), dtype=dtype)
+        dhrec_own = np.empty((nb, H), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        dh = borrow(dh_own)
+        da = borrow(da_own)
+        dhrec = borrow(dhrec_own)
         one_ = one(gates[0, 0, 0])
         copy_rows(dh, dhn[b0:b1])
         for s in range(T):
@@ -201,6 +216,7 @@ def janet_backward(dy, dycol, dhn, whh_b, gates, aux, y, ycol, h0, lengths, reve
                     for j in range(H):
                         dh[r, j] += dhrec[r, j]
         copy_rows(dh0[b0:b1], dh)
+        keep_alive((dh_own, da_own, dhrec_own))
 
 
 class JANETCell(Cell):

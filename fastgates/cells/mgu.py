@@ -24,7 +24,8 @@ import numpy as np
 from numba import prange
 
 from .._config import jit
-from .._linalg import copy_rows, copy_vector, dot_blocked, project_steps, weight_product
+from .._linalg import (borrow, copy_rows, copy_vector, dot_blocked, keep_alive, project_steps,
+                       weight_product)
 from .._math import one, sigmoid_fast, sigmoid_scalar, tanh_fast, tanh_scalar
 from .base import Cell
 
@@ -87,16 +88,24 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
     G = 2 * H
     keep = gates.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    x, xw, y, gates = borrow(x), borrow(xw), borrow(y), borrow(gates)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = h0.dtype
-        h = np.empty((nb, H), dtype=dtype)
-        accf = np.empty((nb, H), dtype=dtype)
-        accn = np.empty((nb, H), dtype=dtype)
-        fh = np.empty((nb, H), dtype=dtype)
-        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        h_own = np.empty((nb, H), dtype=dtype)
+        accf_own = np.empty((nb, H), dtype=dtype)
+        accn_own = np.empty((nb, H), dtype=dtype)
+        fh_own = np.empty((nb, H), dtype=dtype)
+        xwb_own = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        h = borrow(h_own)
+        accf = borrow(accf_own)
+        accn = borrow(accn_own)
+        fh = borrow(fh_own)
+        xwb = borrow(xwb_own)
         copy_rows(h, h0[b0:b1])
         t_lo = 0
         for s in range(T):
@@ -124,6 +133,7 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
                     copy_vector(gates[t, b, :H], accf[r])
                     copy_vector(gates[t, b, H:], accn[r])
         copy_rows(hn[b0:b1], h)
+        keep_alive((h_own, accf_own, accn_own, fh_own, xwb_own))
 
 
 @jit(parallel=True)
@@ -154,16 +164,25 @@ def mgu_backward(dy, dycol, dhn, wf_b, wn_b, gates, y, ycol, h0, lengths, revers
     T, B, G = gates.shape
     H = G // 2
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    dy, gates, y, h0, dgx = borrow(dy), borrow(gates), borrow(y), borrow(h0), borrow(dgx)
+    hprev, fhprev = borrow(hprev), borrow(fhprev)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = gates.dtype
-        dh = np.empty((nb, H), dtype=dtype)
-        daf = np.empty((nb, H), dtype=dtype)
-        dan = np.empty((nb, H), dtype=dtype)
-        dfh = np.empty((nb, H), dtype=dtype)
-        dhrec = np.empty((nb, H), dtype=dtype)
+        dh_own = np.empty((nb, H), dtype=dtype)
+        daf_own = np.empty((nb, H), dtype=dtype)
+        dan_own = np.empty((nb, H), dtype=dtype)
+        dfh_own = np.empty((nb, H), dtype=dtype)
+        dhrec_own = np.empty((nb, H), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        dh = borrow(dh_own)
+        daf = borrow(daf_own)
+        dan = borrow(dan_own)
+        dfh = borrow(dfh_own)
+        dhrec = borrow(dhrec_own)
         one_ = one(gates[0, 0, 0])
         copy_rows(dh, dhn[b0:b1])
         for s in range(T):
@@ -225,6 +244,7 @@ def mgu_backward(dy, dycol, dhn, wf_b, wn_b, gates, y, ycol, h0, lengths, revers
                     for j in range(H):
                         dh[r, j] += dhrec[r, j]
         copy_rows(dh0[b0:b1], dh)
+        keep_alive((dh_own, daf_own, dan_own, dfh_own, dhrec_own))
 
 
 class MGUCell(Cell):

@@ -52,8 +52,8 @@ from numba import prange, types
 from numba.extending import overload
 
 from .._config import jit
-from .._linalg import (column_blocks, copy_rows, copy_vector, dot_blocked, project_steps,
-                       weight_product)
+from .._linalg import (borrow, column_blocks, copy_rows, copy_vector, dot_blocked, keep_alive,
+                       project_steps, weight_product)
 from .._math import (_fma, exp_f32, exp_f64, one, sigmoid_fast, sigmoid_scalar, tanh_fast,
                      tanh_scalar)
 from .base import Cell
@@ -364,21 +364,34 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
     d = H // heads
     keep = gates.shape[0] > 0
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    x, xw, y, gates, aux = borrow(x), borrow(xw), borrow(y), borrow(gates), borrow(aux)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = h0.dtype
-        h = np.empty((nb, H), dtype=dtype)
-        c = np.empty((nb, H), dtype=dtype)
-        n = np.empty((nb, H), dtype=dtype)
-        m = np.empty((nb, H), dtype=dtype)
-        hh = np.empty((heads if heads > 1 else 0, nb, d), dtype=dtype)   # h, head by head
-        acc = np.empty((heads, nb, 4 * d), dtype=dtype)  # the product, head by head
-        accg = np.empty(G, dtype=dtype)                  # one row of it, gate by gate
-        g = np.empty(G, dtype=dtype)
-        q = np.empty(G, dtype=dtype)
-        xwb = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        h_own = np.empty((nb, H), dtype=dtype)
+        c_own = np.empty((nb, H), dtype=dtype)
+        n_own = np.empty((nb, H), dtype=dtype)
+        m_own = np.empty((nb, H), dtype=dtype)
+        hh_own = np.empty((heads if heads > 1 else 0, nb, d), dtype=dtype)  # h, head by head
+        acc_own = np.empty((heads, nb, 4 * d), dtype=dtype)     # the product, head by head
+        accg_own = np.empty(G, dtype=dtype)                     # one row of it, gate by gate
+        g_own = np.empty(G, dtype=dtype)
+        q_own = np.empty(G, dtype=dtype)
+        xwb_own = np.empty((block if fused else 0, nb, G), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        h = borrow(h_own)
+        c = borrow(c_own)
+        n = borrow(n_own)
+        m = borrow(m_own)
+        hh = borrow(hh_own)
+        acc = borrow(acc_own)
+        accg = borrow(accg_own)
+        g = borrow(g_own)
+        q = borrow(q_own)
+        xwb = borrow(xwb_own)
         copy_rows(h, h0[b0:b1])
         copy_rows(c, c0[b0:b1])
         copy_rows(n, n0[b0:b1])
@@ -419,6 +432,8 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
         copy_rows(cn[b0:b1], c)
         copy_rows(nn[b0:b1], n)
         copy_rows(mn[b0:b1], m)
+        keep_alive((h_own, c_own, n_own, m_own, hh_own, acc_own, accg_own, g_own, q_own,
+                    xwb_own))
 
 
 @jit()
@@ -479,16 +494,25 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
     heads = whh_b.shape[0]
     d = H // heads
     nchunks = (B + chunk - 1) // chunk
+    # views of borrowed arrays take no references (_linalg.borrow)
+    dy, gates, aux, y, h0 = borrow(dy), borrow(gates), borrow(aux), borrow(y), borrow(h0)
+    c0, n0, dgx, hprev = borrow(c0), borrow(n0), borrow(dgx), borrow(hprev)
     for k in prange(nchunks):
         b0 = k * chunk
         b1 = min(B, b0 + chunk)
         nb = b1 - b0
         dtype = gates.dtype
-        dh = np.empty((nb, H), dtype=dtype)
-        dc = np.empty((nb, H), dtype=dtype)
-        dn = np.empty((nb, H), dtype=dtype)
-        da = np.empty((heads, nb, 4 * d), dtype=dtype)     # head by head
-        dhh = np.empty((heads, nb, d), dtype=dtype)
+        dh_own = np.empty((nb, H), dtype=dtype)
+        dc_own = np.empty((nb, H), dtype=dtype)
+        dn_own = np.empty((nb, H), dtype=dtype)
+        da_own = np.empty((heads, nb, 4 * d), dtype=dtype)     # head by head
+        dhh_own = np.empty((heads, nb, d), dtype=dtype)
+        # the scratch is owned until keep_alive below
+        dh = borrow(dh_own)
+        dc = borrow(dc_own)
+        dn = borrow(dn_own)
+        da = borrow(da_own)
+        dhh = borrow(dhh_own)
         copy_rows(dh, dhn[b0:b1])
         copy_rows(dc, dcn[b0:b1])
         copy_rows(dn, dnn[b0:b1])
@@ -531,6 +555,7 @@ def slstm_backward(dy, dycol, dhn, dcn, dnn, whh_b, gates, aux, y, ycol, h0, c0,
         copy_rows(dh0[b0:b1], dh)
         copy_rows(dc0[b0:b1], dc)
         copy_rows(dn0[b0:b1], dn)
+        keep_alive((dh_own, dc_own, dn_own, da_own, dhh_own))
 
 
 class SLSTMCell(Cell):
