@@ -22,6 +22,7 @@ and splits the work across Numba's threads only.
 """
 
 import hashlib
+import math
 import operator
 import os
 import re
@@ -559,11 +560,14 @@ def kernel_threads(tasks=None):
 # - reactive: a call on two threads or more that takes far longer than the
 #   best time of the same call (end_call) means a partner did not run; a
 #   second such call soon after (within COLLAPSE_CALLS calls on more than
-#   one thread) puts the following calls on one thread for a while (a
-#   hold).  One alone does not: on a virtual machine the host stops a CPU
-#   now and then (measured here on an idle machine: one call in a thousand
-#   took more than three times its best), while a partner that misses time
-#   slices does so at one call in ten or more;
+#   one thread, or within COLLAPSE_WINDOW seconds) puts the following calls
+#   on one thread for a while (a hold).  One alone does not: on a virtual
+#   machine the host stops a CPU now and then (measured here on an idle
+#   machine: one call in a thousand took more than three times its best),
+#   while a partner that misses time slices does so at one call in ten or
+#   more, or, when calls are short, every few milliseconds (a B = 1 LSTM
+#   step of 0.33 ms on a busy machine lost a slice every 20-40 calls: far
+#   apart in calls, yet each cost ten calls' time);
 # - proactive (Linux): when a hold ends, and before any call made after the
 #   pool has been quiet for a while, the number of runnable threads on the
 #   machine (/proc/loadavg) says how many cores are free for partners; the
@@ -588,6 +592,7 @@ QUIET = 0.05             # s: pool idle this long before the machine is sampled
 COLLAPSE_FACTOR = 2.5
 COLLAPSE_SLACK = 3e-4    # s
 COLLAPSE_CALLS = 16
+COLLAPSE_WINDOW = 0.05   # s
 
 
 def _cores():
@@ -637,6 +642,7 @@ class _Contention:
         self.best = {}              # call key -> best time on more than one thread
         self.calls = 0              # calls on more than one thread
         self.last_collapse = -COLLAPSE_CALLS - 1   # the call number of the last collapse
+        self.last_collapse_at = -math.inf           # and when it ended
         self.collapses = 0          # calls seen collapsing (for tests and the bench)
         self.samples = 0            # machine samples taken
         self.asked = 0              # calls that asked for more than one thread
@@ -695,7 +701,8 @@ class _Contention:
         if elapsed > COLLAPSE_FACTOR * best + COLLAPSE_SLACK:
             self.collapses += 1
             previous, self.last_collapse = self.last_collapse, self.calls
-            if self.calls - previous > COLLAPSE_CALLS:
+            previous_at, self.last_collapse_at = self.last_collapse_at, now
+            if self.calls - previous > COLLAPSE_CALLS and now - previous_at > COLLAPSE_WINDOW:
                 return
             if now - self.held_at < PROBATION:
                 self.hold = min(HOLD_MAX, 2 * self.hold)
