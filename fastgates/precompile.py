@@ -37,7 +37,7 @@ _LAYERS = {"lstm": "LSTM", "gru": "GRU", "janet": "JANET", "mgu": "MGU", "slstm"
            "mingru": "MinGRU", "minlstm": "MinLSTM"}
 # the options whose calls reach kernels of their own, per cell
 _VARIANTS = {"lstm": [{"proj_size": 4}, {"peephole": True, "clip": 3.0}],
-             "gru": [{"reset_after": False}],
+             "gru": [{"reset_after": False}, {"clip": 3.0}, {"reset_after": False, "clip": 3.0}],
              "mingru": [{"positive": True}], "minlstm": [{"positive": True}]}
 
 

@@ -161,6 +161,56 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
     assert misses == 0 and hits >= 5
 
 
+def _kernel_signatures():
+    """Every signature compiled so far in this process, of every fastgates kernel."""
+    from numba.core.registry import CPUDispatcher
+
+    from fastgates import _config
+
+    for name, module in list(sys.modules.items()):
+        if name != "fastgates" and not name.startswith("fastgates."):
+            continue
+        for value in list(vars(module).values()):
+            forms = ((value.parallel, value.serial) if isinstance(value, _config.ParallelKernel)
+                     else (value,) if isinstance(value, CPUDispatcher) else ())
+            for form in forms:
+                for sig in form.signatures:
+                    yield f"{form.py_func.__module__}.{form.py_func.__qualname__}", sig
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_no_kernel_is_compiled_for_both_a_read_only_and_a_writable_array(dtype,
+                                                                          restore_threads):
+    # Numba types a read-only array apart from a writable one, so a kernel
+    # that met both (a view of a read-only parameter from one model, a
+    # fresh array from another) compiled everything it calls twice: a GRU's
+    # b_hn and an LSTM's peepholes did, 5-6 s each.  Parameters are
+    # read-only and inputs are copied when read-only (_validate), so each
+    # argument of a kernel must always be one or always the other.  The
+    # models of each cell, with and without biases and with variants; the
+    # check covers every kernel this process compiled so far, whichever
+    # test ran it.
+    fg.set_num_threads(1, adaptive=False)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 2, 3)).astype(dtype)
+    models = [fg.LSTM(3, 4, dtype=dtype, seed=0, peephole=True),
+              fg.LSTM(3, 4, dtype=dtype, seed=0, input_forget=True),
+              fg.GRU(3, 4, dtype=dtype, seed=0, clip=2.0)]
+    models += [getattr(fg, name)(3, 4, dtype=dtype, seed=0, bias=bias)
+               for name in ("LSTM", "GRU", "JANET", "MGU", "SLSTM", "MinGRU", "MinLSTM")
+               for bias in (True, False)]
+    for m in models:
+        (y, _), pullback = m.vjp(x)
+        pullback(np.ones_like(y))
+    seen, twice = {}, []
+    for name, sig in _kernel_signatures():
+        key = name, ", ".join(map(str, sig)).replace("readonly ", "")
+        if key in seen and seen[key] != sig:
+            twice.append((name, seen[key], sig))
+        seen[key] = sig
+    assert not twice, twice
+
+
 def test_task_settings_cap_threads_set_mode_and_plan_batch_then_restore(restore_threads):
     from fastgates import _config, _scan
 

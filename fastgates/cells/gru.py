@@ -31,7 +31,10 @@ class GRUCell(Cell):
         H = dr.H
         dr.reset_after = bool(variant.options.get("reset_after", True))
         b_hh = params.get("bias_hh")
-        dr.bhn = np.zeros(H, dr.dtype) if b_hh is None else np.ascontiguousarray(b_hh[2 * H:])
+        # a copy: Numba types a view of the (read-only) parameter apart from
+        # the writable zeros of a GRU without biases, which would then
+        # compile every kernel again
+        dr.bhn = np.zeros(H, dr.dtype) if b_hh is None else b_hh[2 * H:].copy()
 
     def forward(self, dr, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux, pre,
                 overlap):

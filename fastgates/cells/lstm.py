@@ -51,8 +51,10 @@ class LSTMCell(Cell):
 
     def setup(self, dr, params, variant):
         peep = params.get("weight_peep")
+        # a writable copy, as the empty one: Numba types a read-only array
+        # apart, and peepholes would compile the variants' kernels again
         dr.peep = (np.empty((0, dr.H), dtype=dr.dtype) if peep is None
-                   else np.ascontiguousarray(peep, dtype=dr.dtype))
+                   else np.array(peep, dtype=dr.dtype, order="C"))
         dr.coupled = bool(variant.options.get("input_forget", False))
         # the plain LSTM passes None: its kernels are compiled without the variants' code
         dr.lstm_variant = peep is not None or dr.coupled or dr.clipping

@@ -125,7 +125,10 @@ class ScanCell(Cell):
     coefficients = None
 
     def input_bias(self, b_ih, b_hh, H):
-        return b_ih
+        # a copy, writable as every other cell's folded bias: Numba types
+        # the read-only parameter apart, and the shared projection kernels
+        # would compile again for it
+        return b_ih.copy()
 
     def param_shapes(self, input_size, H, options, bias):
         G = self.rows(H)
