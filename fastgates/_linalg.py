@@ -277,7 +277,10 @@ def column_blocks(w):
     # An F-ordered w goes in as the C-ordered array it is the transpose of:
     # one compiled layout instead of two (0.25 s of every cell's first call).
     transposed = w.flags.f_contiguous and not w.flags.c_contiguous
-    src = w.T if transposed else w
+    # Read-only whatever w is (a parameter is, a derived weight is not):
+    # Numba types the two apart and would compile _fill_blocks for both.
+    src = (w.T if transposed else w).view()
+    src.flags.writeable = False
     if w.size * w.itemsize >= BLOCKS_SPLIT_BYTES and nparts > 1:
         _config.kernel_threads(nparts)
         _fill_blocks_parallel(src, transposed, out, nparts)

@@ -673,7 +673,9 @@ def linear(a, w, bias, derived=None):
     if M == 0:
         return out
     wb = _derive(derived, "linear_tb", _transposed_blocks, w)
-    b = _empty1(a.dtype) if bias is None else bias
+    # a writable copy, as the cells' folded biases are: the kernels would
+    # compile again for the read-only parameter
+    b = _empty1(a.dtype) if bias is None else _derive(derived, "linear_bias", np.array, bias)
     a = np.ascontiguousarray(a)
     if M * K * N < SPLIT_MIN_MACS:
         project(a, wb, b, out)

@@ -1898,18 +1898,30 @@ def json_report(rows, gemm, args, peers):
 # fresh processes: compile cost and memory
 
 
+def child_root():
+    """The folder holding this very fastgates: a child's ``PYTHONPATH`` and working directory.
+
+    Both: ``python -c`` puts its working directory first on ``sys.path``,
+    so a child started in a source checkout would otherwise import the
+    checkout's fastgates, not the installed one running here (and fill
+    another kernel cache: measured in tox, where ``python -m fastgates
+    compile`` compiled into the checkout while the tests loaded from the
+    installed package).
+    """
+    return os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
+
+
 def _child_env(**extra):
-    """Environment of a fresh process that imports this very fastgates."""
+    """Environment of a fresh process that imports this very fastgates (run it in :func:`child_root`)."""
     env = dict(os.environ, FASTGATES_ACTIVATIONS=fg.get_activation_mode(), **extra)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
-        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [child_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
 def _run_child(code, env, arg=None):
     cmd = [sys.executable, "-c", code] + ([arg] if arg is not None else [])
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, cwd=child_root(), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"child process failed ({res.returncode}):\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -221,9 +221,9 @@ def run(args):
     if n < 1:
         print("--jobs must be at least 1", file=sys.stderr)
         return 2
-    from .bench import _child_env    # a child imports this very fastgates, in this mode
+    from .bench import _child_env, child_root   # a child imports this very fastgates, in this mode
 
-    env = _child_env()
+    env, cwd = _child_env(), child_root()
     bar = _Bar(len(jobs))
     pending, running, failed, seconds, compiled = list(jobs), {}, [], {}, 0
     start = time.perf_counter()
@@ -231,7 +231,7 @@ def run(args):
     while pending or running:
         while pending and len(running) < n:
             job = pending.pop(0)
-            running[job] = subprocess.Popen([sys.executable, "-c", _CHILD, *job], env=env,
+            running[job] = subprocess.Popen([sys.executable, "-c", _CHILD, *job], env=env, cwd=cwd,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True)
         for job, proc in list(running.items()):

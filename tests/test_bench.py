@@ -638,7 +638,19 @@ def test_load_reports_each_side_at_1_and_n_threads(capsys, restore_threads):
         rel = rounding(t1) + rounding(t2)
         # and the ratio itself is printed with 2 decimals
         assert abs(float(row[column]) - b / a) <= 0.005 + rel * b / a + 1e-12
-    assert row["<= 1.5"] == ("yes" if max(median_2 / median_1, p90_2 / p90_1) <= 1.5 else "**no**")
+    # the verdict is of the unrounded ratios: the printed ones decide it
+    # unless they are within their rounding of the bound
+    worst, slack = 0.0, 0.0
+    for cell in (0, 1):
+        t1 = row["fastgates 1 thr"].split(" / ")[cell]
+        t2 = row["fastgates 2 thr"].split(" / ")[cell]
+        ratio = float(t2) / float(t1)
+        if ratio > worst:
+            worst, slack = ratio, (rounding(t1) + rounding(t2)) * ratio
+    if abs(worst - 1.5) > slack:
+        assert row["<= 1.5"] == ("yes" if worst <= 1.5 else "**no**"), row
+    else:
+        assert row["<= 1.5"] in ("yes", "**no**"), row
     assert " / " in row["torch 1 thr"] and " / " in row["torch 2 thr"]
     assert "under load: 1 busy processes" in out
 

@@ -233,23 +233,30 @@ def _busy(n):
 
 
 def _timed_rounds(step, rounds=90, calls=6, pause=0.005):
-    """Times of ``step`` at one and two threads, alternating in rounds (ms).
+    """Times of ``step`` at one and two threads, call by call alternating (ms).
 
-    Many short rounds, so that both sides meet the other processes alike:
-    the calling thread itself loses a 4 ms time slice in 1-3% of calls on
-    either side, and with 12 rounds of 15 calls the count of those decided
-    the ratio of the means once a call took 0.33 ms (3 of 40 runs over 1.5
-    with no collapse at all; with these rounds 0 of 30, largest 1.21).
+    Both sides must meet the other processes alike.  The calling thread,
+    woken after each round's pause, runs about 1.5 ms before the busy
+    processes take their time slices (4.4 ms); so the calls that lose one
+    are those a round makes late (measured: 99 of 106 at the fifth and
+    sixth of six calls).  With each side's calls together in a round, a
+    few microseconds more before one side's calls (the thread plan's own
+    work) moved more of its calls past that point: 142 against 105 slow
+    calls, and the ratio of the means over 1.5 in one run in three after
+    other tests, with every call on one thread on both sides.  So the
+    sides alternate call by call, which one goes first changing each
+    round: each meets every place in a round as often.
     """
     times = {1: [], 2: []}
-    for _ in range(rounds):
-        for n in (1, 2):
-            fg.set_num_threads(n)
-            for _ in range(calls):
+    for r in range(rounds):
+        order = (1, 2) if r % 2 == 0 else (2, 1)
+        for _ in range(calls):
+            for n in order:
+                fg.set_num_threads(n)
                 t0 = time.perf_counter()
                 step()
                 times[n].append((time.perf_counter() - t0) * 1e3)
-            time.sleep(pause)
+        time.sleep(pause)
     return times
 
 
