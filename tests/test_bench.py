@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import fastgates as fg
+from _child import run_python
 import reference as ref
 from _tolerances import assert_close
 from fastgates import __main__ as cli
@@ -753,7 +754,7 @@ def test_import_fastgates_does_not_import_the_runner_or_its_peers():
         assert not heavy, heavy
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
 
 
 def test_compare_script_is_the_same_runner():

@@ -13,6 +13,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastgates as fg
+from _child import run_python
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def test_first_call_keeps_other_openmp_thread_counts():
         assert torch.get_num_threads() == 1
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
 
 
 def test_importing_fastgates_imports_no_optional_dependency():
@@ -121,7 +122,7 @@ def test_importing_fastgates_imports_no_optional_dependency():
         assert not heavy, heavy
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
 
 
 def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
@@ -151,7 +152,7 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
 
     def run():
-        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+        out = run_python(code, env=env, check=True,
                              capture_output=True, text=True).stdout.split()
         return int(out[0]), int(out[1])
 
@@ -221,8 +222,8 @@ def test_no_kernel_is_compiled_for_both_a_read_only_and_a_writable_array():
     # cache count as compiled) over the calls of the public API: each cell
     # with and without biases, its variants, a Readout head, the attention.
     code = "import sys\n" + _READ_ONLY_CHECK
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    res = run_python(code, capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert res.returncode == 0, res.stderr[-3000:]
     twice = json.loads(res.stdout.strip().splitlines()[-1])
     assert twice == [], twice

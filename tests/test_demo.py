@@ -8,8 +8,6 @@ compilation; see README.md).
 
 import io
 import re
-import subprocess
-import sys
 import textwrap
 
 import numba
@@ -18,6 +16,7 @@ import pytest
 
 from fastgates import __main__ as cli
 from fastgates import demo
+from _child import run_python
 
 SHORT = ["--epochs", "2", "--hidden", "4"]
 PLOTS = ["forget_heatmap.png", "timescales.png", "prediction.png"]
@@ -110,7 +109,7 @@ def test_the_cli_and_the_demo_module_do_not_import_matplotlib():
         assert "matplotlib" not in sys.modules
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,8 +12,6 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 import warnings
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 
 import fastgates as fg
+from _child import run_python
 from _bitwise import assert_bitwise, flat
 from _messages import raises
 from _tolerances import assert_close
@@ -429,8 +428,8 @@ def _determinism_run(pool):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(pool))
     root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", DET_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, check=True)
+    out = run_python(DET_SCRIPT, env=env, capture_output=True, text=True, timeout=600,
+                     check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -666,8 +665,7 @@ def test_blas_threads_in_a_fresh_process():
     root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     tests = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", BLAS_SCRIPT, tests], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = run_python(BLAS_SCRIPT, tests, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     if set(seen["start"]) != {"scipy.libs", "numpy.libs"}:
