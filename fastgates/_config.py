@@ -29,7 +29,6 @@ import re
 import sys
 import threading
 import time
-import types
 
 import numba
 import numpy as np
@@ -59,45 +58,24 @@ _PARALLEL = dict(prange=True, comprehension=False, reduction=False, inplace_bino
                  setitem=False, numpy=False, stencil=False, fusion=False)
 
 
-def jit(parallel=False, inline_in_twins=False):
+def jit(parallel=False):
     """Decorator compiling a kernel with fastgates' one set of Numba options.
 
     With ``parallel``, a :class:`ParallelKernel`: the kernel and its
-    one-thread twin.  With ``inline_in_twins``, the one-thread twins that
-    call this function have its code put into theirs (Numba's
-    ``inline="always"``) instead of linking it in as a function compiled
-    on its own; the parallel forms still call it.
+    one-thread twin.
     """
     def decorate(func):
         serial = numba.njit(**_JIT_OPTIONS)(func)
         # what ``cache=True`` does (Dispatcher.enable_caching), with the
         # package's source stamp instead of the kernel's own file's
         serial._cache = _Cache(serial.py_func)
-        if inline_in_twins:
-            serial.inlined = numba.njit(inline="always", **_JIT_OPTIONS)(func)
         if not parallel:
             return serial
         dispatcher = numba.njit(parallel=_PARALLEL, **_JIT_OPTIONS)(func)
         dispatcher._cache = _ParallelCache(dispatcher.py_func)
-        return ParallelKernel(dispatcher)
+        return ParallelKernel(dispatcher, serial)
 
     return decorate
-
-
-def _twin(func):
-    """``func`` compiled without ``parallel``, with the callees marked ``inline_in_twins`` inlined."""
-    names = set(func.__code__.co_names)
-    scope = dict(func.__globals__)
-    for name in names:
-        inlined = getattr(scope.get(name), "inlined", None)
-        if inlined is not None:
-            scope[name] = inlined
-    twin = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__,
-                              func.__closure__)
-    twin.__qualname__, twin.__module__, twin.__doc__ = func.__qualname__, func.__module__, func.__doc__
-    serial = numba.njit(**_JIT_OPTIONS)(twin)
-    serial._cache = _Cache(serial.py_func)
-    return serial
 
 
 class ParallelKernel:
@@ -112,23 +90,15 @@ class ParallelKernel:
     costs the most to compile: Numba compiles the body of each parallel
     loop again as a function of its own and a wrapper around it, each
     re-optimising and generating the machine code of everything the body
-    calls.  The twin is made at its first use (the module's functions are
-    all defined by then; see :func:`_twin`).  Attributes are the parallel
-    dispatcher's.
+    calls.  Attributes are the parallel dispatcher's.
     """
 
-    __slots__ = ("parallel", "_serial", "__wrapped__")
+    __slots__ = ("parallel", "serial", "__wrapped__")
 
-    def __init__(self, parallel):
+    def __init__(self, parallel, serial):
         self.parallel = parallel
-        self._serial = None
+        self.serial = serial
         self.__wrapped__ = parallel.py_func
-
-    @property
-    def serial(self):
-        if self._serial is None:
-            self._serial = _twin(self.parallel.py_func)
-        return self._serial
 
     def __call__(self, *args):
         if getattr(_numba_threads, "n", 0) == 1:

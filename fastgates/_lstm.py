@@ -326,7 +326,7 @@ def _forward_scratch(nb, H, block, dtype):
             np.empty((block, nb, 4 * H), dtype=dtype), np.empty(0, dtype=dtype))
 
 
-@jit(inline_in_twins=True)
+@jit()
 def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
                   y, ycol, hn, cn, gates, cs, variant, scratch, progress):
     """The time loop of rows ``b0:b1`` (see :func:`lstm_forward`).
@@ -540,7 +540,7 @@ def _backward_scratch(nb, H, dtype):
             np.empty((nb, H), dtype=dtype), np.empty(H, dtype=dtype), np.empty(0, dtype=dtype))
 
 
-@jit(inline_in_twins=True)
+@jit()
 def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
                    reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch, progress):
     """The backward time loop of rows ``b0:b1`` (see :func:`lstm_backward`).
