@@ -552,9 +552,10 @@ class ForgettingAttention(_Parameters):
         o2 = np.empty((T * B, E), dtype=self.dtype)
         self._unheads(o3, T, B, o2)
         wo = self._blocks("out_t", lambda: _linalg.column_blocks(self._params["out_proj.weight"].T))
-        # a writable copy (the parameter is read-only, which Numba would
-        # compile the projection kernels for again)
-        bo = np.array(self._params["out_proj.bias"]) if self.bias else np.empty(0, dtype=self.dtype)
+        # a writable copy, kept with the derived weights (the parameter is
+        # read-only, which Numba would compile the projection kernels for again)
+        bo = (self._blocks("out_bias", lambda: np.array(self._params["out_proj.bias"]))
+              if self.bias else np.empty(0, dtype=self.dtype))
         y = _product(o2, wo, bo, E).reshape(T, B, E)
         if not keep:
             return y, None

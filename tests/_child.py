@@ -8,13 +8,12 @@ compiled every kernel again into the checkout's own cache (measured in CI:
 that holds the tests' fastgates.
 """
 
-import os
 import subprocess
 import sys
 
-import fastgates
+from fastgates.bench import child_root
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastgates.__file__)))
+ROOT = child_root()
 
 
 def run_python(code, *args, **kwargs):

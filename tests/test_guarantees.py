@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastgates as fg
-from _child import run_python
+from _child import ROOT, run_python
 from _bitwise import assert_bitwise, flat
 from _messages import raises
 from _tolerances import assert_close
@@ -426,8 +426,7 @@ DET_SCRIPT = textwrap.dedent("""
 
 def _determinism_run(pool):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(pool))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = run_python(DET_SCRIPT, env=env, capture_output=True, text=True, timeout=600,
                      check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -662,8 +661,7 @@ def test_blas_threads_in_a_fresh_process():
     # restored after each call.  In a fresh process, so that no earlier
     # test has made the first call.
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fg.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     tests = os.path.dirname(os.path.abspath(__file__))
     out = run_python(BLAS_SCRIPT, tests, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
