@@ -29,6 +29,7 @@ import re
 import sys
 import threading
 import time
+import types
 
 import numba
 import numpy as np
@@ -58,24 +59,49 @@ _PARALLEL = dict(prange=True, comprehension=False, reduction=False, inplace_bino
                  setitem=False, numpy=False, stencil=False, fusion=False)
 
 
-def jit(parallel=False):
+def jit(parallel=False, inline_in_twins=False, inline=False):
     """Decorator compiling a kernel with fastgates' one set of Numba options.
 
     With ``parallel``, a :class:`ParallelKernel`: the kernel and its
-    one-thread twin.
+    one-thread twin.  With ``inline_in_twins``, the one-thread twins that
+    call this function have its code put into theirs (Numba's
+    ``inline="always"``) instead of linking it in as a function compiled
+    on its own; the parallel forms still call it.  With ``inline``, every
+    caller does (for a function that is not worth a level of its own, see
+    docs/internals.md).
     """
     def decorate(func):
+        if inline:
+            return numba.njit(inline="always", **_JIT_OPTIONS)(func)
         serial = numba.njit(**_JIT_OPTIONS)(func)
         # what ``cache=True`` does (Dispatcher.enable_caching), with the
         # package's source stamp instead of the kernel's own file's
         serial._cache = _Cache(serial.py_func)
+        if inline_in_twins:
+            serial.inlined = numba.njit(inline="always", **_JIT_OPTIONS)(func)
         if not parallel:
             return serial
         dispatcher = numba.njit(parallel=_PARALLEL, **_JIT_OPTIONS)(func)
         dispatcher._cache = _ParallelCache(dispatcher.py_func)
-        return ParallelKernel(dispatcher, serial)
+        return ParallelKernel(dispatcher)
 
     return decorate
+
+
+def _twin(func):
+    """``func`` compiled without ``parallel``, with the callees marked ``inline_in_twins`` inlined."""
+    names = set(func.__code__.co_names)
+    scope = dict(func.__globals__)
+    for name in names:
+        inlined = getattr(scope.get(name), "inlined", None)
+        if inlined is not None:
+            scope[name] = inlined
+    twin = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__,
+                              func.__closure__)
+    twin.__qualname__, twin.__module__, twin.__doc__ = func.__qualname__, func.__module__, func.__doc__
+    serial = numba.njit(**_JIT_OPTIONS)(twin)
+    serial._cache = _Cache(serial.py_func)
+    return serial
 
 
 class ParallelKernel:
@@ -90,15 +116,23 @@ class ParallelKernel:
     costs the most to compile: Numba compiles the body of each parallel
     loop again as a function of its own and a wrapper around it, each
     re-optimising and generating the machine code of everything the body
-    calls.  Attributes are the parallel dispatcher's.
+    calls.  The twin is made at its first use (the module's functions are
+    all defined by then; see :func:`_twin`).  Attributes are the parallel
+    dispatcher's.
     """
 
-    __slots__ = ("parallel", "serial", "__wrapped__")
+    __slots__ = ("parallel", "_serial", "__wrapped__")
 
-    def __init__(self, parallel, serial):
+    def __init__(self, parallel):
         self.parallel = parallel
-        self.serial = serial
+        self._serial = None
         self.__wrapped__ = parallel.py_func
+
+    @property
+    def serial(self):
+        if self._serial is None:
+            self._serial = _twin(self.parallel.py_func)
+        return self._serial
 
     def __call__(self, *args):
         if getattr(_numba_threads, "n", 0) == 1:
@@ -110,6 +144,130 @@ class ParallelKernel:
 
     def __repr__(self):
         return f"<fastgates parallel kernel {self.parallel.py_func.__qualname__}>"
+
+
+# -- kernels compiled when they pay -------------------------------------------
+#
+# Some kernels are a faster form of work a cheaper one already does, and
+# cost seconds more to compile: the LSTM's overlapped kernels for a batch
+# of one sequence on two threads (the parallel loop's body compiled again
+# twice, ~3 s forward and ~4.4 s backward on this machine's 2 cores) save
+# 7-17% of those calls' time.  Compiling them at a first call made a new
+# user wait 8 + 9 s instead of about 5 + 4.  A :class:`Tier` runs the
+# faster kernel when it costs nothing to start (compiled in this process,
+# or in the cache: ``python -m fastgates compile`` puts it there), and
+# otherwise the cheaper work until that work has taken PAYS_AFTER seconds
+# in the process, then compiles it: the rule of renting until the rent
+# has cost what buying does, so a process never loses more than about
+# twice what the better choice made in hindsight would have.  Both give the
+# same bits (each kernel's docstring says why), so the switch changes
+# nothing but the time.
+
+# ~4 s of compiling / ~15% saved per second of calls
+PAYS_AFTER = 30.0
+_eager_tiers = False   # compile every tier at its first use (python -m fastgates compile)
+_tier_spent = {}
+
+
+def ready(disp, args):
+    """Whether the dispatcher ``disp`` runs ``args`` without compiling.
+
+    True when it is compiled for their types in this process, or when the
+    cache holds it (it is then loaded, as a first call would).
+    """
+    sig = tuple(disp.typeof_pyval(a) for a in args)
+    if sig in disp.overloads:
+        return True
+    if not disp._cache.holds(sig, disp.targetctx):
+        return False
+    disp.compile(sig)
+    return True
+
+
+class Tier:
+    """Whether calls run a kernel that is faster but costs more to compile (see above).
+
+    One per kernel and *key*: whatever its caller knows fixes the kernel's
+    argument types (the LSTM: dtype and variant), so that the types, which
+    cost tens of microseconds to work out, are looked at only when the
+    answer may have changed.  A key that does not fix them costs no more
+    than a first call on new types does anyway: compiling, with the
+    notice.  Call :meth:`use` with the kernel's arguments before each call
+    that could run it (:meth:`maybe` first, where working the arguments
+    out costs); when it says False, do the work another way and report the
+    seconds that took with :meth:`spent`.  Get one with :func:`tier`.
+    """
+
+    __slots__ = ("kernel", "disp", "pays_after", "state", "seen")
+
+    def __init__(self, kernel, pays_after=None):
+        self.kernel = kernel
+        self.pays_after = PAYS_AFTER if pays_after is None else pays_after
+        # the form the calls run: a ParallelKernel's parallel one
+        self.disp = kernel.parallel if isinstance(kernel, ParallelKernel) else kernel
+        self.state = None       # True: ready; False: not; None: not checked yet
+        self.seen = -1          # the kernel's compiled signatures when last checked
+
+    def maybe(self):
+        """False when :meth:`use` would surely say False (cheap: no types)."""
+        return (self.state is not False or len(self.disp.overloads) != self.seen
+                or _eager_tiers or _tier_spent.get(self.kernel, 0.0) >= self.pays_after)
+
+    def use(self, *args):
+        """True to run the kernel with ``args`` now."""
+        if self.state:
+            return True
+        disp = self.disp
+        n = len(disp.overloads)
+        pays = _eager_tiers or _tier_spent.get(self.kernel, 0.0) >= self.pays_after
+        if self.state is None or n != self.seen or pays:
+            if ready(disp, args):
+                self.state = True
+            elif pays:
+                # said when it takes longer than a first call's notice waits
+                timer = threading.Timer(NOTICE_AFTER, _say, args=(TIER_NOTICE.format(
+                    what=disp.py_func.__qualname__, after=self.pays_after),))
+                timer.daemon = True
+                if not _eager_tiers:
+                    timer.start()
+                try:
+                    disp.compile(tuple(disp.typeof_pyval(a) for a in args))
+                finally:
+                    timer.cancel()
+                self.state = True
+            else:
+                self.state, self.seen = False, n
+        return self.state
+
+    def spent(self, seconds):
+        """Count ``seconds`` of work the kernel would have done faster."""
+        _tier_spent[self.kernel] = _tier_spent.get(self.kernel, 0.0) + seconds
+
+
+_tiers = {}
+
+
+def tier(kernel, key, pays_after=None):
+    """The :class:`Tier` of ``kernel`` for callers with ``key``.
+
+    ``pays_after``: seconds of the other way's work before the kernel is
+    compiled (default :data:`PAYS_AFTER`): about its compile time over the
+    fraction of that work it saves.
+    """
+    t = _tiers.get((kernel, key))
+    if t is None:
+        t = _tiers[kernel, key] = Tier(kernel, pays_after)
+    return t
+
+
+TIER_NOTICE = ("fastgates: compiling {what}, once: the calls it makes faster have run "
+               "without it for {after:g} s. python -m fastgates compile compiles it ahead of "
+               "time.\n")
+
+
+def _say(text):
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 # -- the kernel cache and its key ----------------------------------------------
@@ -227,6 +385,13 @@ class _Cache(numba_caching.FunctionCache):
         with _cache_lock(self._cache_path):
             super().save_overload(sig, data)
 
+    def holds(self, sig, target_context):
+        """Whether the cache has machine code for ``sig`` (without loading it)."""
+        if not self._enabled:
+            return False
+        key = self._index_key(sig, target_context.codegen())
+        return key in self._cache_file._load_index()
+
 
 class _ParallelCacheImpl(_CacheImpl):
     # the parallel form of a function has files of its own beside its
@@ -296,9 +461,11 @@ NOTICE = ("fastgates: compiling kernels for a first call ({what}): there is no c
 
 
 class _CompileNotice(numba_event.Listener):
+    # also adds up the seconds of fastgates' compilations (see clock())
     def __init__(self):
         self.local = threading.local()
         self.said = False
+        self.seconds = 0.0
 
     @staticmethod
     def _ours(event):
@@ -306,15 +473,18 @@ class _CompileNotice(numba_event.Listener):
         return getattr(func, "__module__", "").startswith("fastgates")
 
     def on_start(self, event):
-        if self.said or not self._ours(event):
+        if not self._ours(event):
             return
         depth = getattr(self.local, "depth", 0)
         self.local.depth = depth + 1
         if depth == 0:
-            what = event.data["dispatcher"].py_func.__qualname__
-            timer = self.local.timer = threading.Timer(NOTICE_AFTER, self.say, args=(what,))
-            timer.daemon = True
-            timer.start()
+            self.local.start = time.perf_counter()
+            self.local.timer = None
+            if not self.said:
+                what = event.data["dispatcher"].py_func.__qualname__
+                timer = self.local.timer = threading.Timer(NOTICE_AFTER, self.say, args=(what,))
+                timer.daemon = True
+                timer.start()
 
     def on_end(self, event):
         depth = getattr(self.local, "depth", 0)
@@ -322,7 +492,10 @@ class _CompileNotice(numba_event.Listener):
             return
         self.local.depth = depth - 1
         if depth == 1:
-            self.local.timer.cancel()
+            if self.local.timer is not None:
+                self.local.timer.cancel()
+            with _lock:
+                self.seconds += time.perf_counter() - self.local.start
 
     def say(self, what):
         with _lock:
@@ -333,7 +506,17 @@ class _CompileNotice(numba_event.Listener):
         sys.stderr.flush()
 
 
-numba_event.register("numba:compile", _CompileNotice())
+_notice = _CompileNotice()
+numba_event.register("numba:compile", _notice)
+
+
+def clock():
+    """Seconds, as ``time.perf_counter``, but stopped while fastgates compiles.
+
+    For timing work that a first call may compile (the work a
+    :class:`Tier` counts).
+    """
+    return time.perf_counter() - _notice.seconds
 
 
 _lock = threading.Lock()
@@ -797,6 +980,15 @@ def fast_activations():
     """True when the kernels should use the fast activations."""
     mode = getattr(_task, "mode", None)
     return (_mode if mode is None else mode) == "fast"
+
+
+def exact_arg():
+    """The activation mode as the kernels take it: None (fast) or True (exact).
+
+    None, a type of its own, for the default mode: Numba then compiles none
+    of the exact mode's code into its kernels (see :mod:`fastgates._math`).
+    """
+    return None if fast_activations() else True
 
 
 # -- settings of one task ----------------------------------------------------

@@ -79,7 +79,7 @@ def _step_fused(acc, xwt, xoff, bhn, h, b0, t, lengths, yt, ycol, gates, hlin, k
 
 
 @jit(parallel=True)
-def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, chunk, fast,
+def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reverse, chunk, exact,
                 y, ycol, hn, gates, hlin, clipping):
     """Run the recurrence of one layer-direction.
 
@@ -101,7 +101,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
         ``wn_tb is None``).
     bhn : (H,) array
     h0 : (B, H) array
-    lengths, reverse, chunk, fast :
+    lengths, reverse, chunk, exact :
         As in :func:`fastgates._lstm.lstm_forward`.
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
     hn : (B, H) array, output
@@ -154,7 +154,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
             xt = xwb[t - t_lo] if fused else xw[t]
             xoff = b0 if fused else 0
             dot_blocked(h, wa_tb, acc)
-            if fast and wn_tb is None and clipping is None:
+            if exact is None and wn_tb is None and clipping is None:
                 _step_fused(acc, xt, xoff, bhn, h, b0, t, lengths, y[t], ycol,
                             gates, hlin, keep)
                 continue
@@ -171,7 +171,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                         copy_vector(pre[t, b0 + r, : 2 * H], a[: 2 * H])
                     for j in range(2 * H):
                         a[j] = _clip(a[j], clip)
-                sigmoid_inplace(a[: 2 * H], fast)
+                sigmoid_inplace(a[: 2 * H], exact)
             if wn_tb is not None:
                 for r in range(nb):
                     for j in range(H):
@@ -205,7 +205,7 @@ def gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, bhn, h0, lengths, reve
                         copy_vector(pre[t, b, 2 * H:], n)
                     for j in range(H):
                         n[j] = _clip(n[j], clip)
-                tanh_inplace(n, fast)
+                tanh_inplace(n, exact)
                 hr = h[r]
                 for j in range(H):
                     z = a[H + j]

@@ -35,14 +35,13 @@ from numba import prange
 
 from ._config import jit
 from ._linalg import (atomic_add, atomic_load, atomic_store, borrow, copy_rows, copy_vector,
-                      dot_blocked,
-                      product_piece, project, project_steps, wait_until)
+                      dot_blocked, keep_alive, product_piece, project, project_steps, wait_until)
 from ._math import (one, sigmoid_fast, sigmoid_inplace, sigmoid_scalar, tanh_fast, tanh_inplace,
                     tanh_scalar)
 
 
 @jit()
-def _cell_step(a, xw, c, h, tc, fast):
+def _cell_step(a, xw, c, h, tc, exact):
     """One LSTM step of one sequence, in place.
 
     ``a`` (4H,) holds the recurrent product on entry and the gates i, f, g, o
@@ -51,7 +50,7 @@ def _cell_step(a, xw, c, h, tc, fast):
     vectorises.
     """
     H = c.shape[0]
-    if fast:
+    if exact is None:
         # One pass: every value stays in registers from the gate sums to h.
         for j in range(H):
             i = sigmoid_fast(a[j] + xw[j])
@@ -68,14 +67,14 @@ def _cell_step(a, xw, c, h, tc, fast):
         return
     for j in range(4 * H):
         a[j] += xw[j]
-    sigmoid_inplace(a[: 2 * H], fast)
-    tanh_inplace(a[2 * H: 3 * H], fast)
-    sigmoid_inplace(a[3 * H:], fast)
+    sigmoid_inplace(a[: 2 * H], exact)
+    tanh_inplace(a[2 * H: 3 * H], exact)
+    sigmoid_inplace(a[3 * H:], exact)
     for j in range(H):
         cc = a[H + j] * c[j] + a[j] * a[2 * H + j]
         c[j] = cc
         tc[j] = cc
-    tanh_inplace(tc, fast)
+    tanh_inplace(tc, exact)
     for j in range(H):
         h[j] = a[3 * H + j] * tc[j]
 
@@ -91,7 +90,7 @@ def _clip(x, bound):
 
 
 @jit()
-def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, fast):
+def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, exact):
     """One LSTM step with peepholes, a coupled forget gate or clipping.
 
     As :func:`_cell_step`, and (ONNX's LSTM): with ``peep`` (3, H) not
@@ -117,15 +116,15 @@ def _cell_step_variant(a, xw, c, h, peep, coupled, clip, pre, fast):
         if peephole:
             ai += peep[0, j] * cp
             af += peep[1, j] * cp
-        i = sigmoid_scalar(_clip(ai, clip), fast)
-        f = one_ - i if coupled else sigmoid_scalar(_clip(af, clip), fast)
-        g = tanh_scalar(_clip(ag, clip), fast)
+        i = sigmoid_scalar(_clip(ai, clip), exact)
+        f = one_ - i if coupled else sigmoid_scalar(_clip(af, clip), exact)
+        g = tanh_scalar(_clip(ag, clip), exact)
         cc = f * cp + i * g
         if peephole:
             ao += peep[2, j] * cc
-        o = sigmoid_scalar(_clip(ao, clip), fast)
+        o = sigmoid_scalar(_clip(ao, clip), exact)
         c[j] = cc
-        h[j] = o * tanh_scalar(cc, fast)
+        h[j] = o * tanh_scalar(cc, exact)
         a[j] = i
         a[H + j] = f
         a[2 * H + j] = g
@@ -144,7 +143,7 @@ def _inside(x, bound):
 
 
 @jit()
-def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fast):
+def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, exact):
     """Gradient through one step of :func:`_cell_step_variant`, in place.
 
     As :func:`_cell_grad`; ``pre`` (4H,) holds the step's pre-activations
@@ -160,7 +159,7 @@ def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fas
         gg = g[2 * H + j]
         o = g[3 * H + j]
         cc = ct[j]
-        tc = tanh_scalar(cc, fast)
+        tc = tanh_scalar(cc, exact)
         dht = dh[j] + dyt[j]
         dao = dht * tc * o * (one_ - o)
         dtc = dht * o * (one_ - tc * tc)
@@ -193,7 +192,7 @@ def _cell_grad_variant(g, ct, cp, dyt, dh, dc, da, peep, coupled, clip, pre, fas
 
 
 @jit(parallel=True)
-def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, chunk, fast, y,
+def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, chunk, exact, y,
                  ycol, hn, cn, gates, cs, variant):
     """Run the recurrence of one layer-direction.
 
@@ -220,8 +219,9 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         Read the sequence backwards.
     chunk : int
         Batch rows per parallel task.
-    fast : bool
-        Fast (vectorised) activations, else the C library's.
+    exact : None or True
+        None: the fast (vectorised) activations; True: the C library's
+        (by type: see :mod:`fastgates._math`).
     y : (T, B, Y) array, output
         Hidden states are written to columns ``ycol:ycol + H``.
     hn, cn : (B, H) arrays, output
@@ -248,12 +248,11 @@ def lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, c
         b1 = min(B, b0 + chunk)
         scratch = _forward_scratch(b1 - b0, H, block if fused else 0, h0.dtype)
         _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
-                      fast, y, ycol, hn, cn, gates, cs, variant, scratch,
-                      np.empty(0, dtype=np.int64))
+                      exact, y, ycol, hn, cn, gates, cs, variant, scratch, None)
 
 
 @jit(parallel=True)
-def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
+def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, exact,
                             y, ycol, hn, cn, gates, cs, variant):
     """:func:`lstm_forward` of a batch that is one chunk, with the input
     projection made ``block`` steps at a time, in reading order, into ``xw``
@@ -279,7 +278,7 @@ def lstm_forward_overlapped(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths,
     for _task in prange(2):
         if atomic_add(sync, 0, 1) == 0:
             _forward_rows(0, B, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse,
-                          fast, y, ycol, hn, cn, gates, cs, variant, scratch, sync)
+                          exact, y, ycol, hn, cn, gates, cs, variant, scratch, sync)
         else:
             while _project_next(x, wih_tb, bias, block, xw, reverse, sync):
                 pass
@@ -326,25 +325,27 @@ def _forward_scratch(nb, H, block, dtype):
             np.empty((block, nb, 4 * H), dtype=dtype), np.empty(0, dtype=dtype))
 
 
-@jit()
-def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, fast,
+@jit(inline_in_twins=True)
+def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, reverse, exact,
                   y, ycol, hn, cn, gates, cs, variant, scratch, progress):
     """The time loop of rows ``b0:b1`` (see :func:`lstm_forward`).
 
     ``scratch`` from :func:`_forward_scratch`.  With ``xw`` empty the
-    projection is made here, ``block`` steps at a time.  When ``progress``
-    has elements, the projection is shared with another task through it
-    (:func:`lstm_forward_overlapped`): before each ``block`` steps the loop
-    makes sure their block of ``xw`` is made (:func:`_projected`).
+    projection is made here, ``block`` steps at a time.  With ``progress``
+    an array (not None), the projection is shared with another task
+    through it (:func:`lstm_forward_overlapped`): before each ``block``
+    steps the loop makes sure their block of ``xw`` is made
+    (:func:`_projected`).  None, as :func:`lstm_forward` passes, drops that
+    code by type: not compiled for the plain kernel.
     """
     fused = xw.shape[0] == 0
     T = x.shape[0] if fused else xw.shape[0]
     H = h0.shape[1]
     keep = gates.shape[0] > 0
-    wait = progress.shape[0] > 0
     nb = b1 - b0
     # views of borrowed arrays take no references (_linalg.borrow): the
-    # caller owns the arguments and the scratch for the whole call
+    # caller owns the arguments and the scratch for the whole call (kept
+    # alive to the end below, for a caller that inlines this function)
     h, c, acc, tc, xwb, nopre = (borrow(scratch[0]), borrow(scratch[1]), borrow(scratch[2]),
                                  borrow(scratch[3]), borrow(scratch[4]), scratch[5])
     x, xw, y, gates, cs = borrow(x), borrow(xw), borrow(y), borrow(gates), borrow(cs)
@@ -355,8 +356,9 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
         t = T - 1 - s if reverse else s
         if fused and s % block == 0:
             t_lo = project_steps(x, s, reverse, b0, b1, wih_tb, bias, xwb)
-        if wait and s % block == 0:
-            _projected(x, wih_tb, bias, block, xw, reverse, progress, s // block)
+        if progress is not None:
+            if s % block == 0:
+                _projected(x, wih_tb, bias, block, xw, reverse, progress, s // block)
         dot_blocked(h, whh_tb, acc)
         for r in range(nb):
             b = b0 + r
@@ -368,21 +370,24 @@ def _forward_rows(b0, b1, x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, r
                     cs[t, b, :] = 0.0
                 continue
             if variant is None:
-                _cell_step(acc[r], xwr, c[r], h[r], tc, fast)
+                _cell_step(acc[r], xwr, c[r], h[r], tc, exact)
             else:
                 peep, coupled, clip, pre = variant
                 _cell_step_variant(acc[r], xwr, c[r], h[r], peep, coupled, clip,
-                                   pre[t, b] if pre.shape[0] > 0 else nopre, fast)
+                                   pre[t, b] if pre.shape[0] > 0 else nopre, exact)
             copy_vector(y[t, b, ycol:ycol + H], h[r])
             if keep:
                 copy_vector(gates[t, b], acc[r])
                 copy_vector(cs[t, b], c[r])
     copy_rows(hn[b0:b1], h)
     copy_rows(cn[b0:b1], c)
+    # the scratch was borrowed: inlined into a twin that allocated it, this
+    # is its last use (see docs/internals.md, "Views in a time loop")
+    keep_alive(scratch)
 
 
 @jit()
-def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
+def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, exact):
     """Gradient through one LSTM step of one sequence, in place.
 
     ``g`` (4H,) the kept gates i, f, g, o; ``ct``/``cp`` (H,) the cell state
@@ -394,13 +399,13 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
     """
     H = ct.shape[0]
     one_ = one(ct[0])
-    if fast:
+    if exact is None:
         for j in range(H):
             tc[j] = tanh_fast(ct[j])
     else:
         for j in range(H):
             tc[j] = ct[j]
-        tanh_inplace(tc, fast)
+        tanh_inplace(tc, exact)
     for j in range(H):
         i = g[j]
         f = g[H + j]
@@ -417,7 +422,7 @@ def _cell_grad(g, ct, cp, dyt, dh, dc, da, tc, fast):
 
 @jit(parallel=True)
 def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                  reverse, chunk, fast, dgates, hprev, dh0, dc0, variant, cprev):
+                  reverse, chunk, exact, dgates, hprev, dh0, dc0, variant, cprev):
     """Back-propagate through the recurrence of one layer-direction.
 
     Parameters
@@ -434,7 +439,7 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         The forward outputs; this direction's columns start at ``ycol``.
     h0, c0 : (B, H) arrays
         Initial state of the forward pass.
-    lengths, reverse, chunk, fast :
+    lengths, reverse, chunk, exact :
         As in the forward pass.
     dgates : (T, B, 4H) array, output
         Gradient with respect to the pre-activations ``a_t`` (zero at padded
@@ -458,13 +463,13 @@ def lstm_backward(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, length
         b1 = min(B, b0 + chunk)
         scratch = _backward_scratch(b1 - b0, H, gates.dtype)
         _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                       reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch,
+                       reverse, exact, dgates, hprev, dh0, dc0, variant, cprev, scratch,
                        np.empty(0, dtype=np.int64))
 
 
 @jit(parallel=True)
 def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                             reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, x, w_ih,
+                             reverse, exact, dgates, hprev, dh0, dc0, variant, cprev, x, w_ih,
                              wb_ih, dw_ih, dw_hh, db, dx, work, block_rows, init):
     """:func:`lstm_backward` of a batch that is one chunk, with the products
     over time of each block of steps taken by a second task as soon as the
@@ -499,7 +504,7 @@ def lstm_backward_overlapped(dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0,
     for _task in prange(2):
         if atomic_add(sync, 0, 1) == 0:
             _backward_rows(0, B, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                           reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch,
+                           reverse, exact, dgates, hprev, dh0, dc0, variant, cprev, scratch,
                            sync)
         while _products_next(sync, nblk, steps, T, reverse, work, dgates, x, hprev, w_ih, wb_ih,
                              dw_ih, dw_hh, db, dx, block_rows, init):
@@ -540,9 +545,9 @@ def _backward_scratch(nb, H, dtype):
             np.empty((nb, H), dtype=dtype), np.empty(H, dtype=dtype), np.empty(0, dtype=dtype))
 
 
-@jit()
+@jit(inline_in_twins=True)
 def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c0, lengths,
-                   reverse, fast, dgates, hprev, dh0, dc0, variant, cprev, scratch, progress):
+                   reverse, exact, dgates, hprev, dh0, dc0, variant, cprev, scratch, progress):
     """The backward time loop of rows ``b0:b1`` (see :func:`lstm_backward`).
 
     ``scratch`` from :func:`_backward_scratch`.  When ``progress`` has
@@ -557,7 +562,8 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
     publish = progress.shape[0] > 0
     nb = b1 - b0
     # views of borrowed arrays take no references (_linalg.borrow): the
-    # caller owns the arguments and the scratch for the whole call
+    # caller owns the arguments and the scratch for the whole call (kept
+    # alive to the end below, for a caller that inlines this function)
     dh, dc, dhrec, tc, nopre = (borrow(scratch[0]), borrow(scratch[1]), borrow(scratch[2]),
                                 borrow(scratch[3]), scratch[4])
     dy, gates, cs, y, dgates = borrow(dy), borrow(gates), borrow(cs), borrow(y), borrow(dgates)
@@ -590,12 +596,12 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
                 copy_vector(cprev[t, b], cp)
             if variant is None:
                 _cell_grad(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
-                           dh[r], dc[r], da[r], tc, fast)
+                           dh[r], dc[r], da[r], tc, exact)
             else:
                 peep, coupled, clip, pre = variant
                 _cell_grad_variant(gates[t, b], cs[t, b], cp, dy[t, b, dycol:dycol + H],
                                    dh[r], dc[r], da[r], peep, coupled, clip,
-                                   pre[t, b] if pre.shape[0] > 0 else nopre, fast)
+                                   pre[t, b] if pre.shape[0] > 0 else nopre, exact)
         dot_blocked(da, whh_b, dhrec)
         for r in range(nb):
             # A padded step passes the state's gradient through untouched.
@@ -605,6 +611,7 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
             atomic_store(progress, 1, s + 1)
     copy_rows(dh0[b0:b1], dh)
     copy_rows(dc0[b0:b1], dc)
+    keep_alive(scratch)   # as in _forward_rows
 
 
 # -- the projected LSTM (PyTorch's proj_size) ------------------------------------
@@ -612,7 +619,7 @@ def _backward_rows(b0, b1, dy, dycol, dhn, dcn, whh_b, gates, cs, y, ycol, h0, c
 
 @jit(parallel=True)
 def lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, whr_tb, h0, c0, lengths, reverse, chunk,
-                  fast, y, ycol, hn, cn, gates, cs):
+                  exact, y, ycol, hn, cn, gates, cs):
     """:func:`lstm_forward` with PyTorch's projection of the hidden state.
 
     ``h_t = W_hr (o ⊙ tanh(c_t))``: ``h0``, ``hn`` and the output columns
@@ -657,7 +664,7 @@ def lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, whr_tb, h0, c0, lengths, r
                     full[r, :] = 0.0
                     continue
                 _cell_step(acc[r], xwb[t - t_lo, r] if fused else xw[t, b], c[r], full[r], tc,
-                           fast)
+                           exact)
             dot_blocked(full, whr_tb, proj)
             for r in range(nb):
                 b = b0 + r
@@ -678,7 +685,7 @@ def lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, whr_tb, h0, c0, lengths, r
 
 @jit(parallel=True)
 def lstmp_backward(dy, dycol, dhn, dcn, whh_b, whr_b, gates, cs, y, ycol, h0, c0, lengths,
-                   reverse, chunk, fast, dgates, hprev, dh0, dc0, dhproj, full):
+                   reverse, chunk, exact, dgates, hprev, dh0, dc0, dhproj, full):
     """Back-propagate through :func:`lstmp_forward`.
 
     ``whh_b``, ``whr_b``: column blocks of ``W_hh`` (4H, P) and ``W_hr``
@@ -738,7 +745,7 @@ def lstmp_backward(dy, dycol, dhn, dcn, whh_b, whr_b, gates, cs, y, ycol, h0, c0
                     copy_vector(hprev[t, b], y[tp, b, ycol:ycol + P])
                     cp = cs[tp, b]
                 g = gates[t, b]
-                _cell_grad(g, cs[t, b], cp, nodyt, dfull[r], dc[r], da[r], tc, fast)
+                _cell_grad(g, cs[t, b], cp, nodyt, dfull[r], dc[r], da[r], tc, exact)
                 fu = full[t, b]
                 for j in range(H):
                     fu[j] = g[3 * H + j] * tc[j]

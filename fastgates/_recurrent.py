@@ -107,12 +107,12 @@ def _empty1(dtype):
 class Tape:
     """What a forward pass keeps for its backward pass."""
 
-    def __init__(self, cell, fast, inputs, outputs, gates, aux, state0, lengths, variant, pre,
+    def __init__(self, cell, exact, inputs, outputs, gates, aux, state0, lengths, variant, pre,
                  masks=None):
         self.cell = cell          # the Cell
         self.variant = variant    # Variant of the forward pass
         self.pre = pre            # per layer-direction: pre-activations when clipping
-        self.fast = fast          # the activation mode of the forward pass
+        self.exact = exact        # the activation mode of the forward pass
         self.inputs = inputs      # per layer: its input (T, B, I_k)
         self.outputs = outputs    # per layer: its output (T, B, D*H)
         self.gates = gates        # per layer-direction: (T, B, G) post-activation
@@ -265,7 +265,7 @@ class _Direction:
     kernels need beyond these.
     """
 
-    def __init__(self, cell, weights, k, derived, variant, fast, chunk, clip, H, dtype, rev):
+    def __init__(self, cell, weights, k, derived, variant, exact, chunk, clip, H, dtype, rev):
         self.cell = cell
         self.k = k
         params = weights[k]
@@ -279,7 +279,7 @@ class _Direction:
         # the dict, and its panels, alive until the cyclic collector runs)
         self._derived = None if derived is None else weakref.ref(derived)
         self.variant = variant
-        self.fast = fast
+        self.exact = exact
         self.chunk = chunk
         self.clip = clip
         self.H = H
@@ -400,10 +400,15 @@ class _Direction:
             sn = tuple([np.empty((B, w), dtype=dtype) for w in self.widths])
         # one chunk: an idle thread may make the projection ahead of the recurrence
         overlap = self.cell.overlap(self, t, B, fused)
+        waiting = _waiting(overlap and self.cell.forward_tier(self))
+        overlap = overlap and waiting is None
         # Set once (each change costs about 1.6 us).
         _config.kernel_threads(2 if overlap else -(-B // self.chunk))
+        start = _config.clock()
         self.cell.forward(self, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux,
                           pre, overlap)
+        if waiting is not None:
+            waiting.spent(_config.clock() - start)
         return sn, gates, aux, pre
 
     def backward(self, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths,
@@ -425,11 +430,24 @@ class _Direction:
         g.ds0 = tuple([np.empty((B, w), dtype=dtype) for w in self.widths])
         # the products beside the kernel (None: after it)
         plan = None if acc is None else acc.overlap(grid, t, B, layer_in.shape[2])
+        waiting = _waiting(plan is not None and self.cell.backward_tier(self))
+        if waiting is not None:
+            plan = None
         # Set once (each change costs about 1.6 us).
         _config.kernel_threads(-(-B // self.chunk) if plan is None else 2)
+        start = _config.clock()
         self.cell.backward(self, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan,
                            acc, grid, layer_in)
+        if waiting is not None:
+            waiting.spent(_config.clock() - start)
         return g
+
+
+def _waiting(tier):
+    """``tier`` (a :class:`~fastgates._config.Tier`, or a false value for
+    none) when its kernel is known not to be ready: the call then does the
+    work the other way, and counts its time."""
+    return tier if tier and not tier.maybe() else None
 
 
 class _StepGrads:
@@ -514,10 +532,20 @@ class _WeightGrads:
         desc = not dr.rev
         x2, wb, db, dx, init = self._operands(layer_in, dx_tiles)
         d2 = g.dgx.reshape(rows, G)
+        args = (d2, x2, g.hprev.reshape(rows, dr.P), dr.w_ih, wb, self.dw_ih, self.dw_hh, db,
+                dx.reshape(rows, I), work, nlanes, grid.rows, desc, init)
+        tier = _config.tier(products_side_by_side, (dr.dtype.char,))
+        if not tier.use(*args):
+            # not compiled yet: one after another (_config.Tier)
+            start = _config.clock()
+            self.add_input(grid, g, layer_in)
+            dx = dr.input_grad(grid, g.dgx)
+            self.add_recurrent(grid, g)
+            tier.spent(_config.clock() - start)
+            return dx
+        self.first = False
         _config.kernel_threads(nlanes)
-        products_side_by_side(d2, x2, g.hprev.reshape(rows, dr.P), dr.w_ih, wb, self.dw_ih,
-                              self.dw_hh, db, dx.reshape(rows, I), work, nlanes, grid.rows, desc,
-                              init)
+        products_side_by_side(*args)
         dr.cell.add_grads(self, grid, g, d2, desc, init)
         return dx
 
@@ -538,7 +566,8 @@ class _WeightGrads:
 
     def overlapped_products(self, grid, layer_in, plan):
         """What :func:`~fastgates._lstm.lstm_backward_overlapped` takes after
-        the kernel's own arguments, and the input gradient it fills."""
+        the kernel's own arguments, the input gradient it fills and whether
+        these are the first blocks (set ``first`` False once they are made)."""
         work, _, dx_tiles = plan
         x2, wb, db, dx, init = self._operands(layer_in, dx_tiles)
         args = (x2, self.dir.w_ih, wb, self.dw_ih, self.dw_hh, db, dx.reshape(x2.shape), work,
@@ -551,12 +580,13 @@ class _WeightGrads:
         ``(x, wb, db, dx, init)``: the layer input as (rows, I), ``W_ih`` in
         column blocks when the tiles make ``dx`` (else empty), the bias
         gradient (empty without biases), a new ``dx`` (t, B, I), and whether
-        these are the first blocks (which overwrite the sums).
+        these are the first blocks (which overwrite the sums; the caller
+        sets ``first`` False once it made them).
         """
         dr = self.dir
         t, B, I = layer_in.shape
         dtype = dr.dtype
-        init, self.first = self.first, False
+        init = self.first
         wb = dr.blocks("wih_b", dr.w_ih) if dx_tiles else _empty3(dtype)
         db = _empty1(dtype) if self.db_ih is None else self.db_ih
         return layer_in.reshape(t * B, I), wb, db, np.empty((t, B, I), dtype=dtype), init
@@ -704,7 +734,7 @@ def _timed(key, run, *args):
     return out
 
 
-def _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk):
+def _directions(cell, weights, layer, D, H, dtype, derived, variant, exact, chunk):
     """The :class:`_Direction` objects of a layer, kept in ``derived``.
 
     They depend on the model's parameters and options (which ``derived``
@@ -713,11 +743,11 @@ def _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk
     """
     def make():
         clip = dtype.type(variant.clip)
-        return [_Direction(cell, weights, layer * D + d, derived, variant, fast, chunk, clip, H,
+        return [_Direction(cell, weights, layer * D + d, derived, variant, exact, chunk, clip, H,
                            dtype, variant.direction_reversed(d))
                 for d in range(D)]
 
-    return _derive(derived, ("directions", layer, fast, chunk), make)
+    return _derive(derived, ("directions", layer, exact, chunk), make)
 
 
 def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=False,
@@ -747,7 +777,7 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
     P = state0[0].shape[2]                  # the width of h, and of the output
     dtype = x.dtype
     chunk = _chunk_size(B)
-    fast = _config.fast_activations()
+    exact = _config.exact_arg()
     grid = _Grid(T, B)
     staten = tuple([np.empty_like(s) for s in state0])
     interval = checkpoint_interval(checkpoint, T, B) if keep and checkpoint is not None else None
@@ -756,7 +786,7 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
     x = layer_in = _zero_padding(x, lengths)
     for layer in range(num_layers):
         y = np.empty((T, B, D * P), dtype=dtype)
-        dirs = _directions(cell, weights, layer, D, H, dtype, derived, variant, fast, chunk)
+        dirs = _directions(cell, weights, layer, D, H, dtype, derived, variant, exact, chunk)
         for d, dr in enumerate(dirs):
             k = dr.k
             s0 = tuple([s[k] for s in state0])
@@ -783,10 +813,10 @@ def _forward(cell, weights, x, state0, lengths, num_layers, bidirectional, keep=
         del y
     tape = None
     if kept:
-        tape = Tape(cell, fast, inputs, outputs, gates_kept, aux_kept, state0, lengths, variant,
+        tape = Tape(cell, exact, inputs, outputs, gates_kept, aux_kept, state0, lengths, variant,
                     pre_kept, masks)
     elif keep:
-        tape = CheckpointTape(cell, fast, variant, x, state0, lengths, interval, states, masks)
+        tape = CheckpointTape(cell, exact, variant, x, state0, lengths, interval, states, masks)
     return layer_in, staten, tape
 
 
@@ -814,9 +844,9 @@ class CheckpointTape:
     a backward direction the state after it has read the later steps).
     """
 
-    def __init__(self, cell, fast, variant, x, state0, lengths, interval, states, masks=None):
+    def __init__(self, cell, exact, variant, x, state0, lengths, interval, states, masks=None):
         self.cell = cell
-        self.fast = fast
+        self.exact = exact
         self.variant = variant
         self.x = x                # the input, padded steps zero
         self.state0 = state0
@@ -901,7 +931,7 @@ def _backward(tape, weights, dy, dstate, num_layers, bidirectional, with_bias, d
     dstate0 = tuple([np.empty_like(s) for s in tape.state0])
     dweights = [None] * (num_layers * D)
     layers = [_directions(tape.cell, weights, layer, D, H, dy.dtype, derived, tape.variant,
-                          tape.fast, _chunk_size(B)) for layer in range(num_layers)]
+                          tape.exact, _chunk_size(B)) for layer in range(num_layers)]
     dy_layer = dy
     for layer in reversed(range(num_layers)):
         dx = None

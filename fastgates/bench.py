@@ -1913,7 +1913,8 @@ def child_root():
 
 def _child_env(**extra):
     """Environment of a fresh process that imports this very fastgates (run it in :func:`child_root`)."""
-    env = dict(os.environ, FASTGATES_ACTIVATIONS=fg.get_activation_mode(), **extra)
+    env = dict(os.environ, FASTGATES_ACTIVATIONS=fg.get_activation_mode())
+    env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(
         [child_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env

@@ -11,12 +11,20 @@ Each job runs the calls a model of that cell makes (forward, training step
 and ``gates``, one sequence and a padded batch, stacked and bidirectional,
 the variants with kernels of their own, narrow and wide layers, a
 ``Readout`` head), which compiles everything those calls reach; the shared building blocks are compiled by
-whichever job gets there first and loaded by the others once cached.
+whichever job gets there first and loaded by the others once cached.  It
+also compiles the kernels a process otherwise compiles only once they pay
+(``_config.Tier``: the LSTM's overlapped kernels).
+
+The kernels of each activation mode are compiled apart (only the mode's
+own code is in them): by default those of the mode this process runs in
+(``FASTGATES_ACTIVATIONS``, else fast); ``--activations fast exact`` for
+both.
 
 ::
 
-    python -m fastgates compile                       # everything
+    python -m fastgates compile                       # every cell and dtype
     python -m fastgates compile --cells lstm gru --dtypes float32
+    python -m fastgates compile --activations fast exact
     python -m fastgates compile --jobs 1              # one process at a time
 """
 
@@ -31,6 +39,7 @@ __all__ = ["JOBS", "Compiles", "add_arguments", "run", "warm"]
 
 CELLS = ("lstm", "gru", "janet", "mgu", "slstm", "mingru", "minlstm", "attention")
 DTYPES = ("float32", "float64")
+MODES = ("fast", "exact")
 JOBS = tuple((cell, dtype) for cell in CELLS for dtype in DTYPES)
 
 _LAYERS = {"lstm": "LSTM", "gru": "GRU", "janet": "JANET", "mgu": "MGU", "slstm": "SLSTM",
@@ -53,13 +62,17 @@ def warm(cell, dtype):
 
     import fastgates as fg
 
-    before = fg.get_num_threads(), fg._config._adaptive
+    before = fg.get_num_threads(), fg._config._adaptive, fg._config._eager_tiers
+    # the kernels a process otherwise compiles only once they pay
+    # (_config.Tier), such as the LSTM's overlapped ones, now
+    fg._config._eager_tiers = True
     try:
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             fg.set_num_threads(threads, adaptive=False)
             _warm(cell, dtype)
     finally:
         fg.set_num_threads(before[0], adaptive=before[1])
+        fg._config._eager_tiers = before[2]
     _both_forms()
 
 
@@ -139,6 +152,9 @@ def add_arguments(p):
                    help=f"cells to compile (default: all of {' '.join(CELLS)})")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), metavar="DTYPE",
                    help="dtypes (default: both)")
+    p.add_argument("--activations", nargs="+", choices=MODES, default=None, metavar="MODE",
+                   help="activation modes (default: this process's, FASTGATES_ACTIVATIONS or "
+                        "fast)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes at a time (default: the cores this process may use)")
     p.set_defaults(func=run)
@@ -215,15 +231,17 @@ class _Bar:
 
 
 def run(args):
-    """Compile the chosen cells and dtypes in parallel processes; return the exit code."""
-    jobs = [(c, d) for c in args.cells for d in args.dtypes]
+    """Compile the chosen cells, dtypes and modes in parallel processes; return the exit code."""
+    from . import get_activation_mode
+    from .bench import _child_env, child_root   # a child imports this very fastgates
+
+    modes = args.activations or [get_activation_mode()]
+    jobs = [(c, d, m) for m in dict.fromkeys(modes) for c in args.cells for d in args.dtypes]
     n = _cores() if args.jobs is None else args.jobs
     if n < 1:
         print("--jobs must be at least 1", file=sys.stderr)
         return 2
-    from .bench import _child_env, child_root   # a child imports this very fastgates, in this mode
-
-    env, cwd = _child_env(), child_root()
+    envs, cwd = {m: _child_env(FASTGATES_ACTIVATIONS=m) for m in modes}, child_root()
     bar = _Bar(len(jobs))
     pending, running, failed, seconds, compiled = list(jobs), {}, [], {}, 0
     start = time.perf_counter()
@@ -231,9 +249,9 @@ def run(args):
     while pending or running:
         while pending and len(running) < n:
             job = pending.pop(0)
-            running[job] = subprocess.Popen([sys.executable, "-c", _CHILD, *job], env=env, cwd=cwd,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)
+            running[job] = subprocess.Popen([sys.executable, "-c", _CHILD, *job[:2]],
+                                            env=envs[job[2]], cwd=cwd, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True)
         for job, proc in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -242,18 +260,25 @@ def run(args):
             bar.done += 1
             if proc.returncode != 0:
                 failed.append((job, err))
-                bar.show(f"{job[0]} {job[1]} FAILED")
+                bar.show(f"{_name(job, modes)} FAILED")
             else:
                 result = json.loads(out.strip().splitlines()[-1])
                 seconds[job] = result["seconds"]
                 compiled += result["compiled"]
-                bar.show(f"{job[0]} {job[1]} {seconds[job]:.1f} s, {result['compiled']} compiled")
+                bar.show(f"{_name(job, modes)} {seconds[job]:.1f} s, "
+                         f"{result['compiled']} compiled")
         time.sleep(0.05)
     bar.close()
     wall = time.perf_counter() - start
-    print(f"{len(seconds)} of {len(jobs)} (cell, dtype) done in {wall:.1f} s with {n} processes "
+    what = "(cell, dtype, mode)" if len(modes) > 1 else "(cell, dtype)"
+    print(f"{len(seconds)} of {len(jobs)} {what} done in {wall:.1f} s with {n} processes "
           f"at a time ({compiled} functions compiled, the rest loaded from the cache; the jobs' "
           f"own times add up to {sum(seconds.values()):.1f} s)")
-    for (cell, dtype), err in failed:
-        print(f"FAILED {cell} {dtype}:\n{err}", file=sys.stderr)
+    for job, err in failed:
+        print(f"FAILED {_name(job, modes)}:\n{err}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _name(job, modes):
+    cell, dtype, mode = job
+    return f"{cell} {dtype}" + (f" {mode}" if len(modes) > 1 else "")

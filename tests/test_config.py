@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import textwrap
@@ -138,7 +139,8 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
         import numpy as np
         from fastgates import _linalg
         a = np.ones((6, 5)); w = np.ones((5, 9)); out = np.empty((6, 9))
-        wb = _linalg.column_blocks(w)
+        wb = np.empty((1, 5, _linalg.panel_width(w.dtype)))
+        _linalg._fill_blocks(w, False, wb, 0, 1)   # (column_blocks uses NumPy until it pays)
         _linalg.dot_blocked(a, wb, out)
         _linalg.matmul(a, w, np.empty(0), out, 4, 2)
         _linalg.project_parallel(a, wb, np.empty(0), out, 2)
@@ -227,6 +229,137 @@ def test_no_kernel_is_compiled_for_both_a_read_only_and_a_writable_array():
     assert res.returncode == 0, res.stderr[-3000:]
     twice = json.loads(res.stdout.strip().splitlines()[-1])
     assert twice == [], twice
+
+
+_INLINE_MODULE = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import prange
+    from fastgates._config import jit
+    from fastgates._linalg import borrow, keep_alive
+
+
+    @jit(inline_in_twins=True)
+    def rows_kept(scratch, n):
+        h = borrow(scratch[0])
+        for i in range(n):
+            h[i] = 1.0
+        z = np.zeros(n)          # takes the scratch's memory if it was freed
+        z[:] = 7.0
+        total = h.sum() + 0.0 * z[0]
+        keep_alive(scratch)
+        return total
+
+
+    @jit(inline_in_twins=True)
+    def rows_freed(scratch, n):
+        h = borrow(scratch[0])
+        for i in range(n):
+            h[i] = 1.0
+        z = np.zeros(n)
+        z[:] = 7.0
+        return h.sum() + 0.0 * z[0]
+
+
+    @jit(parallel=True)
+    def kept(n):
+        out = np.empty(1)
+        for k in prange(1):
+            out[k] = rows_kept((np.empty(n), np.empty(1)), n)
+        return out[0]
+
+
+    @jit(parallel=True)
+    def freed(n):
+        out = np.empty(1)
+        for k in prange(1):
+            out[k] = rows_freed((np.empty(n), np.empty(1)), n)
+        return out[0]
+    """
+)
+
+
+def test_inlined_borrowing_function_keeps_its_arguments_alive(tmp_path):
+    # A function that borrows its arguments relies on its caller owning
+    # them for the whole call.  Inlined into a one-thread twin that
+    # allocates them (@jit(inline_in_twins=True)), the twin's last use of
+    # them is the borrow, and Numba frees them there: the LSTM's inlined
+    # twins ran on freed scratch (signal 11 in Dask workers).  Such a
+    # function ends with keep_alive of what it borrowed: shown here on a
+    # kernel that allocates after the borrow (glibc's malloc hands the freed
+    # block straight back, so without keep_alive the borrowed row reads 7s).
+    (tmp_path / "inlined_borrow.py").write_text(_INLINE_MODULE)
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import inlined_borrow as m
+        print(m.kept.serial(64), m.freed.serial(64))
+        """
+    )
+    res = run_python(code, str(tmp_path), capture_output=True, text=True,
+                     env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    kept, freed = map(float, res.stdout.split())
+    assert kept == 64.0
+    if platform.libc_ver()[0] == "glibc":
+        assert freed != 64.0
+
+
+_TIER_MODULE = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import prange
+    from fastgates._config import jit
+
+
+    @jit(parallel=True)
+    def doubled(a, out):
+        for i in prange(a.shape[0]):
+            out[i] = 2.0 * a[i]
+    """
+)
+
+_TIER_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import tiered
+    from fastgates import _config
+
+    a, out = np.arange(4.0), np.empty(4)
+    tier = _config.tier(tiered.doubled, "f8", pays_after=1.0)
+    seen = []
+    for spent in (0.6, 0.6, 0.0):
+        seen.append([tier.maybe(), tier.use(a, out), len(tiered.doubled.parallel.signatures)])
+        tier.spent(spent)
+    print(json.dumps(seen))
+    """
+)
+
+
+def test_a_tier_runs_its_kernel_once_compiled_or_cached_else_once_it_pays(tmp_path):
+    # _config.Tier: a faster kernel that costs more to compile (the LSTM's
+    # overlapped ones) runs when it is compiled or in the cache; otherwise
+    # the calls do the work another way until that way has taken
+    # pays_after seconds, and then it is compiled, saying so.
+    (tmp_path / "tiered.py").write_text(_TIER_MODULE)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               FASTGATES_COMPILE_NOTICE_AFTER="0")
+
+    def run():
+        res = run_python(_TIER_CHECK, str(tmp_path), capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+    seen, err = run()
+    # unchecked, then known not ready (1.2 s > 1.0: compiled at the third call)
+    assert seen == [[True, False, 0], [False, False, 0], [True, True, 1]]
+    assert "compiling doubled, once" in err
+    seen, err = run()
+    assert seen == [[True, True, 1]] * 3          # loaded from the cache at once
+    assert "compiling" not in err
 
 
 def test_task_settings_cap_threads_set_mode_and_plan_batch_then_restore(restore_threads):
@@ -344,4 +477,11 @@ def test_compile_command_runs_every_job_and_reports(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "2/2" in res.stderr and "mgu float32" in res.stderr and "mingru float32" in res.stderr
     assert "2 of 2 (cell, dtype) done" in res.stdout
+    # each activation mode's kernels are their own (fastgates/_math.py)
+    res = subprocess.run([sys.executable, "-c", command, "compile", "--cells", "mgu",
+                          "--dtypes", "float32", "--activations", "fast", "exact"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "mgu float32 fast" in res.stderr and "mgu float32 exact" in res.stderr
+    assert "2 of 2 (cell, dtype, mode) done" in res.stdout
     assert len(precompile.JOBS) == 16 and ("attention", "float64") in precompile.JOBS

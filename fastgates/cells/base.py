@@ -122,6 +122,17 @@ class Cell:
         threads, the second making the input projection ahead (default no)."""
         return False
 
+    def forward_tier(self, direction):
+        """The :class:`~fastgates._config.Tier` of the kernel :meth:`overlap`
+        runs, when it is one, else None (default): while the tier's kernel
+        is known not to be compiled, the call runs without the overlap."""
+        return None
+
+    def backward_tier(self, direction):
+        """The :class:`~fastgates._config.Tier` of the backward kernel that
+        makes the products beside it (default None; see :meth:`forward_tier`)."""
+        return None
+
     def forward(self, dr, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux, pre,
                 overlap):
         """Run the forward kernel of layer-direction ``dr`` (a

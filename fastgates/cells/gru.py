@@ -46,7 +46,7 @@ class GRUCell(Cell):
         # reset_after passes None: the kernel then compiles the code of that form only
         wn_tb = None if dr.reset_after else dr.blocks_t("wn_tb", dr.w_hh[2 * H:])
         gru_forward(x, wih_tb, bias, block, xw, wa_tb, wn_tb, dr.bhn, s0[0], lengths, dr.rev,
-                    dr.chunk, dr.fast, y, ycol, sn[0], gates, aux, _clipping(dr, pre))
+                    dr.chunk, dr.exact, y, ycol, sn[0], gates, aux, _clipping(dr, pre))
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):

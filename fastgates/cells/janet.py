@@ -31,7 +31,7 @@ from .base import Cell
 
 
 @jit()
-def _step(a, xr, beta, h, q, fast):
+def _step(a, xr, beta, h, q, exact):
     """One JANET step of one sequence, in place.
 
     ``a`` (2H,) holds the recurrent product on entry and the gates
@@ -41,7 +41,7 @@ def _step(a, xr, beta, h, q, fast):
     """
     H = h.shape[0]
     one_ = one(h[0])
-    if fast:
+    if exact is None:
         for j in range(H):
             s = a[j] + xr[j]
             f = sigmoid_fast(s)
@@ -54,9 +54,9 @@ def _step(a, xr, beta, h, q, fast):
     else:
         for j in range(H):
             s = a[j] + xr[j]
-            f = sigmoid_scalar(s, False)
-            fb = sigmoid_scalar(s - beta, False)
-            n = tanh_scalar(a[H + j] + xr[H + j], False)
+            f = sigmoid_scalar(s, exact)
+            fb = sigmoid_scalar(s - beta, exact)
+            n = tanh_scalar(a[H + j] + xr[H + j], exact)
             h[j] = f * h[j] + (one_ - fb) * n
             a[j] = f
             a[H + j] = n
@@ -64,7 +64,7 @@ def _step(a, xr, beta, h, q, fast):
 
 
 @jit(parallel=True)
-def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse, chunk, fast, y,
+def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse, chunk, exact, y,
                   ycol, hn, gates, aux):
     """Run the recurrence of one layer-direction.
 
@@ -77,7 +77,7 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
     beta : float
         The shift of the input's sigmoid.
     h0 : (B, H) array
-    lengths, reverse, chunk, fast :
+    lengths, reverse, chunk, exact :
         As in :func:`fastgates._lstm.lstm_forward`.
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
     hn : (B, H) array, output
@@ -125,7 +125,7 @@ def janet_forward(x, wih_tb, bias, block, xw, whh_tb, beta, h0, lengths, reverse
                         gates[t, b, :] = 0.0
                         aux[t, b, :] = 0.0
                     continue
-                _step(acc[r], xt[b - xoff], beta, h[r], q, fast)
+                _step(acc[r], xt[b - xoff], beta, h[r], q, exact)
                 copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
                     copy_vector(gates[t, b], acc[r])
@@ -234,7 +234,7 @@ class JANETCell(Cell):
                 overlap):
         whh_tb = dr.blocks_t("whh_tb", dr.w_hh)
         janet_forward(x, wih_tb, bias, block, xw, whh_tb, dr.beta, s0[0], lengths, dr.rev,
-                      dr.chunk, dr.fast, y, ycol, sn[0], gates, aux)
+                      dr.chunk, dr.exact, y, ycol, sn[0], gates, aux)
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):

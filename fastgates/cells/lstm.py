@@ -67,22 +67,38 @@ class LSTMCell(Cell):
         return (dr.w_hr is None and fused and B <= dr.chunk and t > OVERLAP_PROJECT_STEPS
                 and _config.call_threads() > 1)
 
+    # The overlapped kernels cost 3-4.4 s more to compile than the plain
+    # ones and save 7-17% of a call: compiled once they pay (_config.Tier).
+    def forward_tier(self, dr):
+        return _config.tier(lstm_forward_overlapped, (dr.dtype.char, dr.lstm_variant))
+
+    def backward_tier(self, dr):
+        return _config.tier(lstm_backward_overlapped, (dr.dtype.char, dr.lstm_variant))
+
     def forward(self, dr, x, wih_tb, bias, block, xw, s0, lengths, y, ycol, sn, gates, aux, pre,
                 overlap):
         (h0, c0), (hn, cn) = s0, sn
         whh_tb = dr.blocks_t("whh_tb", dr.w_hh)
         if dr.w_hr is not None:
             lstmp_forward(x, wih_tb, bias, block, xw, whh_tb, dr.blocks_t("whr_tb", dr.w_hr), h0,
-                          c0, lengths, dr.rev, dr.chunk, dr.fast, y, ycol, hn, cn, gates, aux)
-        elif overlap:
+                          c0, lengths, dr.rev, dr.chunk, dr.exact, y, ycol, hn, cn, gates, aux)
+            return
+        variant = _variant(dr, pre)
+        if overlap:
             t, B, _ = x.shape
-            lstm_forward_overlapped(x, wih_tb, bias, OVERLAP_PROJECT_STEPS,
-                                    np.empty((t, B, dr.G), dtype=dr.dtype), whh_tb, h0, c0,
-                                    lengths, dr.rev, dr.fast, y, ycol, hn, cn, gates, aux,
-                                    _variant(dr, pre))
-        else:
-            lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, dr.rev, dr.chunk,
-                         dr.fast, y, ycol, hn, cn, gates, aux, _variant(dr, pre))
+            args = (x, wih_tb, bias, OVERLAP_PROJECT_STEPS, np.empty((t, B, dr.G), dtype=dr.dtype),
+                    whh_tb, h0, c0, lengths, dr.rev, dr.exact, y, ycol, hn, cn, gates, aux, variant)
+            tier = self.forward_tier(dr)
+            if tier.use(*args):
+                lstm_forward_overlapped(*args)
+                return
+            # not compiled (found at a first call): the same work on one thread
+            _config.kernel_threads(1)
+            start = _config.clock()
+        lstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, lengths, dr.rev, dr.chunk,
+                     dr.exact, y, ycol, hn, cn, gates, aux, variant)
+        if overlap:
+            tier.spent(_config.clock() - start)
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):
@@ -94,20 +110,31 @@ class LSTMCell(Cell):
             g.dhproj = np.empty((t, B, dr.P), dtype=dr.dtype)
             g.full = np.empty((t, B, dr.H), dtype=dr.dtype)
             lstmp_backward(dy, dycol, dh, dc, whh_b, dr.blocks("whr_b", dr.w_hr), gates, aux, y,
-                           ycol, h0, c0, lengths, dr.rev, dr.chunk, dr.fast, g.dgx, g.hprev, dh0,
+                           ycol, h0, c0, lengths, dr.rev, dr.chunk, dr.exact, g.dgx, g.hprev, dh0,
                            dc0, g.dhproj, g.full)
             return
         peeps = dr.peep.shape[0] > 0
         g.cprev = np.empty((t, B, dr.H), dtype=dr.dtype) if peeps else _empty3(dr.dtype)
         args = (dy, dycol, dh, dc, whh_b, gates, aux, y, ycol, h0, c0, lengths, dr.rev)
-        if plan is None:
-            lstm_backward(*args, dr.chunk, dr.fast, g.dgx, g.hprev, dh0, dc0, _variant(dr, pre),
-                          g.cprev)
+        variant = _variant(dr, pre)
+        if plan is not None:
+            products, dx, init = acc.overlapped_products(grid, layer_in, plan)
+            over = (*args, dr.exact, g.dgx, g.hprev, dh0, dc0, variant, g.cprev, *products)
+            tier = self.backward_tier(dr)
+            if tier.use(*over):
+                acc.first = False
+                g.dx = dx
+                lstm_backward_overlapped(*over)
+                self.add_grads(acc, grid, g, g.dgx.reshape(t * B, G), not dr.rev, init)
+            else:
+                # not compiled (found at a first call): the kernel on one
+                # thread, the products after it
+                _config.kernel_threads(1)
+                start = _config.clock()
+                lstm_backward(*args, dr.chunk, dr.exact, g.dgx, g.hprev, dh0, dc0, variant, g.cprev)
+                tier.spent(_config.clock() - start)
         else:
-            products, g.dx, init = acc.overlapped_products(grid, layer_in, plan)
-            lstm_backward_overlapped(*args, dr.fast, g.dgx, g.hprev, dh0, dc0, _variant(dr, pre),
-                                     g.cprev, *products)
-            self.add_grads(acc, grid, g, g.dgx.reshape(t * B, G), not dr.rev, init)
+            lstm_backward(*args, dr.chunk, dr.exact, g.dgx, g.hprev, dh0, dc0, variant, g.cprev)
         if not peeps:
             g.cprev = None
 

@@ -31,40 +31,40 @@ from .base import Cell
 
 
 @jit()
-def _gate(a, xr, h, fh, fast):
+def _gate(a, xr, h, fh, exact):
     """``a`` (H,): ``W_hf h`` on entry, ``f`` on exit; ``fh = f ⊙ h``."""
     H = h.shape[0]
-    if fast:
+    if exact is None:
         for j in range(H):
             f = sigmoid_fast(a[j] + xr[j])
             a[j] = f
             fh[j] = f * h[j]
     else:
         for j in range(H):
-            f = sigmoid_scalar(a[j] + xr[j], False)
+            f = sigmoid_scalar(a[j] + xr[j], exact)
             a[j] = f
             fh[j] = f * h[j]
 
 
 @jit()
-def _update(an, xr, f, h, fast):
+def _update(an, xr, f, h, exact):
     """``an`` (H,): ``W_hn (f ⊙ h)`` on entry, ``n`` on exit; ``h`` advanced."""
     H = h.shape[0]
     one_ = one(h[0])
-    if fast:
+    if exact is None:
         for j in range(H):
             n = tanh_fast(xr[H + j] + an[j])
             h[j] = (one_ - f[j]) * h[j] + f[j] * n
             an[j] = n
     else:
         for j in range(H):
-            n = tanh_scalar(xr[H + j] + an[j], False)
+            n = tanh_scalar(xr[H + j] + an[j], exact)
             h[j] = (one_ - f[j]) * h[j] + f[j] * n
             an[j] = n
 
 
 @jit(parallel=True)
-def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, chunk, fast, y,
+def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, chunk, exact, y,
                 ycol, hn, gates):
     """Run the recurrence of one layer-direction.
 
@@ -75,7 +75,7 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
         :func:`fastgates._lstm.lstm_forward` (``bias`` is ``b_ih + b_hh``).
     wf_tb, wn_tb : column blocks of ``W_hf^T`` and ``W_hn^T``, each (H, H).
     h0 : (B, H) array
-    lengths, reverse, chunk, fast :
+    lengths, reverse, chunk, exact :
         As in :func:`fastgates._lstm.lstm_forward`.
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
     hn : (B, H) array, output
@@ -118,7 +118,7 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
             # f of every row (padded rows too: harmless, the product needs
             # the whole chunk)
             for r in range(nb):
-                _gate(accf[r], xt[b0 + r - xoff], h[r], fh[r], fast)
+                _gate(accf[r], xt[b0 + r - xoff], h[r], fh[r], exact)
             dot_blocked(fh, wn_tb, accn)
             for r in range(nb):
                 b = b0 + r
@@ -127,7 +127,7 @@ def mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, h0, lengths, reverse, 
                     if keep:
                         gates[t, b, :] = 0.0
                     continue
-                _update(accn[r], xt[b - xoff], accf[r], h[r], fast)
+                _update(accn[r], xt[b - xoff], accf[r], h[r], exact)
                 copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
                     copy_vector(gates[t, b, :H], accf[r])
@@ -263,7 +263,7 @@ class MGUCell(Cell):
         wf_tb = dr.blocks_t("wf_tb", dr.w_hh[:H])
         wn_tb = dr.blocks_t("wn_tb", dr.w_hh[H:])
         mgu_forward(x, wih_tb, bias, block, xw, wf_tb, wn_tb, s0[0], lengths, dr.rev, dr.chunk,
-                    dr.fast, y, ycol, sn[0], gates)
+                    dr.exact, y, ycol, sn[0], gates)
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):

@@ -21,7 +21,7 @@ from .scan import ScanCell, candidate_inplace, candidate_slopes, row_range, stat
 
 
 @jit(parallel=True)
-def mingru_activate(xw, lengths, positive, fast, aux, per_task):
+def mingru_activate(xw, lengths, positive, exact, aux, per_task):
     """The projection ``xw`` (t, B, 2H) becomes the gates ``z``, ``n``, in place.
 
     Padded steps 0; ``aux`` is unused (minGRU keeps none).  ``per_task``
@@ -39,8 +39,8 @@ def mingru_activate(xw, lengths, positive, fast, aux, per_task):
             if t >= lengths[b]:
                 row[:] = 0.0
                 continue
-            sigmoid_inplace(row[:H], fast)
-            candidate_inplace(row[H:], positive, fast)
+            sigmoid_inplace(row[:H], exact)
+            candidate_inplace(row[H:], positive, exact)
 
 
 @jit(parallel=True)

@@ -36,7 +36,7 @@ _TINY = 2.0 ** -100
 
 
 @jit()
-def _normalise(pre, fi, out, fast):
+def _normalise(pre, fi, out, exact):
     """``out[:2H]`` = ``(f', i')`` from the gates ``fi`` = ``(f, i)`` and, where both
     are below _TINY, from their pre-activations ``pre[:2H]`` (``out`` may be
     ``pre``: element ``j`` and ``H + j`` of both are read before written)."""
@@ -56,15 +56,15 @@ def _normalise(pre, fi, out, fast):
             s = f + i
             if s < _TINY:
                 d = pre[j] - pre[H + j]
-                out[j] = sigmoid_scalar(d, fast)
-                out[H + j] = sigmoid_scalar(-d, fast)
+                out[j] = sigmoid_scalar(d, exact)
+                out[H + j] = sigmoid_scalar(-d, exact)
             else:
                 out[j] = f / s
                 out[H + j] = i / s
 
 
 @jit(parallel=True)
-def minlstm_activate(xw, lengths, positive, fast, aux, per_task):
+def minlstm_activate(xw, lengths, positive, exact, aux, per_task):
     """The projection ``xw`` (t, B, 3H) becomes the gates ``f'``, ``i'``, ``n``, in place.
 
     ``aux`` (t, B, 2H) receives the raw ``f``, ``i`` when not empty.
@@ -89,9 +89,9 @@ def minlstm_activate(xw, lengths, positive, fast, aux, per_task):
                 continue
             gi = aux[t, b] if keep else fi
             copy_vector(gi, row[:2 * H])
-            sigmoid_inplace(gi, fast)
-            _normalise(row, gi, row, fast)
-            candidate_inplace(row[2 * H:], positive, fast)
+            sigmoid_inplace(gi, exact)
+            _normalise(row, gi, row, exact)
+            candidate_inplace(row[2 * H:], positive, exact)
 
 
 @jit(parallel=True)

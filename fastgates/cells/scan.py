@@ -34,7 +34,7 @@ GRAIN = 1 << 14
 
 
 @jit()
-def candidate_inplace(v, positive, fast):
+def candidate_inplace(v, positive, exact):
     """The candidate from its pre-activation, in place: ``v`` as it is, or ``g(v)``
     with ``positive``.
 
@@ -45,7 +45,7 @@ def candidate_inplace(v, positive, fast):
     if not positive:
         return
     half = one(v[0]) / 2
-    if fast:
+    if exact is None:
         for j in range(v.shape[0]):
             x = v[j]
             s = sigmoid_fast(x)
@@ -53,7 +53,7 @@ def candidate_inplace(v, positive, fast):
     else:
         for j in range(v.shape[0]):
             x = v[j]
-            s = sigmoid_scalar(x, False)
+            s = sigmoid_scalar(x, exact)
             v[j] = x + half if x >= 0 else s
 
 
@@ -148,7 +148,7 @@ class ScanCell(Cell):
                 overlap):
         t, B, G = xw.shape
         _threads(t * B, G)
-        type(self).activate(xw, lengths, dr.positive, dr.fast, aux, rows_per_task(G))
+        type(self).activate(xw, lengths, dr.positive, dr.exact, aux, rows_per_task(G))
         nblocks = scan_blocks(t, B)
         _config.kernel_threads(B * nblocks)
         acol, c0, c1, bcol, ncol = dr.scan_coefficients

@@ -268,7 +268,7 @@ def _head_major(src, dst, r):
 
 
 @jit()
-def _step(a, xr, h, c, n, m, g, q, fast):
+def _step(a, xr, h, c, n, m, g, q, exact):
     """One sLSTM step of one sequence, in place.
 
     ``a`` (4H,) holds the recurrent product and ``xr`` (4H,) the input
@@ -290,7 +290,7 @@ def _step(a, xr, h, c, n, m, g, q, fast):
     H = h.shape[0]
     one_ = one(h[0])
     zero = one_ - one_
-    if fast:
+    if exact is None:
         for j in range(H):
             ai = a[j] + xr[j]
             af = a[H + j] + xr[H + j]
@@ -317,11 +317,11 @@ def _step(a, xr, h, c, n, m, g, q, fast):
             mt = lf if up else ai
             g[j] = e if up else one_
             g[H + j] = one_ if up else e
-            g[2 * H + j] = tanh_scalar(a[2 * H + j] + xr[2 * H + j], False)
-            g[3 * H + j] = sigmoid_scalar(a[3 * H + j] + xr[3 * H + j], False)
+            g[2 * H + j] = tanh_scalar(a[2 * H + j] + xr[2 * H + j], exact)
+            g[3 * H + j] = sigmoid_scalar(a[3 * H + j] + xr[3 * H + j], exact)
             m[j] = mt
             q[2 * H + j] = mt
-            q[3 * H + j] = sigmoid_scalar(-af, False)
+            q[3 * H + j] = sigmoid_scalar(-af, exact)
     for j in range(H):
         ip = g[j]
         fp = g[H + j]
@@ -336,7 +336,7 @@ def _step(a, xr, h, c, n, m, g, q, fast):
 
 @jit(parallel=True)
 def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, reverse, chunk,
-                  fast, y, ycol, hn, cn, nn, mn, gates, aux):
+                  exact, y, ycol, hn, cn, nn, mn, gates, aux):
     """Run the recurrence of one layer-direction.
 
     Parameters
@@ -347,7 +347,7 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
     whh_tb : (heads, npanel, d, P) array
         :func:`head_panels` of ``weight_hh``, transposed.
     h0, c0, n0, m0 : (B, H) arrays
-    lengths, reverse, chunk, fast :
+    lengths, reverse, chunk, exact :
         As in :func:`fastgates._lstm.lstm_forward`.
     y : (T, B, Y) array, output (columns ``ycol:ycol + H``)
     hn, cn, nn, mn : (B, H) arrays, output
@@ -423,7 +423,7 @@ def slstm_forward(x, wih_tb, bias, block, xw, whh_tb, h0, c0, n0, m0, lengths, r
                 if heads > 1:
                     _gate_major(acc, r, accg)
                     a = accg
-                _step(a, xt[b - xoff], h[r], c[r], n[r], m[r], g, q, fast)
+                _step(a, xt[b - xoff], h[r], c[r], n[r], m[r], g, q, exact)
                 copy_vector(y[t, b, ycol:ycol + H], h[r])
                 if keep:
                     copy_vector(gates[t, b], g)
@@ -583,7 +583,7 @@ class SLSTMCell(Cell):
                 overlap):
         whh_tb = dr.derive("whh_heads_tb", head_panels, dr.w_hh, dr.heads, True)
         slstm_forward(x, wih_tb, bias, block, xw, whh_tb, *s0, lengths, dr.rev, dr.chunk,
-                      dr.fast, y, ycol, *sn, gates, aux)
+                      dr.exact, y, ycol, *sn, gates, aux)
 
     def backward(self, dr, dy, dycol, ds, gates, aux, pre, y, ycol, s0, lengths, g, plan, acc,
                  grid, layer_in):
