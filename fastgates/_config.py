@@ -466,6 +466,7 @@ class _CompileNotice(numba_event.Listener):
         self.local = threading.local()
         self.said = False
         self.seconds = 0.0
+        self.counting = threading.Lock()     # of its own: never held while compiling
 
     @staticmethod
     def _ours(event):
@@ -494,7 +495,7 @@ class _CompileNotice(numba_event.Listener):
         if depth == 1:
             if self.local.timer is not None:
                 self.local.timer.cancel()
-            with _lock:
+            with self.counting:
                 self.seconds += time.perf_counter() - self.local.start
 
     def say(self, what):
