@@ -89,7 +89,7 @@ def jit(parallel=False, inline_in_twins=False, inline=False):
 
 
 def _twin(func):
-    """``func`` compiled without ``parallel``, with the callees marked ``inline_in_twins`` inlined."""
+    """``func`` compiled without ``parallel``, its ``inline_in_twins`` callees inlined."""
     names = set(func.__code__.co_names)
     scope = dict(func.__globals__)
     for name in names:
@@ -98,7 +98,8 @@ def _twin(func):
             scope[name] = inlined
     twin = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__,
                               func.__closure__)
-    twin.__qualname__, twin.__module__, twin.__doc__ = func.__qualname__, func.__module__, func.__doc__
+    for attr in ("__qualname__", "__module__", "__doc__"):
+        setattr(twin, attr, getattr(func, attr))
     serial = numba.njit(**_JIT_OPTIONS)(twin)
     serial._cache = _Cache(serial.py_func)
     return serial
@@ -152,8 +153,9 @@ class ParallelKernel:
 # cost seconds more to compile: the LSTM's overlapped kernels for a batch
 # of one sequence on two threads (the parallel loop's body compiled again
 # twice, ~3 s forward and ~4.4 s backward on this machine's 2 cores) save
-# 7-17% of those calls' time.  Compiling them at a first call made a new
-# user wait 8 + 9 s instead of about 5 + 4.  A :class:`Tier` runs the
+# up to a quarter of those calls' time (training 13-27%, inference 0-11%,
+# docs/benchmarks.md).  Compiling them at a first call made a new user
+# wait 9 + 10 s where the first call now takes 3.4 + 4.  A :class:`Tier` runs the
 # faster kernel when it costs nothing to start (compiled in this process,
 # or in the cache: ``python -m fastgates compile`` puts it there), and
 # otherwise the cheaper work until that work has taken PAYS_AFTER seconds
@@ -163,7 +165,8 @@ class ParallelKernel:
 # same bits (each kernel's docstring says why), so the switch changes
 # nothing but the time.
 
-# ~4 s of compiling / ~15% saved per second of calls
+# about the overlapped kernels' compile time (3-4.4 s each) over the share
+# of a call's time they save
 PAYS_AFTER = 30.0
 _eager_tiers = False   # compile every tier at its first use (python -m fastgates compile)
 _tier_spent = {}

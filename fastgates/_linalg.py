@@ -263,47 +263,38 @@ def column_blocks(w):
 
     ``P = panel_width(w.dtype)``; the layout :func:`dot_blocked` reads.
     ``w`` may be C- or F-ordered (``W.T`` of a stored weight).  Made in one
-    pass by :func:`_fill_blocks`, the panels split between threads when
-    there are enough of them: a training step on new weights (every
-    optimiser step) makes four such arrays per layer-direction, and the
-    NumPy way (zero, copy, transpose: three passes, one of them strided)
-    took ~35 ms for a 16 MB weight here.
+    pass: by NumPy's strided copy on one thread, by :func:`_fill_blocks`
+    with the panels split between threads when there are enough of them (a
+    training step on new weights, every optimiser step, makes four such
+    arrays per layer-direction; a first way by NumPy, zero, copy,
+    transpose, three passes, took ~35 ms for a 16 MB weight here).
     """
     K, N = w.shape
     P = panel_width(w.dtype)
     npanel = -(-N // P)
     out = pooled_empty((npanel, K, P), w.dtype)
     nparts = min(npanel, _config.call_threads())
-    # An F-ordered w goes in as the C-ordered array it is the transpose of:
-    # one compiled layout instead of two (0.25 s of every cell's first call).
-    transposed = w.flags.f_contiguous and not w.flags.c_contiguous
-    # Read-only whatever w is (a parameter is, a derived weight is not):
-    # Numba types the two apart and would compile _fill_blocks for both.
-    src = (w.T if transposed else w).view()
-    src.flags.writeable = False
     if w.size * w.itemsize >= BLOCKS_SPLIT_BYTES and nparts > 1:
+        # An F-ordered w goes in as the C-ordered array it is the transpose
+        # of: one compiled layout instead of two (0.25 s of a first call).
+        transposed = w.flags.f_contiguous and not w.flags.c_contiguous
+        # Read-only whatever w is (a parameter is, a derived weight is not):
+        # Numba types the two apart and would compile _fill_blocks for both.
+        src = (w.T if transposed else w).view()
+        src.flags.writeable = False
         _config.kernel_threads(nparts)
         _fill_blocks_parallel(src, transposed, out, nparts)
         return out
-    tier = _config.tier(_fill_blocks, w.dtype.char, pays_after=BLOCKS_PAY_AFTER)
-    if tier.use(src, transposed, out, 0, npanel):
-        _fill_blocks(src, transposed, out, 0, npanel)
-        return out
-    # not compiled yet (0.4 s of a first call): the same copy by NumPy
-    start = _config.clock()
+    # On one thread NumPy's strided copy is as fast (measured against
+    # _fill_blocks, median of 7, 64x256 to 2048x2048, both dtypes, C and F
+    # order: NumPy / compiled 0.4-1.1) and compiles nothing (0.4 s of every
+    # cell's first call).
     full = N // P
     out[:full] = w[:, :full * P].reshape(K, full, P).transpose(1, 0, 2)
     if full < npanel:
         out[full, :, :N - full * P] = w[:, full * P:]
         out[full, :, N - full * P:] = 0
-    tier.spent(_config.clock() - start)
     return out
-
-
-# column_blocks' NumPy way is 3-7x slower than _fill_blocks (~35 ms for a
-# 16 MB weight, see above), which compiles in ~0.4 s: compiled once the NumPy
-# way has taken this long in the process (_config.Tier).
-BLOCKS_PAY_AFTER = 0.5
 
 
 # Weights of at least this many bytes are laid out in panels on all the

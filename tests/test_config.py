@@ -140,7 +140,7 @@ def test_second_process_loads_compiled_kernels_from_cache(tmp_path):
         from fastgates import _linalg
         a = np.ones((6, 5)); w = np.ones((5, 9)); out = np.empty((6, 9))
         wb = np.empty((1, 5, _linalg.panel_width(w.dtype)))
-        _linalg._fill_blocks(w, False, wb, 0, 1)   # (column_blocks uses NumPy until it pays)
+        _linalg._fill_blocks(w, False, wb, 0, 1)   # (column_blocks: NumPy on one thread)
         _linalg.dot_blocked(a, wb, out)
         _linalg.matmul(a, w, np.empty(0), out, 4, 2)
         _linalg.project_parallel(a, wb, np.empty(0), out, 2)
@@ -231,52 +231,39 @@ def test_no_kernel_is_compiled_for_both_a_read_only_and_a_writable_array():
     assert twice == [], twice
 
 
-_INLINE_MODULE = textwrap.dedent(
+# rows_<name> borrows the scratch its caller allocates; <end> is what it does last
+_INLINE_KERNELS = textwrap.dedent(
     """
-    import numpy as np
-    from numba import prange
-    from fastgates._config import jit
-    from fastgates._linalg import borrow, keep_alive
-
 
     @jit(inline_in_twins=True)
-    def rows_kept(scratch, n):
+    def rows_{name}(scratch, n):
         h = borrow(scratch[0])
         for i in range(n):
             h[i] = 1.0
         z = np.zeros(n)          # takes the scratch's memory if it was freed
         z[:] = 7.0
         total = h.sum() + 0.0 * z[0]
-        keep_alive(scratch)
+        {end}
         return total
 
 
-    @jit(inline_in_twins=True)
-    def rows_freed(scratch, n):
-        h = borrow(scratch[0])
-        for i in range(n):
-            h[i] = 1.0
-        z = np.zeros(n)
-        z[:] = 7.0
-        return h.sum() + 0.0 * z[0]
-
-
     @jit(parallel=True)
-    def kept(n):
+    def {name}(n):
         out = np.empty(1)
         for k in prange(1):
-            out[k] = rows_kept((np.empty(n), np.empty(1)), n)
-        return out[0]
-
-
-    @jit(parallel=True)
-    def freed(n):
-        out = np.empty(1)
-        for k in prange(1):
-            out[k] = rows_freed((np.empty(n), np.empty(1)), n)
+            out[k] = rows_{name}((np.empty(n), np.empty(1)), n)
         return out[0]
     """
 )
+_INLINE_MODULE = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import prange
+    from fastgates._config import jit
+    from fastgates._linalg import borrow, keep_alive
+    """
+) + _INLINE_KERNELS.format(name="kept", end="keep_alive(scratch)") + _INLINE_KERNELS.format(
+    name="freed", end="pass")
 
 
 def test_inlined_borrowing_function_keeps_its_arguments_alive(tmp_path):

@@ -43,18 +43,11 @@ def test_dot_blocked_matches_numpy(dtype, M, K, N):
 @pytest.mark.parametrize("K,N", [(1, 1), (5, 3), (37, 64), (40, 100), (64, 130), (300, 520),
                                  (1024, 1024)])
 @pytest.mark.parametrize("order", ["C", "F", "strided"])
-@pytest.mark.parametrize("way", ["compiled", "numpy"])
-def test_column_blocks_are_the_columns_in_panels(dtype, K, N, order, way, monkeypatch):
+def test_column_blocks_are_the_columns_in_panels(dtype, K, N, order):
     # The layout dot_blocked reads: out[p, k, j] = w[k, p * P + j], zero
     # past the last column, whatever the order of w (weights come as W.T,
-    # F-ordered) and whether the panels are split between threads; made by
-    # _fill_blocks, or by NumPy while _fill_blocks is not compiled
-    # (_config.Tier).
-    from fastgates import _config
-    if way == "numpy":
-        monkeypatch.setattr(_config.Tier, "use", lambda self, *args: False)
-    else:
-        monkeypatch.setattr(_config, "_eager_tiers", True)
+    # F-ordered) and whether the panels are split between threads (by
+    # _fill_blocks; on one thread NumPy makes them).
     rng = np.random.default_rng(5)
     w = rng.standard_normal((K, N)).astype(dtype)
     if order == "F":

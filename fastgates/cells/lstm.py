@@ -87,7 +87,8 @@ class LSTMCell(Cell):
         if overlap:
             t, B, _ = x.shape
             args = (x, wih_tb, bias, OVERLAP_PROJECT_STEPS, np.empty((t, B, dr.G), dtype=dr.dtype),
-                    whh_tb, h0, c0, lengths, dr.rev, dr.exact, y, ycol, hn, cn, gates, aux, variant)
+                    whh_tb, h0, c0, lengths, dr.rev, dr.exact, y, ycol, hn, cn, gates, aux,
+                    variant)
             tier = self.forward_tier(dr)
             if tier.use(*args):
                 lstm_forward_overlapped(*args)
@@ -131,7 +132,8 @@ class LSTMCell(Cell):
                 # thread, the products after it
                 _config.kernel_threads(1)
                 start = _config.clock()
-                lstm_backward(*args, dr.chunk, dr.exact, g.dgx, g.hprev, dh0, dc0, variant, g.cprev)
+                lstm_backward(*args, dr.chunk, dr.exact, g.dgx, g.hprev, dh0, dc0, variant,
+                              g.cprev)
                 tier.spent(_config.clock() - start)
         else:
             lstm_backward(*args, dr.chunk, dr.exact, g.dgx, g.hprev, dh0, dc0, variant, g.cprev)
