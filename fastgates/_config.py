@@ -172,13 +172,12 @@ _eager_tiers = False   # compile every tier at its first use (python -m fastgate
 _tier_spent = {}
 
 
-def ready(disp, args):
-    """Whether the dispatcher ``disp`` runs ``args`` without compiling.
+def ready(disp, sig):
+    """Whether the dispatcher ``disp`` runs argument types ``sig`` without compiling.
 
-    True when it is compiled for their types in this process, or when the
-    cache holds it (it is then loaded, as a first call would).
+    True when it is compiled for them in this process, or when the cache
+    holds it (it is then loaded, as a first call would).
     """
-    sig = tuple(disp.typeof_pyval(a) for a in args)
     if sig in disp.overloads:
         return True
     if not disp._cache.holds(sig, disp.targetctx):
@@ -211,35 +210,39 @@ class Tier:
         self.state = None       # True: ready; False: not; None: not checked yet
         self.seen = -1          # the kernel's compiled signatures when last checked
 
+    def _pays(self):
+        return _eager_tiers or _tier_spent.get(self.kernel, 0.0) >= self.pays_after
+
     def maybe(self):
         """False when :meth:`use` would surely say False (cheap: no types)."""
         return (self.state is not False or len(self.disp.overloads) != self.seen
-                or _eager_tiers or _tier_spent.get(self.kernel, 0.0) >= self.pays_after)
+                or self._pays())
 
     def use(self, *args):
         """True to run the kernel with ``args`` now."""
         if self.state:
             return True
+        if not self.maybe():
+            return False
         disp = self.disp
         n = len(disp.overloads)
-        pays = _eager_tiers or _tier_spent.get(self.kernel, 0.0) >= self.pays_after
-        if self.state is None or n != self.seen or pays:
-            if ready(disp, args):
-                self.state = True
-            elif pays:
-                # said when it takes longer than a first call's notice waits
-                timer = threading.Timer(NOTICE_AFTER, _say, args=(TIER_NOTICE.format(
-                    what=disp.py_func.__qualname__, after=self.pays_after),))
-                timer.daemon = True
-                if not _eager_tiers:
-                    timer.start()
-                try:
-                    disp.compile(tuple(disp.typeof_pyval(a) for a in args))
-                finally:
-                    timer.cancel()
-                self.state = True
-            else:
-                self.state, self.seen = False, n
+        sig = tuple(disp.typeof_pyval(a) for a in args)
+        if ready(disp, sig):
+            self.state = True
+        elif self._pays():
+            # said when it takes longer than a first call's notice waits
+            timer = threading.Timer(NOTICE_AFTER, _say, args=(TIER_NOTICE.format(
+                what=disp.py_func.__qualname__, after=self.pays_after),))
+            timer.daemon = True
+            if not _eager_tiers:
+                timer.start()
+            try:
+                disp.compile(sig)
+            finally:
+                timer.cancel()
+            self.state = True
+        else:
+            self.state, self.seen = False, n
         return self.state
 
     def spent(self, seconds):

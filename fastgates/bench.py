@@ -2063,7 +2063,7 @@ def measure_step_memory(spec):
     import tracemalloc
 
     fg.set_num_threads(spec["threads"])
-    _config._eager_tiers = True     # the kernels of the timings (see run_matrix)
+    _config._eager_tiers = True     # the kernels of the timings (see run)
     dtype = np.dtype(spec["dtype"])
     shape = Shape("custom", spec["T"], spec["B"], spec["I"], spec["H"],
                   spec["layers"], spec["bidirectional"])

@@ -235,8 +235,8 @@ def run(args):
     from . import get_activation_mode
     from .bench import _child_env, child_root   # a child imports this very fastgates
 
-    modes = args.activations or [get_activation_mode()]
-    jobs = [(c, d, m) for m in dict.fromkeys(modes) for c in args.cells for d in args.dtypes]
+    modes = list(dict.fromkeys(args.activations or [get_activation_mode()]))
+    jobs = [(c, d, m) for m in modes for c in args.cells for d in args.dtypes]
     n = _cores() if args.jobs is None else args.jobs
     if n < 1:
         print("--jobs must be at least 1", file=sys.stderr)
